@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine with Python 3.11 and the package registries:
+#   make demo   set up .venv and train the embedded MNIST default end to end
+#   make test   set up .venv, lint, and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdir/mnist
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch: the CPU build only (an optional extra, used by the PyTorch parity tests).
+	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q --index-url https://download.pytorch.org/whl/cpu torch
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) main.py --config=configs/mnist.py --workdir=$(WORKDIR)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -n 2 -q tests
+
+bench: $(VENV)/.installed
+	$(PY) bench/step_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
