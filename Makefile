@@ -12,7 +12,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch: the CPU build only (an optional extra, used by the PyTorch parity tests).
-	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q --index-url https://download.pytorch.org/whl/cpu torch
+	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
