@@ -1,3 +1,52 @@
-"""ec2t_jax: Entropy-Constrained Trained Ternarization for JAX, Flax and optax."""
+"""ec2t_jax: Entropy-Constrained Trained Ternarization (EC2T) for JAX, Flax and optax.
+
+    tx = ec2t_jax.ec2t(ec2t_jax.masks.default_ternary_mask, gamma=0.15, init_scale=0.3)
+    opt_state = tx.init(params)
+    params = ec2t_jax.ternarize(params, opt_state)   # params are now exactly ternary
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)     # still exactly ternary
+    ec2t_jax.summarize(opt_state)
+
+Reference: Marban et al., CVPR Workshops 2020, arXiv:2004.01077.
+"""
+
+from ec2t_jax import masks, ternary
+from ec2t_jax.alias import default_fp_optimizer, ec2t, param_labels
+from ec2t_jax.masks import default_ternary_mask
+from ec2t_jax.state_utils import (
+    compressed_kernels,
+    compression_states,
+    statistics,
+    summarize,
+    ternarize,
+)
+from ec2t_jax.transforms import (
+    EntropyConstrainedPruningState,
+    ResetAtStepState,
+    TernaryTrainingState,
+    entropy_constrained_pruning,
+    reset_at_step,
+    ternary_training,
+)
 
 __version__ = '0.1.0'
+
+__all__ = [
+    'EntropyConstrainedPruningState',
+    'ResetAtStepState',
+    'TernaryTrainingState',
+    'compressed_kernels',
+    'compression_states',
+    'default_fp_optimizer',
+    'default_ternary_mask',
+    'ec2t',
+    'entropy_constrained_pruning',
+    'masks',
+    'param_labels',
+    'reset_at_step',
+    'statistics',
+    'summarize',
+    'ternarize',
+    'ternary',
+    'ternary_training',
+]
