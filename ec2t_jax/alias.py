@@ -13,135 +13,133 @@ TERNARY, PRUNE, FULL_PRECISION = 'ternary', 'prune', 'full_precision'
 
 
 def default_fp_optimizer(
-    learning_rate: optax.ScalarOrSchedule = 1e-4, weight_decay: float = 5e-6
+  learning_rate: optax.ScalarOrSchedule = 1e-4, weight_decay: float = 5e-6
 ) -> optax.GradientTransformation:
-    """The original's optimizer of the full-precision params: coupled L2, then Adam.
+  """The original's optimizer of the full-precision params: coupled L2, then Adam.
 
-    `g ← g + weight_decay·p` before Adam (PyTorch `Adam(weight_decay=...)`), not AdamW.
-    """
-    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
+  `g ← g + weight_decay·p` before Adam (PyTorch `Adam(weight_decay=...)`), not AdamW.
+  """
+  return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
 
 
 def param_labels(
-    params: optax.Params,
-    ternary_mask: masks_lib.MaskOrFn,
-    prune_mask: masks_lib.MaskOrFn | None = None,
+  params: optax.Params,
+  ternary_mask: masks_lib.MaskOrFn,
+  prune_mask: masks_lib.MaskOrFn | None = None,
 ) -> optax.Params:
-    """Labels each leaf `'ternary'`, `'prune'` or `'full_precision'`, validating the masks.
+  """Labels each leaf `'ternary'`, `'prune'` or `'full_precision'`, validating the masks.
 
-    Raises:
-      ValueError: if the ternary mask selects nothing, a leaf is selected by both
-        masks, or a selected leaf is not floating point.
-    """
-    tern = masks_lib.resolve(ternary_mask, params)
-    prune = masks_lib.resolve(prune_mask, params)
-    problems = []
-    for (path, leaf), t, p in zip(
-        masks_lib.named_leaves(params), jax.tree.leaves(tern), jax.tree.leaves(prune), strict=True
-    ):
-        if t and p:
-            problems.append(f'{path} is selected by both ternary_mask and prune_mask')
-        if (t or p) and not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
-            problems.append(
-                f'{path} has dtype {jnp.asarray(leaf).dtype}; only floating-point leaves can be '
-                'ternarized or pruned'
-            )
-    if problems:
-        raise ValueError('invalid EC2T masks: ' + '; '.join(problems[:5]))
-    if not any(jax.tree.leaves(tern)):
-        names = [name for name, _ in masks_lib.named_leaves(params)]
-        raise ValueError(
-            f'ternary_mask selects no parameter; params leaves are {names[:8]}'
-            + (' ...' if len(names) > 8 else '')
-            + ' (see ec2t_jax.masks.default_ternary_mask)'
-        )
-    return jax.tree.map(
-        lambda t, p: TERNARY if t else (PRUNE if p else FULL_PRECISION), tern, prune
+  Raises:
+    ValueError: if the ternary mask selects nothing, a leaf is selected by both
+      masks, or a selected leaf is not floating point.
+  """
+  tern = masks_lib.resolve(ternary_mask, params)
+  prune = masks_lib.resolve(prune_mask, params)
+  problems = []
+  for (path, leaf), t, p in zip(
+    masks_lib.named_leaves(params), jax.tree.leaves(tern), jax.tree.leaves(prune), strict=True
+  ):
+    if t and p:
+      problems.append(f'{path} is selected by both ternary_mask and prune_mask')
+    if (t or p) and not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+      problems.append(
+        f'{path} has dtype {jnp.asarray(leaf).dtype}; only floating-point leaves can be '
+        'ternarized or pruned'
+      )
+  if problems:
+    raise ValueError('invalid EC2T masks: ' + '; '.join(problems[:5]))
+  if not any(jax.tree.leaves(tern)):
+    names = [name for name, _ in masks_lib.named_leaves(params)]
+    raise ValueError(
+      f'ternary_mask selects no parameter; params leaves are {names[:8]}'
+      + (' ...' if len(names) > 8 else '')
+      + ' (see ec2t_jax.masks.default_ternary_mask)'
     )
+  return jax.tree.map(lambda t, p: TERNARY if t else (PRUNE if p else FULL_PRECISION), tern, prune)
 
 
 def ec2t(
-    ternary_mask: masks_lib.MaskOrFn,
-    *,
-    gamma: jax.typing.ArrayLike = 0.15,
-    init_scale: jax.typing.ArrayLike = 0.3,
-    sustain: jax.typing.ArrayLike = 0.05,
-    p0_min: jax.typing.ArrayLike = 0.5,
-    centroid_floor_std: jax.typing.ArrayLike = 0.675,
-    latent_optimizer: optax.GradientTransformation | None = None,
-    centroid_optimizer: optax.GradientTransformation | None = None,
-    fp_optimizer: optax.GradientTransformation | None = None,
-    prune_mask: masks_lib.MaskOrFn | None = None,
-    freeze_assignment_at: jax.typing.ArrayLike | None = None,
-    reset_optimizers_at_freeze: bool = True,
-    reference_parity: bool = False,
+  ternary_mask: masks_lib.MaskOrFn,
+  *,
+  gamma: jax.typing.ArrayLike = 0.15,
+  init_scale: jax.typing.ArrayLike = 0.3,
+  sustain: jax.typing.ArrayLike = 0.05,
+  p0_min: jax.typing.ArrayLike = 0.5,
+  centroid_floor_std: jax.typing.ArrayLike = 0.675,
+  latent_optimizer: optax.GradientTransformation | None = None,
+  centroid_optimizer: optax.GradientTransformation | None = None,
+  fp_optimizer: optax.GradientTransformation | None = None,
+  prune_mask: masks_lib.MaskOrFn | None = None,
+  freeze_assignment_at: jax.typing.ArrayLike | None = None,
+  reset_optimizers_at_freeze: bool = True,
+  reference_parity: bool = False,
 ) -> optax.GradientTransformation:
-    """Entropy-Constrained Trained Ternarization as one optax optimizer.
+  """Entropy-Constrained Trained Ternarization as one optax optimizer.
 
-    Partitions the params into ternary leaves (`ternary_training`), pruned
-    leaves (`entropy_constrained_pruning`) and the rest (`fp_optimizer`). Call
-    `ec2t_jax.ternarize(params, opt_state)` once after `init`; from then on the
-    params pytree *is* the ternary network and stays exactly ternary under
-    `optax.apply_updates`.
+  Partitions the params into ternary leaves (`ternary_training`), pruned
+  leaves (`entropy_constrained_pruning`) and the rest (`fp_optimizer`). Call
+  `ec2t_jax.ternarize(params, opt_state)` once after `init`; from then on the
+  params pytree *is* the ternary network and stays exactly ternary under
+  `optax.apply_updates`.
 
-    Defaults reproduce the original recipe (SPEC §3.4): latent weights Adam 1e-4,
-    centroids Adam 1e-5, everything else coupled L2 5e-6 then Adam 1e-4, and
-    fresh optimizer states for centroids and full-precision params at the
-    switch to the frozen phase.
+  Defaults reproduce the original recipe (SPEC §3.4): latent weights Adam 1e-4,
+  centroids Adam 1e-5, everything else coupled L2 5e-6 then Adam 1e-4, and
+  fresh optimizer states for centroids and full-precision params at the
+  switch to the frozen phase.
 
-    Args:
-      ternary_mask: pytree of bools (or `params -> pytree of bools`) selecting the
-        leaves to ternarize; see `ec2t_jax.masks.default_ternary_mask`.
-      gamma: entropy gain `γ >= 0`; 0 is ternarization without entropy constraint.
-      init_scale: initial centroid scale `s > 0`.
-      sustain: `ς` of the per-layer scaling `δ_l`.
-      p0_min: floor of the zero cluster's probability.
-      centroid_floor_std: centroids stay >= this times `std(W)`.
-      latent_optimizer: optimizer of the latent weights.
-      centroid_optimizer: optimizer of the centroids.
-      fp_optimizer: optimizer of all other params.
-      prune_mask: leaves that get entropy-constrained pruning instead (SPEC §6).
-      freeze_assignment_at: first step of the frozen-assignment phase, or None.
-      reset_optimizers_at_freeze: restart the centroid and full-precision
-        optimizer states at that step, as the original does.
-      reference_parity: reproduce the original's quirks (SPEC §3–4).
+  Args:
+    ternary_mask: pytree of bools (or `params -> pytree of bools`) selecting the
+      leaves to ternarize; see `ec2t_jax.masks.default_ternary_mask`.
+    gamma: entropy gain `γ >= 0`; 0 is ternarization without entropy constraint.
+    init_scale: initial centroid scale `s > 0`.
+    sustain: `ς` of the per-layer scaling `δ_l`.
+    p0_min: floor of the zero cluster's probability.
+    centroid_floor_std: centroids stay >= this times `std(W)`.
+    latent_optimizer: optimizer of the latent weights.
+    centroid_optimizer: optimizer of the centroids.
+    fp_optimizer: optimizer of all other params.
+    prune_mask: leaves that get entropy-constrained pruning instead (SPEC §6).
+    freeze_assignment_at: first step of the frozen-assignment phase, or None.
+    reset_optimizers_at_freeze: restart the centroid and full-precision
+      optimizer states at that step, as the original does.
+    reference_parity: reproduce the original's quirks (SPEC §3–4).
 
-    Returns:
-      An `optax.GradientTransformation`. Under `optax.inject_hyperparams`, pass a
-      callable `ternary_mask` through `static_args=('ternary_mask', ...)`.
+  Returns:
+    An `optax.GradientTransformation`. Under `optax.inject_hyperparams`, pass a
+    callable `ternary_mask` through `static_args=('ternary_mask', ...)`.
 
-    Example:
-      >>> import ec2t_jax, optax
-      >>> params = {'dense': {'kernel': jnp.linspace(-1, 1, 12).reshape(3, 4),
-      ...                     'bias': jnp.zeros(4)}}
-      >>> tx = ec2t_jax.ec2t(lambda p: {'dense': {'kernel': True, 'bias': False}})
-      >>> opt_state = tx.init(params)
-      >>> params = ec2t_jax.ternarize(params, opt_state)
-      >>> len(set(params['dense']['kernel'].ravel().tolist())) <= 3
-      True
-    """
-    freeze = freeze_assignment_at
-    shared = dict(
-        gamma=gamma,
-        init_scale=init_scale,
-        sustain=sustain,
-        p0_min=p0_min,
-        centroid_floor_std=centroid_floor_std,
-        freeze_assignment_at=freeze,
-        reset_centroid_optimizer_at_freeze=reset_optimizers_at_freeze,
-        reference_parity=reference_parity,
+  Example:
+    >>> import ec2t_jax, optax
+    >>> params = {'dense': {'kernel': jnp.linspace(-1, 1, 12).reshape(3, 4),
+    ...                     'bias': jnp.zeros(4)}}
+    >>> tx = ec2t_jax.ec2t(lambda p: {'dense': {'kernel': True, 'bias': False}})
+    >>> opt_state = tx.init(params)
+    >>> params = ec2t_jax.ternarize(params, opt_state)
+    >>> len(set(params['dense']['kernel'].ravel().tolist())) <= 3
+    True
+  """
+  freeze = freeze_assignment_at
+  shared = dict(
+    gamma=gamma,
+    init_scale=init_scale,
+    sustain=sustain,
+    p0_min=p0_min,
+    centroid_floor_std=centroid_floor_std,
+    freeze_assignment_at=freeze,
+    reset_centroid_optimizer_at_freeze=reset_optimizers_at_freeze,
+    reference_parity=reference_parity,
+  )
+  fp = fp_optimizer or default_fp_optimizer()
+  if reset_optimizers_at_freeze and freeze is not None:
+    fp = transforms.reset_at_step(fp, freeze)
+  parts = {
+    TERNARY: transforms.ternary_training(
+      latent_optimizer=latent_optimizer, centroid_optimizer=centroid_optimizer, **shared
+    ),
+    FULL_PRECISION: fp,
+  }
+  if prune_mask is not None:
+    parts[PRUNE] = transforms.entropy_constrained_pruning(
+      latent_optimizer=latent_optimizer, centroid_optimizer=centroid_optimizer, **shared
     )
-    fp = fp_optimizer or default_fp_optimizer()
-    if reset_optimizers_at_freeze and freeze is not None:
-        fp = transforms.reset_at_step(fp, freeze)
-    parts = {
-        TERNARY: transforms.ternary_training(
-            latent_optimizer=latent_optimizer, centroid_optimizer=centroid_optimizer, **shared
-        ),
-        FULL_PRECISION: fp,
-    }
-    if prune_mask is not None:
-        parts[PRUNE] = transforms.entropy_constrained_pruning(
-            latent_optimizer=latent_optimizer, centroid_optimizer=centroid_optimizer, **shared
-        )
-    return optax.partition(parts, lambda params: param_labels(params, ternary_mask, prune_mask))
+  return optax.partition(parts, lambda params: param_labels(params, ternary_mask, prune_mask))

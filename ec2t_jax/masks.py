@@ -19,123 +19,123 @@ MaskOrFn = Any  # A pytree of bools, or a callable `params -> pytree of bools`.
 
 
 def path_str(path: tuple[Any, ...]) -> str:
-    """Joins a JAX key path into `'a/b/c'` (dict keys, attribute names and indices)."""
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(key.key))
-        else:
-            parts.append(str(key))
-    return '/'.join(parts)
+  """Joins a JAX key path into `'a/b/c'` (dict keys, attribute names and indices)."""
+  parts = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      parts.append(str(key.key))
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      parts.append(key.name)
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      parts.append(str(key.idx))
+    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(key.key))
+    else:
+      parts.append(str(key))
+  return '/'.join(parts)
 
 
 def named_leaves(params: optax.Params) -> list[tuple[str, Any]]:
-    """All `(path, leaf)` pairs of `params` in JAX flattening order."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return [(path_str(p), leaf) for p, leaf in flat]
+  """All `(path, leaf)` pairs of `params` in JAX flattening order."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return [(path_str(p), leaf) for p, leaf in flat]
 
 
 def _kernels_in_creation_order(params: Mapping[str, Any], prefix: str = '') -> list[str]:
-    """Paths of `kernel` leaves in dict insertion order (Flax: the order layers were created)."""
-    out = []
-    for key, value in params.items():
-        path = f'{prefix}/{key}' if prefix else str(key)
-        if isinstance(value, Mapping):
-            out.extend(_kernels_in_creation_order(value, path))
-        elif key == 'kernel' and getattr(value, 'ndim', 0) >= 2:
-            out.append(path)
-    return out
+  """Paths of `kernel` leaves in dict insertion order (Flax: the order layers were created)."""
+  out = []
+  for key, value in params.items():
+    path = f'{prefix}/{key}' if prefix else str(key)
+    if isinstance(value, Mapping):
+      out.extend(_kernels_in_creation_order(value, path))
+    elif key == 'kernel' and getattr(value, 'ndim', 0) >= 2:
+      out.append(path)
+  return out
 
 
 def from_paths(params: optax.Params, selected: Iterable[str]) -> optax.Params:
-    """A bool mask that is True exactly at the given `'a/b/kernel'` paths.
+  """A bool mask that is True exactly at the given `'a/b/kernel'` paths.
 
-    Raises:
-      ValueError: if a path is not a leaf of `params`.
-    """
-    selected = set(selected)
-    names = {name for name, _ in named_leaves(params)}
-    unknown = sorted(selected - names)
-    if unknown:
-        raise ValueError(
-            f'unknown parameter paths {unknown[:5]}; valid ones include {sorted(names)[:8]}'
-        )
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    return jax.tree_util.tree_unflatten(treedef, [path_str(p) in selected for p, _ in flat])
+  Raises:
+    ValueError: if a path is not a leaf of `params`.
+  """
+  selected = set(selected)
+  names = {name for name, _ in named_leaves(params)}
+  unknown = sorted(selected - names)
+  if unknown:
+    raise ValueError(
+      f'unknown parameter paths {unknown[:5]}; valid ones include {sorted(names)[:8]}'
+    )
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  return jax.tree_util.tree_unflatten(treedef, [path_str(p) in selected for p, _ in flat])
 
 
 def from_regex(params: optax.Params, include: str, exclude: str | None = None) -> optax.Params:
-    """True where the leaf path matches `include` (`re.search`) and not `exclude`.
+  """True where the leaf path matches `include` (`re.search`) and not `exclude`.
 
-    Example:
-      >>> from_regex({'a': {'kernel': 1.0, 'bias': 0.0}}, r'kernel$')
-      {'a': {'bias': False, 'kernel': True}}
-    """
-    inc = re.compile(include)
-    exc = re.compile(exclude) if exclude else None
+  Example:
+    >>> from_regex({'a': {'kernel': 1.0, 'bias': 0.0}}, r'kernel$')
+    {'a': {'bias': False, 'kernel': True}}
+  """
+  inc = re.compile(include)
+  exc = re.compile(exclude) if exclude else None
 
-    def pick(path, _):
-        name = path_str(path)
-        return bool(inc.search(name)) and not (exc is not None and exc.search(name))
+  def pick(path, _):
+    name = path_str(path)
+    return bool(inc.search(name)) and not (exc is not None and exc.search(name))
 
-    return jax.tree_util.tree_map_with_path(pick, params)
+  return jax.tree_util.tree_map_with_path(pick, params)
 
 
 def default_ternary_mask(
-    params: Mapping[str, Any],
-    *,
-    keep_first: bool = True,
-    keep_last: bool = True,
-    keep_pattern: str | None = r'(shortcut|downsample)',
+  params: Mapping[str, Any],
+  *,
+  keep_first: bool = True,
+  keep_last: bool = True,
+  keep_pattern: str | None = r'(shortcut|downsample)',
 ) -> optax.Params:
-    """The reference selection (SPEC §1): every conv/dense kernel except the first and last.
+  """The reference selection (SPEC §1): every conv/dense kernel except the first and last.
 
-    The first and last kernels are found in the order Flax created the layers
-    (the params dict's insertion order), i.e. the stem convolution and the
-    classifier. Kernels whose path matches `keep_pattern` (1x1 projection
-    shortcuts) stay full precision too. Biases, BatchNorm scales and all other
-    leaves are never selected.
+  The first and last kernels are found in the order Flax created the layers
+  (the params dict's insertion order), i.e. the stem convolution and the
+  classifier. Kernels whose path matches `keep_pattern` (1x1 projection
+  shortcuts) stay full precision too. Biases, BatchNorm scales and all other
+  leaves are never selected.
 
-    Args:
-      params: a Flax params dict (as returned by `model.init(...)['params']`).
-      keep_first: keep the first kernel in full precision.
-      keep_last: keep the last kernel in full precision.
-      keep_pattern: regex of kernel paths that stay full precision, or None.
+  Args:
+    params: a Flax params dict (as returned by `model.init(...)['params']`).
+    keep_first: keep the first kernel in full precision.
+    keep_last: keep the last kernel in full precision.
+    keep_pattern: regex of kernel paths that stay full precision, or None.
 
-    Returns:
-      A pytree of bools with the structure of `params`.
-    """
-    kernels = _kernels_in_creation_order(params)
-    chosen = list(kernels)
-    if keep_first and chosen:
-        chosen = chosen[1:]
-    if keep_last and chosen:
-        chosen = chosen[:-1]
-    if keep_pattern:
-        pattern = re.compile(keep_pattern)
-        chosen = [k for k in chosen if not pattern.search(k)]
-    return from_paths(params, chosen)
+  Returns:
+    A pytree of bools with the structure of `params`.
+  """
+  kernels = _kernels_in_creation_order(params)
+  chosen = list(kernels)
+  if keep_first and chosen:
+    chosen = chosen[1:]
+  if keep_last and chosen:
+    chosen = chosen[:-1]
+  if keep_pattern:
+    pattern = re.compile(keep_pattern)
+    chosen = [k for k in chosen if not pattern.search(k)]
+  return from_paths(params, chosen)
 
 
 def resolve(mask: MaskOrFn | None, params: optax.Params) -> optax.Params:
-    """Turns a mask or mask function into a bool pytree with the structure of `params`.
+  """Turns a mask or mask function into a bool pytree with the structure of `params`.
 
-    `None` selects nothing. Raises a ValueError if the structures differ.
-    """
-    if mask is None:
-        return jax.tree.map(lambda _: False, params)
-    if isinstance(mask, Callable):
-        mask = mask(params)
-    try:
-        return jax.tree.map(lambda m, _: bool(m), mask, params)
-    except ValueError as e:
-        raise ValueError(
-            'the mask must have the same tree structure as the params: '
-            f'{jax.tree.structure(mask)} vs {jax.tree.structure(params)}'
-        ) from e
+  `None` selects nothing. Raises a ValueError if the structures differ.
+  """
+  if mask is None:
+    return jax.tree.map(lambda _: False, params)
+  if isinstance(mask, Callable):
+    mask = mask(params)
+  try:
+    return jax.tree.map(lambda m, _: bool(m), mask, params)
+  except ValueError as e:
+    raise ValueError(
+      'the mask must have the same tree structure as the params: '
+      f'{jax.tree.structure(mask)} vs {jax.tree.structure(params)}'
+    ) from e

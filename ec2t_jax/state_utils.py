@@ -14,102 +14,102 @@ from ec2t_jax import ternary, transforms
 
 
 def compression_states(opt_state: optax.OptState) -> list[transforms.CompressionState]:
-    """All `TernaryTrainingState` / `EntropyConstrainedPruningState` inside `opt_state`."""
-    leaves = jax.tree.leaves(opt_state, is_leaf=transforms.is_compression_state)
-    return [x for x in leaves if transforms.is_compression_state(x)]
+  """All `TernaryTrainingState` / `EntropyConstrainedPruningState` inside `opt_state`."""
+  leaves = jax.tree.leaves(opt_state, is_leaf=transforms.is_compression_state)
+  return [x for x in leaves if transforms.is_compression_state(x)]
 
 
 def _named(tree: Any) -> dict[str, Any]:
-    """`{path: leaf}` of a state field, skipping `optax.MaskedNode` placeholders."""
-    is_masked = lambda x: isinstance(x, optax.MaskedNode)
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)[0]
-    return {masks_lib.path_str(p): leaf for p, leaf in flat if not is_masked(leaf)}
+  """`{path: leaf}` of a state field, skipping `optax.MaskedNode` placeholders."""
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)[0]
+  return {masks_lib.path_str(p): leaf for p, leaf in flat if not is_masked(leaf)}
 
 
 def compressed_kernels(opt_state: optax.OptState, params: optax.Params) -> dict[str, jax.Array]:
-    """`{path: kernel}` of every compressed leaf, as the state defines it, in the params' dtype."""
-    dtypes = {name: jnp.asarray(leaf).dtype for name, leaf in masks_lib.named_leaves(params)}
-    out = {}
-    for state in compression_states(opt_state):
-        prune = isinstance(state, transforms.EntropyConstrainedPruningState)
-        latent = _named(state.latent)
-        centroids = _named(state.centroids)
-        for name, a in _named(state.assignment).items():
-            if name not in dtypes:
-                raise ValueError(f'opt_state holds {name!r}, which is not a leaf of params')
-            if prune:
-                out[name] = ternary.pruned_kernel(a, latent[name], dtypes[name])
-            else:
-                out[name] = ternary.ternary_kernel(a, centroids[name], dtypes[name])
-    return out
+  """`{path: kernel}` of every compressed leaf, as the state defines it, in the params' dtype."""
+  dtypes = {name: jnp.asarray(leaf).dtype for name, leaf in masks_lib.named_leaves(params)}
+  out = {}
+  for state in compression_states(opt_state):
+    prune = isinstance(state, transforms.EntropyConstrainedPruningState)
+    latent = _named(state.latent)
+    centroids = _named(state.centroids)
+    for name, a in _named(state.assignment).items():
+      if name not in dtypes:
+        raise ValueError(f'opt_state holds {name!r}, which is not a leaf of params')
+      if prune:
+        out[name] = ternary.pruned_kernel(a, latent[name], dtypes[name])
+      else:
+        out[name] = ternary.ternary_kernel(a, centroids[name], dtypes[name])
+  return out
 
 
 def ternarize(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
-    """Returns `params` with every compressed leaf replaced by its kernel from `opt_state`.
+  """Returns `params` with every compressed leaf replaced by its kernel from `opt_state`.
 
-    Call once after `tx.init(params)`; afterwards the ternary leaves hold only the
-    values `{-w_n, 0, +w_p}` of the state, and `optax.apply_updates` keeps them so.
+  Call once after `tx.init(params)`; afterwards the ternary leaves hold only the
+  values `{-w_n, 0, +w_p}` of the state, and `optax.apply_updates` keeps them so.
 
-    Args:
-      params: the params the optimizer was initialized with.
-      opt_state: the state of `ec2t_jax.ec2t` (or of any composition containing
-        `ternary_training` / `entropy_constrained_pruning`).
+  Args:
+    params: the params the optimizer was initialized with.
+    opt_state: the state of `ec2t_jax.ec2t` (or of any composition containing
+      `ternary_training` / `entropy_constrained_pruning`).
 
-    Returns:
-      A new params pytree of the same structure and dtypes.
+  Returns:
+    A new params pytree of the same structure and dtypes.
 
-    Raises:
-      ValueError: if `opt_state` holds no EC2T state.
-    """
-    kernels = compressed_kernels(opt_state, params)
-    if not kernels:
-        raise ValueError('opt_state holds no EC2T state; was it created by ec2t_jax.ec2t?')
+  Raises:
+    ValueError: if `opt_state` holds no EC2T state.
+  """
+  kernels = compressed_kernels(opt_state, params)
+  if not kernels:
+    raise ValueError('opt_state holds no EC2T state; was it created by ec2t_jax.ec2t?')
 
-    def place(path, leaf):
-        return kernels.get(masks_lib.path_str(path), leaf)
+  def place(path, leaf):
+    return kernels.get(masks_lib.path_str(path), leaf)
 
-    return jax.tree_util.tree_map_with_path(place, params)
+  return jax.tree_util.tree_map_with_path(place, params)
 
 
 def statistics(opt_state: optax.OptState) -> dict[str, jax.Array]:
-    """Per-layer and total EC2T statistics as arrays (usable inside `jit`).
+  """Per-layer and total EC2T statistics as arrays (usable inside `jit`).
 
-    Keys: `'<path>/sparsity'` (fraction of zeros), `'/w_p'`, `'/w_n'`,
-    `'/lambda'`, `'/entropy_bits'` (empirical entropy of the assignment, bits
-    per weight), and totals `'total_sparsity'` (zeros over all compressed
-    weights), `'num_compressed'`, `'entropy_bits'` (weighted mean).
-    """
-    out = {}
-    zeros = jnp.zeros((), jnp.float32)
-    total = 0
-    weighted_bits = jnp.zeros((), jnp.float32)
-    for state in compression_states(opt_state):
-        centroids = _named(state.centroids)
-        lam = _named(state.lam)
-        for name, a in _named(state.assignment).items():
-            cnt = ternary.counts(a)
-            pmf = cnt / a.size
-            bits = ternary.entropy_bits(pmf)
-            out[f'{name}/sparsity'] = pmf[ternary.ZERO]
-            out[f'{name}/w_p'] = centroids[name][0]
-            out[f'{name}/w_n'] = centroids[name][1]
-            out[f'{name}/lambda'] = lam[name]
-            out[f'{name}/entropy_bits'] = bits
-            zeros = zeros + cnt[ternary.ZERO]
-            weighted_bits = weighted_bits + bits * a.size
-            total += a.size
-    out['total_sparsity'] = zeros / max(total, 1)
-    out['num_compressed'] = jnp.asarray(total, jnp.float32)
-    out['entropy_bits'] = weighted_bits / max(total, 1)
-    return out
+  Keys: `'<path>/sparsity'` (fraction of zeros), `'/w_p'`, `'/w_n'`,
+  `'/lambda'`, `'/entropy_bits'` (empirical entropy of the assignment, bits
+  per weight), and totals `'total_sparsity'` (zeros over all compressed
+  weights), `'num_compressed'`, `'entropy_bits'` (weighted mean).
+  """
+  out = {}
+  zeros = jnp.zeros((), jnp.float32)
+  total = 0
+  weighted_bits = jnp.zeros((), jnp.float32)
+  for state in compression_states(opt_state):
+    centroids = _named(state.centroids)
+    lam = _named(state.lam)
+    for name, a in _named(state.assignment).items():
+      cnt = ternary.counts(a)
+      pmf = cnt / a.size
+      bits = ternary.entropy_bits(pmf)
+      out[f'{name}/sparsity'] = pmf[ternary.ZERO]
+      out[f'{name}/w_p'] = centroids[name][0]
+      out[f'{name}/w_n'] = centroids[name][1]
+      out[f'{name}/lambda'] = lam[name]
+      out[f'{name}/entropy_bits'] = bits
+      zeros = zeros + cnt[ternary.ZERO]
+      weighted_bits = weighted_bits + bits * a.size
+      total += a.size
+  out['total_sparsity'] = zeros / max(total, 1)
+  out['num_compressed'] = jnp.asarray(total, jnp.float32)
+  out['entropy_bits'] = weighted_bits / max(total, 1)
+  return out
 
 
 def summarize(opt_state: optax.OptState) -> dict[str, float]:
-    """`statistics(opt_state)` as Python floats, for logging and reports.
+  """`statistics(opt_state)` as Python floats, for logging and reports.
 
-    Example:
-      >>> summary = summarize(opt_state)  # doctest: +SKIP
-      >>> summary['total_sparsity']       # doctest: +SKIP
-      0.91
-    """
-    return {k: float(np.asarray(v)) for k, v in jax.device_get(statistics(opt_state)).items()}
+  Example:
+    >>> summary = summarize(opt_state)  # doctest: +SKIP
+    >>> summary['total_sparsity']       # doctest: +SKIP
+    0.91
+  """
+  return {k: float(np.asarray(v)) for k, v in jax.device_get(statistics(opt_state)).items()}

@@ -30,50 +30,50 @@ from ec2t_jax import ternary
 
 
 class TernaryTrainingState(NamedTuple):
-    """State of `ternary_training`; every tree field mirrors the params it was built for.
+  """State of `ternary_training`; every tree field mirrors the params it was built for.
 
-    Attributes:
-      count: int32 number of updates applied so far.
-      latent: full-precision latent weights `W` (params dtype).
-      centroids: float32 `(2,)` per leaf, `[w_p, w_n]` exactly as placed in the network.
-      centroid_latent: float32 `(2,)` per leaf, the trained (unrounded) centroids.
-      assignment: int8 per leaf, 0 → `-w_n`, 1 → `0`, 2 → `+w_p`.
-      pmf: float32 `(3,)` per leaf, cluster probabilities of the last assignment.
-      lam: float32 scalar per leaf, the λ of the last assignment.
-      latent_opt_state: state of the latent-weight optimizer.
-      centroid_opt_state: state of the centroid optimizer.
-    """
+  Attributes:
+    count: int32 number of updates applied so far.
+    latent: full-precision latent weights `W` (params dtype).
+    centroids: float32 `(2,)` per leaf, `[w_p, w_n]` exactly as placed in the network.
+    centroid_latent: float32 `(2,)` per leaf, the trained (unrounded) centroids.
+    assignment: int8 per leaf, 0 → `-w_n`, 1 → `0`, 2 → `+w_p`.
+    pmf: float32 `(3,)` per leaf, cluster probabilities of the last assignment.
+    lam: float32 scalar per leaf, the λ of the last assignment.
+    latent_opt_state: state of the latent-weight optimizer.
+    centroid_opt_state: state of the centroid optimizer.
+  """
 
-    count: jax.Array
-    latent: optax.Params
-    centroids: optax.Params
-    centroid_latent: optax.Params
-    assignment: optax.Params
-    pmf: optax.Params
-    lam: optax.Params
-    latent_opt_state: optax.OptState
-    centroid_opt_state: optax.OptState
+  count: jax.Array
+  latent: optax.Params
+  centroids: optax.Params
+  centroid_latent: optax.Params
+  assignment: optax.Params
+  pmf: optax.Params
+  lam: optax.Params
+  latent_opt_state: optax.OptState
+  centroid_opt_state: optax.OptState
 
 
 class EntropyConstrainedPruningState(NamedTuple):
-    """State of `entropy_constrained_pruning`; fields as in `TernaryTrainingState`."""
+  """State of `entropy_constrained_pruning`; fields as in `TernaryTrainingState`."""
 
-    count: jax.Array
-    latent: optax.Params
-    centroids: optax.Params
-    centroid_latent: optax.Params
-    assignment: optax.Params
-    pmf: optax.Params
-    lam: optax.Params
-    latent_opt_state: optax.OptState
-    centroid_opt_state: optax.OptState
+  count: jax.Array
+  latent: optax.Params
+  centroids: optax.Params
+  centroid_latent: optax.Params
+  assignment: optax.Params
+  pmf: optax.Params
+  lam: optax.Params
+  latent_opt_state: optax.OptState
+  centroid_opt_state: optax.OptState
 
 
 class ResetAtStepState(NamedTuple):
-    """State of `reset_at_step`."""
+  """State of `reset_at_step`."""
 
-    count: jax.Array
-    inner_state: optax.OptState
+  count: jax.Array
+  inner_state: optax.OptState
 
 
 CompressionState = TernaryTrainingState | EntropyConstrainedPruningState
@@ -81,355 +81,353 @@ _STATE_TYPES = (TernaryTrainingState, EntropyConstrainedPruningState)
 
 
 def is_compression_state(x: Any) -> bool:
-    """True for the state of `ternary_training` or `entropy_constrained_pruning`."""
-    return isinstance(x, _STATE_TYPES)
+  """True for the state of `ternary_training` or `entropy_constrained_pruning`."""
+  return isinstance(x, _STATE_TYPES)
 
 
 def _is_masked(x: Any) -> bool:
-    return isinstance(x, optax.MaskedNode)
+  return isinstance(x, optax.MaskedNode)
 
 
 def _map(fn: Callable[..., Any], *trees: Any) -> Any:
-    """`jax.tree.map` that treats `optax.MaskedNode` placeholders as leaves and keeps them."""
+  """`jax.tree.map` that treats `optax.MaskedNode` placeholders as leaves and keeps them."""
 
-    def f(first, *rest):
-        return first if _is_masked(first) else fn(first, *rest)
+  def f(first, *rest):
+    return first if _is_masked(first) else fn(first, *rest)
 
-    return jax.tree.map(f, *trees, is_leaf=_is_masked)
+  return jax.tree.map(f, *trees, is_leaf=_is_masked)
 
 
 def _leaves(tree: Any) -> list[Any]:
-    return [x for x in jax.tree.leaves(tree, is_leaf=_is_masked) if not _is_masked(x)]
+  return [x for x in jax.tree.leaves(tree, is_leaf=_is_masked) if not _is_masked(x)]
 
 
 def _check_floating(params: optax.Params, what: str) -> None:
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)[0]:
-        if _is_masked(leaf):
-            continue
-        if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
-            raise ValueError(
-                f'{what} selects {jax.tree_util.keystr(path)} of dtype {jnp.asarray(leaf).dtype}; '
-                'only floating-point leaves (kernels) can be compressed.'
-            )
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)[0]:
+    if _is_masked(leaf):
+      continue
+    if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+      raise ValueError(
+        f'{what} selects {jax.tree_util.keystr(path)} of dtype {jnp.asarray(leaf).dtype}; '
+        'only floating-point leaves (kernels) can be compressed.'
+      )
 
 
 def _check_scalar(name: str, value: Any, *, minimum: float, strict: bool) -> None:
-    """Validates a hyperparameter when it is a concrete Python number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return  # Arrays and tracers (optax.inject_hyperparams) are not checked here.
-    bad = value <= minimum if strict else value < minimum
-    if bad or value != value:
-        relation = '>' if strict else '>='
-        raise ValueError(f'{name} must be {relation} {minimum}, got {value}')
+  """Validates a hyperparameter when it is a concrete Python number."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return  # Arrays and tracers (optax.inject_hyperparams) are not checked here.
+  bad = value <= minimum if strict else value < minimum
+  if bad or value != value:
+    relation = '>' if strict else '>='
+    raise ValueError(f'{name} must be {relation} {minimum}, got {value}')
 
 
 def _compression(
-    *,
-    prune: bool,
-    gamma: jax.typing.ArrayLike,
-    init_scale: jax.typing.ArrayLike,
-    sustain: jax.typing.ArrayLike,
-    p0_min: jax.typing.ArrayLike,
-    centroid_floor_std: jax.typing.ArrayLike,
-    latent_optimizer: optax.GradientTransformation,
-    centroid_optimizer: optax.GradientTransformation,
-    freeze_assignment_at: jax.typing.ArrayLike | None,
-    reset_centroid_optimizer_at_freeze: bool,
-    reference_parity: bool,
+  *,
+  prune: bool,
+  gamma: jax.typing.ArrayLike,
+  init_scale: jax.typing.ArrayLike,
+  sustain: jax.typing.ArrayLike,
+  p0_min: jax.typing.ArrayLike,
+  centroid_floor_std: jax.typing.ArrayLike,
+  latent_optimizer: optax.GradientTransformation,
+  centroid_optimizer: optax.GradientTransformation,
+  freeze_assignment_at: jax.typing.ArrayLike | None,
+  reset_centroid_optimizer_at_freeze: bool,
+  reference_parity: bool,
 ) -> optax.GradientTransformation:
-    """Shared implementation of `ternary_training` and `entropy_constrained_pruning`."""
-    _check_scalar('gamma', gamma, minimum=0.0, strict=False)
-    _check_scalar('init_scale', init_scale, minimum=0.0, strict=True)
-    _check_scalar('sustain', sustain, minimum=0.0, strict=False)
-    _check_scalar('centroid_floor_std', centroid_floor_std, minimum=0.0, strict=False)
-    if isinstance(p0_min, (int, float)) and not 0.0 <= p0_min < 1.0:
-        raise ValueError(f'p0_min must be in [0, 1), got {p0_min}')
-    if isinstance(freeze_assignment_at, (int, float)) and freeze_assignment_at < 0:
-        raise ValueError(f'freeze_assignment_at must be >= 0 or None, got {freeze_assignment_at}')
-    state_cls = EntropyConstrainedPruningState if prune else TernaryTrainingState
-    what = 'entropy_constrained_pruning' if prune else 'ternary_training'
+  """Shared implementation of `ternary_training` and `entropy_constrained_pruning`."""
+  _check_scalar('gamma', gamma, minimum=0.0, strict=False)
+  _check_scalar('init_scale', init_scale, minimum=0.0, strict=True)
+  _check_scalar('sustain', sustain, minimum=0.0, strict=False)
+  _check_scalar('centroid_floor_std', centroid_floor_std, minimum=0.0, strict=False)
+  if isinstance(p0_min, (int, float)) and not 0.0 <= p0_min < 1.0:
+    raise ValueError(f'p0_min must be in [0, 1), got {p0_min}')
+  if isinstance(freeze_assignment_at, (int, float)) and freeze_assignment_at < 0:
+    raise ValueError(f'freeze_assignment_at must be >= 0 or None, got {freeze_assignment_at}')
+  state_cls = EntropyConstrainedPruningState if prune else TernaryTrainingState
+  what = 'entropy_constrained_pruning' if prune else 'ternary_training'
 
-    def kernel(assignment, centroids, latent, dtype):
-        if prune:
-            return ternary.pruned_kernel(assignment, latent, dtype)
-        return ternary.ternary_kernel(assignment, centroids, dtype)
+  def kernel(assignment, centroids, latent, dtype):
+    if prune:
+      return ternary.pruned_kernel(assignment, latent, dtype)
+    return ternary.ternary_kernel(assignment, centroids, dtype)
 
-    def init_fn(params):
-        _check_floating(params, what)
-        latent = _map(lambda p: jnp.array(p, copy=True), params)
-        centroid_latent = _map(lambda p: ternary.initial_centroids(p, init_scale), params)
-        centroids = _map(
-            lambda c, p: ternary.snap_centroids(c, jnp.asarray(p).dtype), centroid_latent, params
-        )
-        assignment = _map(ternary.nearest, params, centroids)
-        pmf = _map(lambda a: ternary.counts(a) / a.size, assignment)
-        lam = _map(lambda _: jnp.zeros((), jnp.float32), params)
-        return state_cls(
-            count=jnp.zeros((), jnp.int32),
-            latent=latent,
-            centroids=centroids,
-            centroid_latent=centroid_latent,
-            assignment=assignment,
-            pmf=pmf,
-            lam=lam,
-            latent_opt_state=latent_optimizer.init(latent),
-            centroid_opt_state=centroid_optimizer.init(centroid_latent),
-        )
+  def init_fn(params):
+    _check_floating(params, what)
+    latent = _map(lambda p: jnp.array(p, copy=True), params)
+    centroid_latent = _map(lambda p: ternary.initial_centroids(p, init_scale), params)
+    centroids = _map(
+      lambda c, p: ternary.snap_centroids(c, jnp.asarray(p).dtype), centroid_latent, params
+    )
+    assignment = _map(ternary.nearest, params, centroids)
+    pmf = _map(lambda a: ternary.counts(a) / a.size, assignment)
+    lam = _map(lambda _: jnp.zeros((), jnp.float32), params)
+    return state_cls(
+      count=jnp.zeros((), jnp.int32),
+      latent=latent,
+      centroids=centroids,
+      centroid_latent=centroid_latent,
+      assignment=assignment,
+      pmf=pmf,
+      lam=lam,
+      latent_opt_state=latent_optimizer.init(latent),
+      centroid_opt_state=centroid_optimizer.init(centroid_latent),
+    )
 
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError(f'{what} needs the current params: call update(grads, state, params).')
-        count = state.count
-        if freeze_assignment_at is None:
-            frozen = jnp.zeros((), bool)
-        else:
-            frozen = count >= jnp.asarray(freeze_assignment_at, jnp.int32)
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(f'{what} needs the current params: call update(grads, state, params).')
+    count = state.count
+    if freeze_assignment_at is None:
+      frozen = jnp.zeros((), bool)
+    else:
+      frozen = count >= jnp.asarray(freeze_assignment_at, jnp.int32)
 
-        # 1. Map ∂L/∂q to the latent weights and the centroids, with the
-        #    assignment and centroids that produced this step's kernel.
-        mapped = _map(
-            lambda g, a, c: ternary.map_gradient(
-                g, a, c, reference_parity=reference_parity, prune=prune
-            ),
-            updates,
-            state.assignment,
-            state.centroids,
-        )
-        is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and not _is_masked(x)
-        latent_grads = jax.tree.map(
-            lambda m: m if _is_masked(m) else m[0],
-            mapped,
-            is_leaf=lambda x: is_pair(x) or _is_masked(x),
-        )
-        centroid_grads = jax.tree.map(
-            lambda m: m if _is_masked(m) else m[1],
-            mapped,
-            is_leaf=lambda x: is_pair(x) or _is_masked(x),
-        )
-        latent_grads = _map(lambda g, w: g.astype(w.dtype), latent_grads, state.latent)
+    # 1. Map ∂L/∂q to the latent weights and the centroids, with the
+    #    assignment and centroids that produced this step's kernel.
+    mapped = _map(
+      lambda g, a, c: ternary.map_gradient(g, a, c, reference_parity=reference_parity, prune=prune),
+      updates,
+      state.assignment,
+      state.centroids,
+    )
+    is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and not _is_masked(x)
+    latent_grads = jax.tree.map(
+      lambda m: m if _is_masked(m) else m[0],
+      mapped,
+      is_leaf=lambda x: is_pair(x) or _is_masked(x),
+    )
+    centroid_grads = jax.tree.map(
+      lambda m: m if _is_masked(m) else m[1],
+      mapped,
+      is_leaf=lambda x: is_pair(x) or _is_masked(x),
+    )
+    latent_grads = _map(lambda g, w: g.astype(w.dtype), latent_grads, state.latent)
 
-        # 2. Latent weights: their own optimizer; frozen in phase 2.
-        lat_updates, lat_opt_state = latent_optimizer.update(
-            latent_grads, state.latent_opt_state, state.latent
-        )
-        stepped = optax.apply_updates(state.latent, lat_updates)
-        latent = _map(lambda new, old: jnp.where(frozen, old, new), stepped, state.latent)
-        lat_opt_state = jax.tree.map(
-            lambda new, old: jnp.where(frozen, old, new), lat_opt_state, state.latent_opt_state
-        )
+    # 2. Latent weights: their own optimizer; frozen in phase 2.
+    lat_updates, lat_opt_state = latent_optimizer.update(
+      latent_grads, state.latent_opt_state, state.latent
+    )
+    stepped = optax.apply_updates(state.latent, lat_updates)
+    latent = _map(lambda new, old: jnp.where(frozen, old, new), stepped, state.latent)
+    lat_opt_state = jax.tree.map(
+      lambda new, old: jnp.where(frozen, old, new), lat_opt_state, state.latent_opt_state
+    )
 
-        # 3. Centroids: their own optimizer (restarted at the switch if asked).
-        c_opt_state = state.centroid_opt_state
-        if freeze_assignment_at is not None and reset_centroid_optimizer_at_freeze:
-            at_switch = count == jnp.asarray(freeze_assignment_at, jnp.int32)
-            fresh = centroid_optimizer.init(state.centroid_latent)
-            c_opt_state = jax.tree.map(lambda f, o: jnp.where(at_switch, f, o), fresh, c_opt_state)
-        c_updates, c_opt_state = centroid_optimizer.update(
-            centroid_grads, c_opt_state, state.centroid_latent
-        )
-        centroid_latent = optax.apply_updates(state.centroid_latent, c_updates)
+    # 3. Centroids: their own optimizer (restarted at the switch if asked).
+    c_opt_state = state.centroid_opt_state
+    if freeze_assignment_at is not None and reset_centroid_optimizer_at_freeze:
+      at_switch = count == jnp.asarray(freeze_assignment_at, jnp.int32)
+      fresh = centroid_optimizer.init(state.centroid_latent)
+      c_opt_state = jax.tree.map(lambda f, o: jnp.where(at_switch, f, o), fresh, c_opt_state)
+    c_updates, c_opt_state = centroid_optimizer.update(
+      centroid_grads, c_opt_state, state.centroid_latent
+    )
+    centroid_latent = optax.apply_updates(state.centroid_latent, c_updates)
 
-        # 4. Centroid floor from the latent weights (the phase-1 ones when frozen).
-        centroid_latent = _map(
-            lambda c, w: jnp.maximum(c, ternary.centroid_floor(w, centroid_floor_std)),
-            centroid_latent,
-            latent,
-        )
-        centroids = _map(lambda c, p: ternary.snap_centroids(c, p.dtype), centroid_latent, params)
+    # 4. Centroid floor from the latent weights (the phase-1 ones when frozen).
+    centroid_latent = _map(
+      lambda c, w: jnp.maximum(c, ternary.centroid_floor(w, centroid_floor_std)),
+      centroid_latent,
+      latent,
+    )
+    centroids = _map(lambda c, p: ternary.snap_centroids(c, p.dtype), centroid_latent, params)
 
-        # 5. Entropy-constrained re-assignment; kept as it is when frozen.
-        max_size = max([leaf.size for leaf in _leaves(params)], default=1)
+    # 5. Entropy-constrained re-assignment; kept as it is when frozen.
+    max_size = max([leaf.size for leaf in _leaves(params)], default=1)
 
-        def reassign(w, c, a_old):
-            result = ternary.assign(
-                w,
-                c,
-                gamma=gamma,
-                delta=ternary.layer_weight(w.size, max_size, sustain),
-                p0_min=p0_min,
-                reference_parity=reference_parity,
-            )
-            return jnp.where(frozen, a_old, result.assignment), result.pmf, result.lam
+    def reassign(w, c, a_old):
+      result = ternary.assign(
+        w,
+        c,
+        gamma=gamma,
+        delta=ternary.layer_weight(w.size, max_size, sustain),
+        p0_min=p0_min,
+        reference_parity=reference_parity,
+      )
+      return jnp.where(frozen, a_old, result.assignment), result.pmf, result.lam
 
-        reassigned = _map(reassign, latent, centroids, state.assignment)
-        is_triple = lambda x: isinstance(x, tuple) and len(x) == 3 and not _is_masked(x)
-        pick = lambda i: jax.tree.map(
-            lambda m: m if _is_masked(m) else m[i],
-            reassigned,
-            is_leaf=lambda x: is_triple(x) or _is_masked(x),
-        )
-        assignment, pmf, lam = pick(0), pick(1), pick(2)
+    reassigned = _map(reassign, latent, centroids, state.assignment)
+    is_triple = lambda x: isinstance(x, tuple) and len(x) == 3 and not _is_masked(x)
+    pick = lambda i: jax.tree.map(
+      lambda m: m if _is_masked(m) else m[i],
+      reassigned,
+      is_leaf=lambda x: is_triple(x) or _is_masked(x),
+    )
+    assignment, pmf, lam = pick(0), pick(1), pick(2)
 
-        # 6. The new kernel, reached exactly by `optax.apply_updates`.
-        new_updates = _map(
-            lambda p, a, c, w: ternary.exact_update(p, kernel(a, c, w, p.dtype)),
-            params,
-            assignment,
-            centroids,
-            latent,
-        )
-        if prune:
-            # Kept weights hold exactly what `p + u` produces; store that as latent.
-            latent = _map(
-                lambda w, a, p, u: jnp.where(a == ternary.ZERO, w, (p + u).astype(w.dtype)),
-                latent,
-                assignment,
-                params,
-                new_updates,
-            )
-        new_state = state_cls(
-            count=optax.safe_increment(count),
-            latent=latent,
-            centroids=centroids,
-            centroid_latent=centroid_latent,
-            assignment=assignment,
-            pmf=pmf,
-            lam=lam,
-            latent_opt_state=lat_opt_state,
-            centroid_opt_state=c_opt_state,
-        )
-        return new_updates, new_state
+    # 6. The new kernel, reached exactly by `optax.apply_updates`.
+    new_updates = _map(
+      lambda p, a, c, w: ternary.exact_update(p, kernel(a, c, w, p.dtype)),
+      params,
+      assignment,
+      centroids,
+      latent,
+    )
+    if prune:
+      # Kept weights hold exactly what `p + u` produces; store that as latent.
+      latent = _map(
+        lambda w, a, p, u: jnp.where(a == ternary.ZERO, w, (p + u).astype(w.dtype)),
+        latent,
+        assignment,
+        params,
+        new_updates,
+      )
+    new_state = state_cls(
+      count=optax.safe_increment(count),
+      latent=latent,
+      centroids=centroids,
+      centroid_latent=centroid_latent,
+      assignment=assignment,
+      pmf=pmf,
+      lam=lam,
+      latent_opt_state=lat_opt_state,
+      centroid_opt_state=c_opt_state,
+    )
+    return new_updates, new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def ternary_training(
-    *,
-    gamma: jax.typing.ArrayLike = 0.15,
-    init_scale: jax.typing.ArrayLike = 0.3,
-    sustain: jax.typing.ArrayLike = 0.05,
-    p0_min: jax.typing.ArrayLike = 0.5,
-    centroid_floor_std: jax.typing.ArrayLike = 0.675,
-    latent_optimizer: optax.GradientTransformation | None = None,
-    centroid_optimizer: optax.GradientTransformation | None = None,
-    freeze_assignment_at: jax.typing.ArrayLike | None = None,
-    reset_centroid_optimizer_at_freeze: bool = True,
-    reference_parity: bool = False,
+  *,
+  gamma: jax.typing.ArrayLike = 0.15,
+  init_scale: jax.typing.ArrayLike = 0.3,
+  sustain: jax.typing.ArrayLike = 0.05,
+  p0_min: jax.typing.ArrayLike = 0.5,
+  centroid_floor_std: jax.typing.ArrayLike = 0.675,
+  latent_optimizer: optax.GradientTransformation | None = None,
+  centroid_optimizer: optax.GradientTransformation | None = None,
+  freeze_assignment_at: jax.typing.ArrayLike | None = None,
+  reset_centroid_optimizer_at_freeze: bool = True,
+  reference_parity: bool = False,
 ) -> optax.GradientTransformation:
-    """Trains every leaf it is given into a ternary kernel `{-w_n, 0, +w_p}` (EC2T).
+  """Trains every leaf it is given into a ternary kernel `{-w_n, 0, +w_p}` (EC2T).
 
-    One update (SPEC §3) maps `G = ∂L/∂q` to the latent weights
-    (`w_p·A·G + w_n·B·G + Z·G`) and the centroids (`Σ A·G`, `−Σ B·G`), steps
-    both with their optimizers, raises both centroids to at least
-    `centroid_floor_std · std(W)`, re-assigns every weight with
+  One update (SPEC §3) maps `G = ∂L/∂q` to the latent weights
+  (`w_p·A·G + w_n·B·G + Z·G`) and the centroids (`Σ A·G`, `−Σ B·G`), steps
+  both with their optimizers, raises both centroids to at least
+  `centroid_floor_std · std(W)`, re-assigns every weight with
 
-      a = argmin_c (W − c)² + γ·δ_l·Λ_max·I_c      (SPEC §4)
+    a = argmin_c (W − c)² + γ·δ_l·Λ_max·I_c      (SPEC §4)
 
-    and returns the update that turns each params leaf into the new ternary
-    kernel *exactly* under `optax.apply_updates`. From step
-    `freeze_assignment_at` on, the assignment and latent weights stay fixed and
-    only the centroids train (SPEC §5).
+  and returns the update that turns each params leaf into the new ternary
+  kernel *exactly* under `optax.apply_updates`. From step
+  `freeze_assignment_at` on, the assignment and latent weights stay fixed and
+  only the centroids train (SPEC §5).
 
-    Use it under `optax.partition` so that it sees only the leaves to ternarize,
-    or call `ec2t_jax.ec2t`, which does that.
+  Use it under `optax.partition` so that it sees only the leaves to ternarize,
+  or call `ec2t_jax.ec2t`, which does that.
 
-    Args:
-      gamma: entropy gain `γ >= 0` (the original's `--lambda-max-divrs`); 0 is
-        plain nearest-neighbour ternarization.
-      init_scale: `s > 0`, initial centroids `s·|max W|`, `s·|min W|`.
-      sustain: `ς`, keeps small layers from losing the entropy term entirely.
-      p0_min: floor of the zero cluster's probability in the entropy term.
-      centroid_floor_std: both centroids stay >= this times `std(W)`.
-      latent_optimizer: optimizer of the latent weights (default Adam, 1e-4).
-      centroid_optimizer: optimizer of the centroids (default Adam, 1e-5).
-      freeze_assignment_at: first step of the frozen-assignment phase, or None.
-      reset_centroid_optimizer_at_freeze: restart the centroid optimizer's state
-        at the switch, as the original does.
-      reference_parity: reproduce the original's quirks (the `w_n` gradient sign
-        and the probability-floor arithmetic) instead of the correct math.
+  Args:
+    gamma: entropy gain `γ >= 0` (the original's `--lambda-max-divrs`); 0 is
+      plain nearest-neighbour ternarization.
+    init_scale: `s > 0`, initial centroids `s·|max W|`, `s·|min W|`.
+    sustain: `ς`, keeps small layers from losing the entropy term entirely.
+    p0_min: floor of the zero cluster's probability in the entropy term.
+    centroid_floor_std: both centroids stay >= this times `std(W)`.
+    latent_optimizer: optimizer of the latent weights (default Adam, 1e-4).
+    centroid_optimizer: optimizer of the centroids (default Adam, 1e-5).
+    freeze_assignment_at: first step of the frozen-assignment phase, or None.
+    reset_centroid_optimizer_at_freeze: restart the centroid optimizer's state
+      at the switch, as the original does.
+    reference_parity: reproduce the original's quirks (the `w_n` gradient sign
+      and the probability-floor arithmetic) instead of the correct math.
 
-    Returns:
-      An `optax.GradientTransformation` whose state is a `TernaryTrainingState`.
+  Returns:
+    An `optax.GradientTransformation` whose state is a `TernaryTrainingState`.
 
-    Example:
-      >>> params = {'kernel': jnp.linspace(-1., 1., 12).reshape(3, 4)}
-      >>> tx = ternary_training(gamma=0.0)
-      >>> state = tx.init(params)
-      >>> int(state.assignment['kernel'].max())
-      2
-    """
-    return _compression(
-        prune=False,
-        gamma=gamma,
-        init_scale=init_scale,
-        sustain=sustain,
-        p0_min=p0_min,
-        centroid_floor_std=centroid_floor_std,
-        latent_optimizer=latent_optimizer or optax.adam(1e-4),
-        centroid_optimizer=centroid_optimizer or optax.adam(1e-5),
-        freeze_assignment_at=freeze_assignment_at,
-        reset_centroid_optimizer_at_freeze=reset_centroid_optimizer_at_freeze,
-        reference_parity=reference_parity,
-    )
+  Example:
+    >>> params = {'kernel': jnp.linspace(-1., 1., 12).reshape(3, 4)}
+    >>> tx = ternary_training(gamma=0.0)
+    >>> state = tx.init(params)
+    >>> int(state.assignment['kernel'].max())
+    2
+  """
+  return _compression(
+    prune=False,
+    gamma=gamma,
+    init_scale=init_scale,
+    sustain=sustain,
+    p0_min=p0_min,
+    centroid_floor_std=centroid_floor_std,
+    latent_optimizer=latent_optimizer or optax.adam(1e-4),
+    centroid_optimizer=centroid_optimizer or optax.adam(1e-5),
+    freeze_assignment_at=freeze_assignment_at,
+    reset_centroid_optimizer_at_freeze=reset_centroid_optimizer_at_freeze,
+    reference_parity=reference_parity,
+  )
 
 
 def entropy_constrained_pruning(
-    *,
-    gamma: jax.typing.ArrayLike = 0.15,
-    init_scale: jax.typing.ArrayLike = 0.3,
-    sustain: jax.typing.ArrayLike = 0.05,
-    p0_min: jax.typing.ArrayLike = 0.5,
-    centroid_floor_std: jax.typing.ArrayLike = 0.675,
-    latent_optimizer: optax.GradientTransformation | None = None,
-    centroid_optimizer: optax.GradientTransformation | None = None,
-    freeze_assignment_at: jax.typing.ArrayLike | None = None,
-    reset_centroid_optimizer_at_freeze: bool = True,
-    reference_parity: bool = False,
+  *,
+  gamma: jax.typing.ArrayLike = 0.15,
+  init_scale: jax.typing.ArrayLike = 0.3,
+  sustain: jax.typing.ArrayLike = 0.05,
+  p0_min: jax.typing.ArrayLike = 0.5,
+  centroid_floor_std: jax.typing.ArrayLike = 0.675,
+  latent_optimizer: optax.GradientTransformation | None = None,
+  centroid_optimizer: optax.GradientTransformation | None = None,
+  freeze_assignment_at: jax.typing.ArrayLike | None = None,
+  reset_centroid_optimizer_at_freeze: bool = True,
+  reference_parity: bool = False,
 ) -> optax.GradientTransformation:
-    """Entropy-constrained pruning (ECP, SPEC §6) of every leaf it is given.
+  """Entropy-constrained pruning (ECP, SPEC §6) of every leaf it is given.
 
-    The centroids, probabilities, λ and argmin are those of `ternary_training`,
-    but kept weights stay full precision: `q = (A + B)·W`, exact zeros where the
-    assignment is 1. Arguments as in `ternary_training`.
+  The centroids, probabilities, λ and argmin are those of `ternary_training`,
+  but kept weights stay full precision: `q = (A + B)·W`, exact zeros where the
+  assignment is 1. Arguments as in `ternary_training`.
 
-    Returns:
-      An `optax.GradientTransformation` whose state is an
-      `EntropyConstrainedPruningState`.
-    """
-    return _compression(
-        prune=True,
-        gamma=gamma,
-        init_scale=init_scale,
-        sustain=sustain,
-        p0_min=p0_min,
-        centroid_floor_std=centroid_floor_std,
-        latent_optimizer=latent_optimizer or optax.adam(1e-4),
-        centroid_optimizer=centroid_optimizer or optax.adam(1e-5),
-        freeze_assignment_at=freeze_assignment_at,
-        reset_centroid_optimizer_at_freeze=reset_centroid_optimizer_at_freeze,
-        reference_parity=reference_parity,
-    )
+  Returns:
+    An `optax.GradientTransformation` whose state is an
+    `EntropyConstrainedPruningState`.
+  """
+  return _compression(
+    prune=True,
+    gamma=gamma,
+    init_scale=init_scale,
+    sustain=sustain,
+    p0_min=p0_min,
+    centroid_floor_std=centroid_floor_std,
+    latent_optimizer=latent_optimizer or optax.adam(1e-4),
+    centroid_optimizer=centroid_optimizer or optax.adam(1e-5),
+    freeze_assignment_at=freeze_assignment_at,
+    reset_centroid_optimizer_at_freeze=reset_centroid_optimizer_at_freeze,
+    reference_parity=reference_parity,
+  )
 
 
 def reset_at_step(
-    inner: optax.GradientTransformation, step: jax.typing.ArrayLike | None
+  inner: optax.GradientTransformation, step: jax.typing.ArrayLike | None
 ) -> optax.GradientTransformation:
-    """Restarts `inner`'s state (as `inner.init(params)`) right before update number `step`.
+  """Restarts `inner`'s state (as `inner.init(params)`) right before update number `step`.
 
-    With `step=None` this is `inner` with a step counter. The switch happens
-    inside `jit` (no recompilation), as the original's fresh Adam states at the
-    start of the frozen phase.
+  With `step=None` this is `inner` with a step counter. The switch happens
+  inside `jit` (no recompilation), as the original's fresh Adam states at the
+  start of the frozen phase.
 
-    Args:
-      inner: the transformation to restart.
-      step: the 0-based update index at which to restart, or None.
+  Args:
+    inner: the transformation to restart.
+    step: the 0-based update index at which to restart, or None.
 
-    Returns:
-      An `optax.GradientTransformation` with a `ResetAtStepState`.
-    """
-    if isinstance(step, (int, float)) and step < 0:
-        raise ValueError(f'step must be >= 0 or None, got {step}')
+  Returns:
+    An `optax.GradientTransformation` with a `ResetAtStepState`.
+  """
+  if isinstance(step, (int, float)) and step < 0:
+    raise ValueError(f'step must be >= 0 or None, got {step}')
 
-    def init_fn(params):
-        return ResetAtStepState(jnp.zeros((), jnp.int32), inner.init(params))
+  def init_fn(params):
+    return ResetAtStepState(jnp.zeros((), jnp.int32), inner.init(params))
 
-    def update_fn(updates, state, params=None):
-        inner_state = state.inner_state
-        if step is not None:
-            fresh = inner.init(params if params is not None else updates)
-            at = state.count == jnp.asarray(step, jnp.int32)
-            inner_state = jax.tree.map(lambda f, o: jnp.where(at, f, o), fresh, inner_state)
-        new_updates, inner_state = inner.update(updates, inner_state, params)
-        return new_updates, ResetAtStepState(optax.safe_increment(state.count), inner_state)
+  def update_fn(updates, state, params=None):
+    inner_state = state.inner_state
+    if step is not None:
+      fresh = inner.init(params if params is not None else updates)
+      at = state.count == jnp.asarray(step, jnp.int32)
+      inner_state = jax.tree.map(lambda f, o: jnp.where(at, f, o), fresh, inner_state)
+    new_updates, inner_state = inner.update(updates, inner_state, params)
+    return new_updates, ResetAtStepState(optax.safe_increment(state.count), inner_state)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)
