@@ -1,0 +1,695 @@
+"""grain input pipelines: per-recipe augmentation, sharding, padding, checkpointable.
+
+`create_split` turns a random-access source (`ec2t_jax.datasets.get_data_source`)
+into an iterator of numpy batches
+
+  {'image': float32 (B, H, W, C), normalized, 'label': int32 (B,)}
+
+(+ 'mask': bool (B,) for evaluation), built from a `grain.DataLoader` with an
+`IndexSampler`, so that
+
+* the order and every random augmentation are a pure function of `seed` and
+  the record's position in the sampler: the same seed gives the same batches,
+  whatever the number of reading threads. With worker processes
+  (`worker_count > 0`) every record still gets the same augmentation, but
+  each worker batches its own records, so the batch sequence depends on
+  `worker_count`, and a saved state restores only with the same
+  `worker_count`. (grain's workers read absl flags: run under `absl.app`.);
+* each JAX process reads a disjoint shard (`shard_index`/`shard_count`);
+* the iterator's position can be saved and restored: `it.get_state()` returns
+  bytes, `it.set_state(state)` on a freshly created iterator with the same
+  arguments resumes with the identical next batches (the trainer stores the
+  bytes with orbax).
+
+Augmentations are numpy (and PIL for ImageNet) grain transforms, per recipe:
+
+* mnist: none; normalize with mean 0.1307, std 0.3081.
+* cifar10 / cifar100 (SPEC §8): random crop of the 4-pixel zero-padded image,
+  horizontal flip, colour jitter (brightness, contrast, saturation 0.3, hue
+  0.075, in a random order as torchvision does), Cutout of one 16x16 hole
+  (DeVries & Taylor 2017, arXiv:1708.04552), per-channel normalization.
+* imagenet2012: train random-resized crop (scale 0.08-1, ratio 3/4-4/3) and
+  flip; eval resize of the shorter side to `image_size / 0.875` and central
+  crop; ImageNet mean/std normalization.
+
+The validation set is held out from the 'train' split by index (`split_indices`):
+train and validation pipelines read the same source through disjoint index sets.
+
+Example:
+  >>> source = datasets.get_data_source('cifar10', 'train')
+  >>> train_idx, val_idx = split_indices(len(source), 5000)
+  >>> it = create_split(source, batch_size=128, train=True, seed=0,
+  ...                   dataset='cifar10', indices=train_idx)
+  >>> batch = next(it)  # {'image': (128, 32, 32, 3) float32, 'label': (128,) int32}
+  >>> state = it.get_state()  # bytes, for the checkpoint
+"""
+
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import PIL.Image
+
+from ec2t_jax import datasets
+
+# Per-channel mean and std of pixel values scaled to [0, 1].
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+  'mnist': ((0.1307,), (0.3081,)),
+  'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+  'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+  'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+DEFAULT_IMAGENET_SIZE = 224
+IMAGENET_CROP_FRACTION = 0.875
+
+# ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+# RGB -> YIQ (FCC NTSC); the hue rotation is a rotation of the (I, Q) plane.
+_RGB_TO_YIQ = np.array(
+  [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float64
+)
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+_HUE_A0, _HUE_A1, _HUE_A2 = (
+  (_YIQ_TO_RGB @ np.array(m, np.float64) @ _RGB_TO_YIQ).astype(np.float32)
+  for m in (
+    [[1, 0, 0], [0, 0, 0], [0, 0, 0]],
+    [[0, 0, 0], [0, 1, 0], [0, 0, 1]],
+    [[0, 0, 0], [0, 0, -1], [0, 1, 0]],
+  )
+)
+
+
+# ----------------------------------------------------------------------------
+# Indices: validation hold-out and the padded, masked evaluation source.
+# ----------------------------------------------------------------------------
+
+
+def split_indices(num_train: int, validation_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Splits the 'train' split's record indices into training and validation.
+
+  The validation set is the *last* `validation_size` records (for the
+  embedded MNIST, the last records of MNIST's original order; for tfds
+  datasets, of tfds' fixed on-disk order), so it never changes with the seed.
+
+  Args:
+    num_train: number of records of the 'train' split.
+    validation_size: number held out, `0 <= validation_size < num_train`
+      (see `DatasetSpec.validation_size` for the recipes' values).
+
+  Returns:
+    `(train_indices, validation_indices)`, int64 arrays, disjoint, covering
+    `range(num_train)`.
+
+  Example:
+    >>> split_indices(10, 3)
+    (array([0, 1, 2, 3, 4, 5, 6]), array([7, 8, 9]))
+  """
+  if num_train <= 0:
+    raise ValueError(f'num_train must be > 0, got {num_train}')
+  if not 0 <= validation_size < num_train:
+    raise ValueError(
+      f'validation_size must be in [0, num_train={num_train}), got {validation_size}'
+    )
+  cut = num_train - validation_size
+  return np.arange(cut, dtype=np.int64), np.arange(cut, num_train, dtype=np.int64)
+
+
+class IndexedSource:
+  """A view of a random-access source through an index array, optionally padded.
+
+  `source[i]` returns the record `data_source[indices[i]]`. With `pad_to`,
+  the view is extended to `pad_to` records by repeating the first one, and
+  every record gets a 'mask' field: True for real records, False for padding.
+
+  Its `repr` is stable (no object addresses, a digest of the indices), as
+  grain checks it when an iterator state is restored.
+  """
+
+  def __init__(
+    self,
+    data_source: Any,
+    indices: Sequence[int] | np.ndarray | None = None,
+    *,
+    pad_to: int | None = None,
+  ):
+    self._source = data_source
+    if indices is None:
+      indices = np.arange(len(data_source), dtype=np.int64)
+    self._indices = np.asarray(indices, np.int64)
+    if self._indices.ndim != 1:
+      raise ValueError(f'indices must be 1-D, got shape {self._indices.shape}')
+    if self._indices.size and (self._indices.min() < 0 or self._indices.max() >= len(data_source)):
+      raise ValueError(
+        f'indices must lie in [0, {len(data_source)}), got range '
+        f'[{self._indices.min()}, {self._indices.max()}]'
+      )
+    if pad_to is not None and pad_to < self._indices.size:
+      raise ValueError(f'pad_to={pad_to} is smaller than len(indices)={self._indices.size}')
+    if pad_to is not None and pad_to > 0 and self._indices.size == 0:
+      raise ValueError('cannot pad an empty index set')
+    self._pad_to = pad_to
+    self._num_real = self._indices.size
+    digest = hashlib.sha1(self._indices.tobytes()).hexdigest()[:12]
+    source_repr = repr(data_source)
+    if ' at 0x' in source_repr or len(source_repr) > 200:  # not stable or not short
+      source_repr = type(data_source).__name__
+    self._repr = (
+      f'IndexedSource(source={source_repr}, '
+      f'num_real={self._num_real}, pad_to={pad_to}, indices_sha1={digest})'
+    )
+
+  def __len__(self) -> int:
+    return self._num_real if self._pad_to is None else self._pad_to
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f'index {index} out of range [0, {len(self)})')
+    real = index < self._num_real
+    record = dict(self._source[int(self._indices[index if real else 0])])
+    if self._pad_to is not None:
+      record['mask'] = real
+    return record
+
+  def __repr__(self) -> str:
+    return self._repr
+
+
+# ----------------------------------------------------------------------------
+# Per-example transforms (numpy / PIL; uint8 HWC in, uint8 or float32 out).
+# ----------------------------------------------------------------------------
+
+
+class SelectFeatures(grain.transforms.Map):
+  """Keeps 'image' (as a uint8 HWC array), 'label' and, if present, 'mask'."""
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    image = np.asarray(element['image'])
+    if image.ndim == 2:
+      image = image[..., None]
+    out = {'image': image, 'label': element['label']}
+    if 'mask' in element:
+      out['mask'] = element['mask']
+    return out
+
+
+class RandomCropFlip(grain.transforms.RandomMap):
+  """Random crop of the zero-padded image, then a horizontal flip with probability 1/2.
+
+  Equivalent to torchvision's `RandomCrop(size, padding=pad)` followed by
+  `RandomHorizontalFlip()`: the crop offset is uniform in `[0, 2 * pad]` on
+  each axis of the image padded with `pad` black pixels on every side.
+  """
+
+  def __init__(self, pad: int = 4, flip: bool = True):
+    if pad < 0:
+      raise ValueError(f'pad must be >= 0, got {pad}')
+    self.pad = pad
+    self.flip = flip
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    image = element['image']
+    h, w, _ = image.shape
+    p = self.pad
+    # One call for all draws: a Generator call costs microseconds.
+    u = rng.random(3)
+    dy, dx = int(u[0] * (2 * p + 1)), int(u[1] * (2 * p + 1))
+    # The part of the padded canvas that the crop sees is copied from the image.
+    out = np.zeros_like(image)
+    y0, x0 = dy - p, dx - p  # crop origin in image coordinates
+    sy0, sy1 = max(y0, 0), min(y0 + h, h)
+    sx0, sx1 = max(x0, 0), min(x0 + w, w)
+    out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
+    if self.flip and u[2] < 0.5:
+      out = out[:, ::-1]
+    return {**element, 'image': np.ascontiguousarray(out)}
+
+
+class ColorJitter(grain.transforms.RandomMap):
+  """Random brightness, contrast, saturation and hue, in a random order.
+
+  The factors are drawn as in torchvision's `ColorJitter`: brightness,
+  contrast and saturation factors uniform in `[max(0, 1 - s), 1 + s]`, hue
+  shift uniform in `[-hue, hue]` (fraction of a full turn), applied in a
+  random permutation, each followed by clipping to [0, 1]:
+
+    brightness  x ← b·x
+    contrast    x ← c·x + (1 − c)·mean(gray(x))
+    saturation  x ← s·x + (1 − s)·gray(x)
+    hue         x ← YIQ⁻¹ · R(2π·h) · YIQ · x
+
+  Hue is approximated by a rotation of the chroma plane (I, Q) of the YIQ
+  colour space, one 3x3 matrix product per pixel, instead of torchvision's
+  exact RGB → HSV → RGB round trip; both keep the luma and turn the hue by
+  the same angle, and they differ slightly in saturation for strongly
+  saturated colours, which is immaterial for a ±27° augmentation.
+
+  Input uint8 (or float in [0, 1]); output float32 in [0, 1].
+  """
+
+  def __init__(
+    self,
+    brightness: float = 0.3,
+    contrast: float = 0.3,
+    saturation: float = 0.3,
+    hue: float = 0.075,
+  ):
+    for name, value in (
+      ('brightness', brightness),
+      ('contrast', contrast),
+      ('saturation', saturation),
+    ):
+      if value < 0:
+        raise ValueError(f'{name} must be >= 0, got {value}')
+    if not 0 <= hue <= 0.5:
+      raise ValueError(f'hue must be in [0, 0.5], got {hue}')
+    self.brightness = brightness
+    self.contrast = contrast
+    self.saturation = saturation
+    self.hue = hue
+
+  @staticmethod
+  def _factor(u: float, strength: float) -> float:
+    low = max(0.0, 1.0 - strength)
+    return low + (1.0 + strength - low) * u
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    x = _to_unit_float(element['image'])
+    if x.shape[-1] != 3:
+      raise ValueError(f'ColorJitter needs RGB images, got shape {x.shape}')
+    u = rng.random(8).tolist()
+    order = sorted(range(4), key=u.__getitem__)  # a uniform random permutation
+    b = self._factor(u[4], self.brightness)
+    c = self._factor(u[5], self.contrast)
+    s = self._factor(u[6], self.saturation)
+    h = self.hue * (2.0 * u[7] - 1.0)
+    for op in order:
+      if op == 0 and self.brightness:
+        x *= b
+      elif op == 1 and self.contrast:
+        mean = float((x @ _LUMA).mean())
+        x *= c
+        x += (1.0 - c) * mean
+      elif op == 2 and self.saturation:
+        gray = (x @ _LUMA)[..., None]
+        x *= s
+        x += (1.0 - s) * gray
+      elif op == 3 and self.hue:
+        x = x @ _hue_matrix(h).T
+      else:
+        continue
+      np.clip(x, 0.0, 1.0, out=x)
+    return {**element, 'image': x}
+
+
+def _hue_matrix(turns: float) -> np.ndarray:
+  """RGB → RGB matrix rotating the hue by `turns` of a full circle (via YIQ).
+
+  `YIQ⁻¹ · R(θ) · YIQ` with `R(θ)` the rotation of the (I, Q) plane, expanded
+  as `A0 + cos θ · A1 + sin θ · A2` with precomputed matrices.
+  """
+  theta = 2.0 * math.pi * turns
+  return _HUE_A0 + math.cos(theta) * _HUE_A1 + math.sin(theta) * _HUE_A2
+
+
+def _to_unit_float(image: np.ndarray) -> np.ndarray:
+  if image.dtype == np.uint8:
+    return image.astype(np.float32) * np.float32(1.0 / 255.0)
+  return np.array(image, np.float32)
+
+
+class Cutout(grain.transforms.RandomMap):
+  """Fills one `size` x `size` square, centre uniform in the image, clipped at the borders.
+
+  The original (DeVries & Taylor 2017) zeroes the hole *after*
+  normalization, i.e. fills it with the dataset mean; `fill` (per channel,
+  on the [0, 1] scale) reproduces that before normalization.
+
+  Input float32 in [0, 1] (or uint8, converted); output float32.
+  """
+
+  def __init__(self, size: int = 16, fill: Sequence[float] = (0.0,)):
+    if size < 0:
+      raise ValueError(f'size must be >= 0, got {size}')
+    self.size = size
+    self.fill = np.asarray(fill, np.float32)
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    x = _to_unit_float(element['image'])
+    h, w = x.shape[:2]
+    u = rng.random(2)
+    cy, cx = int(u[0] * h), int(u[1] * w)
+    half = self.size // 2
+    y0, y1 = max(cy - half, 0), min(cy - half + self.size, h)
+    x0, x1 = max(cx - half, 0), min(cx - half + self.size, w)
+    x[y0:y1, x0:x1] = self.fill
+    return {**element, 'image': x}
+
+
+class RandomResizedCrop(grain.transforms.RandomMap):
+  """Inception-style random crop resized to `size` x `size`, then a random flip.
+
+  The crop's area is a fraction `U(scale)` of the image and its aspect ratio
+  `exp(U(log ratio))`; up to 10 draws, else the central crop with the ratio
+  clamped to `ratio` (the rule of torchvision's `RandomResizedCrop`).
+  Resampling is PIL bilinear (antialiased when shrinking).
+  """
+
+  def __init__(
+    self,
+    size: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+  ):
+    if size <= 0:
+      raise ValueError(f'size must be > 0, got {size}')
+    if not 0 < scale[0] <= scale[1] <= 1:
+      raise ValueError(f'scale must satisfy 0 < min <= max <= 1, got {scale}')
+    if not 0 < ratio[0] <= ratio[1]:
+      raise ValueError(f'ratio must satisfy 0 < min <= max, got {ratio}')
+    self.size = size
+    self.scale = scale
+    self.ratio = ratio
+    self.flip = flip
+
+  def _box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    area = height * width
+    log_ratio = np.log(self.ratio)
+    for _ in range(10):
+      target = area * rng.uniform(*self.scale)
+      aspect = np.exp(rng.uniform(*log_ratio))
+      w = int(round(np.sqrt(target * aspect)))
+      h = int(round(np.sqrt(target / aspect)))
+      if 0 < w <= width and 0 < h <= height:
+        top = int(rng.integers(0, height - h + 1))
+        left = int(rng.integers(0, width - w + 1))
+        return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < self.ratio[0]:
+      w, h = width, int(round(width / self.ratio[0]))
+    elif in_ratio > self.ratio[1]:
+      w, h = int(round(height * self.ratio[1])), height
+    else:
+      w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    image = element['image']
+    box = self._box(image.shape[0], image.shape[1], rng)
+    out = _pil_resize(image, (self.size, self.size), box)
+    if self.flip and rng.random() < 0.5:
+      out = np.ascontiguousarray(out[:, ::-1])
+    return {**element, 'image': out}
+
+
+class ResizeCenterCrop(grain.transforms.Map):
+  """Resizes the shorter side to `round(size / crop_fraction)` and takes the central `size` crop.
+
+  The standard ImageNet evaluation transform (`Resize(256)`, `CenterCrop(224)`
+  for `size=224`), done as one PIL bilinear resize of the corresponding box.
+  """
+
+  def __init__(self, size: int, crop_fraction: float = IMAGENET_CROP_FRACTION):
+    if size <= 0:
+      raise ValueError(f'size must be > 0, got {size}')
+    if not 0 < crop_fraction <= 1:
+      raise ValueError(f'crop_fraction must be in (0, 1], got {crop_fraction}')
+    self.size = size
+    self.crop_fraction = crop_fraction
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    image = element['image']
+    height, width = image.shape[:2]
+    short = round(self.size / self.crop_fraction)
+    # Scale of the resize that brings the shorter side to `short`; the
+    # central `size` square of the result, mapped back to the input.
+    scale = short / min(height, width)
+    crop = self.size / scale
+    left = (width - crop) / 2
+    top = (height - crop) / 2
+    box = (left, top, left + crop, top + crop)
+    return {**element, 'image': _pil_resize(image, (self.size, self.size), box)}
+
+
+def _pil_resize(image: np.ndarray, size: tuple[int, int], box: tuple[float, ...]) -> np.ndarray:
+  """Bilinear resize of the `box` (left, top, right, bottom) of a uint8 HWC image."""
+  squeeze = image.shape[-1] == 1
+  pil = PIL.Image.fromarray(image[..., 0] if squeeze else image)
+  out = np.asarray(pil.resize(size, PIL.Image.Resampling.BILINEAR, box=box))
+  return out[..., None] if squeeze else out
+
+
+class NormalizeBatch(grain.transforms.Map):
+  """Batch-level: image → float32 `(x − mean) / std` on the [0, 1] scale, label → int32.
+
+  uint8 images are divided by 255 first; float images are taken as already
+  on the [0, 1] scale. A 'mask' field is passed on as bool.
+  """
+
+  def __init__(self, mean: Sequence[float], std: Sequence[float]):
+    if any(s <= 0 for s in std):
+      raise ValueError(f'std must be > 0, got {std}')
+    self.mean = np.asarray(mean, np.float32)
+    self.std = np.asarray(std, np.float32)
+
+  def map(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    image = batch['image']
+    scale = np.float32(1.0 / 255.0) if image.dtype == np.uint8 else np.float32(1.0)
+    inv_std = np.float32(1.0) / self.std
+    x = image.astype(np.float32) * (scale * inv_std) - self.mean * inv_std
+    out = {'image': x, 'label': np.asarray(batch['label'], np.int32)}
+    if 'mask' in batch:
+      out['mask'] = np.asarray(batch['mask'], bool)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Recipes and the pipeline.
+# ----------------------------------------------------------------------------
+
+
+def preprocess_ops(
+  dataset: str, *, train: bool, augment: bool | None = None, image_size: int | None = None
+) -> list[grain.transforms.Map | grain.transforms.RandomMap]:
+  """The per-example transforms of a dataset's recipe (before batching).
+
+  Args:
+    dataset: a registered dataset name (see `ec2t_jax.datasets.DATASETS`).
+    train: training (`True`) or evaluation transforms.
+    augment: apply the random augmentations; defaults to `train`.
+    image_size: output side for ImageNet (default 224); for the fixed-size
+      datasets `None` or their native size.
+
+  Returns:
+    A list of grain transforms, uint8 HWC records in, images of the output
+    size out (uint8, or float32 in [0, 1] after colour transforms).
+
+  Raises:
+    ValueError: unknown dataset, or an `image_size` the recipe cannot give.
+  """
+  spec = datasets.get_spec(dataset)
+  augment = train if augment is None else augment
+  ops: list[Any] = [SelectFeatures()]
+  if spec.image_shape is not None:
+    if image_size not in (None, spec.image_shape[0]):
+      raise ValueError(
+        f'dataset {dataset!r} has fixed {spec.image_shape[0]}-pixel images; '
+        f'image_size must be None or {spec.image_shape[0]}, got {image_size}'
+      )
+  if dataset == 'mnist':
+    return ops
+  if dataset in ('cifar10', 'cifar100'):
+    if augment:
+      ops += [
+        RandomCropFlip(pad=4),
+        ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.075),
+        Cutout(size=16, fill=NORMALIZATION[dataset][0]),
+      ]
+    return ops
+  if dataset == 'imagenet2012':
+    size = DEFAULT_IMAGENET_SIZE if image_size is None else image_size
+    if augment:
+      ops.append(RandomResizedCrop(size))
+    else:
+      ops.append(ResizeCenterCrop(size))
+    return ops
+  raise ValueError(f'no preprocessing recipe for dataset {dataset!r}')  # pragma: no cover
+
+
+def num_batches(
+  num_records: int, *, batch_size: int, train: bool, shard_count: int | None = None
+) -> int:
+  """Batches per epoch and per process that `create_split` yields for `num_records` records.
+
+  Training drops the remainder (`(num_records // shard_count) // batch_size`);
+  evaluation pads (`ceil(num_records / (batch_size * shard_count))`).
+  """
+  shard_count = jax.process_count() if shard_count is None else shard_count
+  if train:
+    return (num_records // shard_count) // batch_size
+  return math.ceil(num_records / (batch_size * shard_count))
+
+
+def _has_random_ops(ops: Sequence[Any]) -> bool:
+  return any(isinstance(op, grain.transforms.RandomMap) for op in ops)
+
+
+class _Chain(grain.transforms.Map):
+  """Several per-example transforms as one grain operation (less per-record overhead)."""
+
+  def __init__(self, ops: Sequence[Any]):
+    self.ops = list(ops)
+
+  def map(self, element):
+    for op in self.ops:
+      element = op.map(element)
+    return element
+
+
+class _RandomChain(grain.transforms.RandomMap):
+  """As `_Chain`, with random transforms; they share the record's generator, in order.
+
+  grain hands every `RandomMap` of a pipeline the same per-record generator,
+  so chaining gives exactly the draws of the separate operations.
+  """
+
+  def __init__(self, ops: Sequence[Any]):
+    self.ops = list(ops)
+
+  def random_map(self, element, rng: np.random.Generator):
+    for op in self.ops:
+      if isinstance(op, grain.transforms.RandomMap):
+        element = op.random_map(element, rng)
+      else:
+        element = op.map(element)
+    return element
+
+
+def create_split(
+  data_source: Any,
+  *,
+  batch_size: int,
+  train: bool,
+  seed: int,
+  dataset: str = 'cifar10',
+  image_size: int | None = None,
+  indices: Sequence[int] | np.ndarray | None = None,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  num_epochs: int | None = None,
+  augment: bool | None = None,
+  worker_count: int = 0,
+  read_threads: int | None = None,
+  prefetch_buffer_size: int = 256,
+) -> grain.DataLoaderIterator:
+  """An iterator of batches of `data_source` with the recipe of `dataset`.
+
+  Training: records (of `indices`, default all) are shuffled every epoch
+  (seeded), augmented (if `augment`), batched with the remainder dropped,
+  and repeated `num_epochs` times (forever if `None`); batches run across
+  epoch boundaries. Evaluation: one pass in order, the record list padded to
+  a multiple of `batch_size * shard_count` so that every process yields the
+  same number of full batches and every real record appears exactly once
+  with `mask == True` (padding has `mask == False`).
+
+  Args:
+    data_source: random-access source, e.g. `datasets.get_data_source(...)`.
+    batch_size: examples per batch *of this process* (the global batch is
+      `batch_size * shard_count`).
+    train: training (shuffle, augment, drop remainder) or evaluation.
+    seed: non-negative 32-bit seed of the shuffle and the augmentations.
+    dataset: the recipe ('mnist', 'cifar10', 'cifar100', 'imagenet2012').
+    image_size: output size for ImageNet (default 224).
+    indices: the records of `data_source` to use (see `split_indices`).
+    shard_index: this process's shard; default `jax.process_index()`.
+    shard_count: number of shards; default `jax.process_count()`.
+    num_epochs: training epochs to yield (`None`: forever). Evaluation is
+      always one epoch.
+    augment: random augmentations on or off; defaults to `train`.
+    worker_count: grain worker processes (0: in this process).
+    read_threads: threads reading records (ahead of the transforms) in each
+      process; default 0 for an `InMemorySource` (threads only add GIL
+      contention there), else 8 (file reads and parsing).
+    prefetch_buffer_size: records read ahead per process.
+
+  Returns:
+    A `grain.DataLoaderIterator` of dicts 'image' float32 `(B, H, W, C)`,
+    'label' int32 `(B,)`, and for evaluation 'mask' bool `(B,)`. It has
+    `get_state() -> bytes` and `set_state(bytes)`.
+
+  Raises:
+    ValueError: bad sizes, seed, shard or epoch arguments, unknown dataset.
+
+  Example:
+    >>> it = create_split(source, batch_size=128, train=False, seed=0, dataset='mnist')
+    >>> for batch in it: ...  # batch['mask'] marks the real examples
+  """
+  if batch_size <= 0:
+    raise ValueError(f'batch_size must be > 0, got {batch_size}')
+  if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+    raise ValueError(f'seed must be an integer in [0, 2**32), got {seed!r}')
+  shard_index = jax.process_index() if shard_index is None else shard_index
+  shard_count = jax.process_count() if shard_count is None else shard_count
+  if shard_count <= 0 or not 0 <= shard_index < shard_count:
+    raise ValueError(
+      f'need 0 <= shard_index < shard_count, got shard_index={shard_index}, '
+      f'shard_count={shard_count}'
+    )
+  if num_epochs is not None and num_epochs <= 0:
+    raise ValueError(f'num_epochs must be None or > 0, got {num_epochs}')
+  if not train and num_epochs not in (None, 1):
+    raise ValueError(f'evaluation makes exactly one pass; got num_epochs={num_epochs}')
+  if read_threads is None:
+    read_threads = 0 if isinstance(data_source, datasets.InMemorySource) else 8
+  mean, std = NORMALIZATION[datasets.get_spec(dataset).name]
+  ops = preprocess_ops(dataset, train=train, augment=augment, image_size=image_size)
+
+  if train:
+    source = IndexedSource(data_source, indices)
+    if len(source) // shard_count < batch_size:
+      raise ValueError(
+        f'{len(source)} training records over {shard_count} shards cannot fill '
+        f'one batch of {batch_size}'
+      )
+  else:
+    num_real = len(data_source) if indices is None else len(indices)
+    if num_real == 0:
+      raise ValueError('cannot evaluate on an empty set of records')
+    global_batch = batch_size * shard_count
+    source = IndexedSource(
+      data_source, indices, pad_to=math.ceil(num_real / global_batch) * global_batch
+    )
+  # Equal shards: each process must run the same number of steps.
+  shard_options = grain.sharding.ShardOptions(
+    shard_index=int(shard_index), shard_count=int(shard_count), drop_remainder=True
+  )
+  sampler = grain.samplers.IndexSampler(
+    num_records=len(source),
+    shard_options=shard_options,
+    shuffle=train,
+    num_epochs=num_epochs if train else 1,
+    # Per-record generators cost ~10 µs each; only random transforms need them.
+    seed=int(seed) if train or _has_random_ops(ops) else None,
+  )
+  loader = grain.DataLoader(
+    data_source=source,
+    sampler=sampler,
+    operations=[
+      _RandomChain(ops) if _has_random_ops(ops) else _Chain(ops),
+      grain.transforms.Batch(batch_size=batch_size, drop_remainder=train),
+      NormalizeBatch(mean, std),
+    ],
+    worker_count=worker_count,
+    shard_options=shard_options,
+    read_options=grain.ReadOptions(
+      num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size
+    ),
+  )
+  return iter(loader)
