@@ -119,6 +119,8 @@ def ec2t(
     True
   """
   freeze = freeze_assignment_at
+  if isinstance(freeze, (int, float)) and freeze < 0:
+    raise ValueError(f'freeze_assignment_at must be >= 0 or None, got {freeze}')
   shared = dict(
     gamma=gamma,
     init_scale=init_scale,
@@ -142,4 +144,28 @@ def ec2t(
     parts[PRUNE] = transforms.entropy_constrained_pruning(
       latent_optimizer=latent_optimizer, centroid_optimizer=centroid_optimizer, **shared
     )
-  return optax.partition(parts, lambda params: param_labels(params, ternary_mask, prune_mask))
+  return optax.partition(parts, _cached_labels(ternary_mask, prune_mask))
+
+
+def _cached_labels(ternary_mask, prune_mask):
+  """A label function that resolves the masks once per params structure.
+
+  Mask functions may depend on the params dict's insertion order (the order
+  Flax created the layers), which JAX loses when it rebuilds a dict inside
+  `jit` (keys come back sorted). Resolving once, at `init`, and keying the
+  result by parameter path keeps `init` and every `update` consistent.
+  """
+  cache = {}
+
+  def labels(params):
+    named = masks_lib.named_leaves(params)
+    key = tuple(sorted((n, tuple(jnp.shape(x)), str(jnp.asarray(x).dtype)) for n, x in named))
+    if key not in cache:
+      resolved = param_labels(params, ternary_mask, prune_mask)
+      cache[key] = dict(zip([n for n, _ in named], jax.tree.leaves(resolved), strict=True))
+    by_path = cache[key]
+    return jax.tree_util.tree_map_with_path(
+      lambda path, _: by_path[masks_lib.path_str(path)], params
+    )
+
+  return labels

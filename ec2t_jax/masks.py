@@ -53,6 +53,43 @@ def _kernels_in_creation_order(params: Mapping[str, Any], prefix: str = '') -> l
   return out
 
 
+def call_order(model: Any, *args: Any, method: str = '__call__', **kwargs: Any) -> list[str]:
+  """Paths of the modules that own a `kernel`, in the order the forward pass calls them.
+
+  JAX rebuilds dicts with sorted keys, so after `jit` or `eval_shape` the
+  params no longer tell which layer comes first. This traces
+  `model.init(..., *args, **kwargs)` abstractly (no FLOPs, no memory) and records
+  the module call order, e.g. `['conv1', 'layer1_0/conv1', ..., 'linear']`.
+
+  Args:
+    model: a Flax linen module.
+    *args: example inputs (arrays or `jax.ShapeDtypeStruct`).
+    method: the module method to trace.
+    **kwargs: further keyword arguments of that method (e.g. `train=False`).
+
+  Returns:
+    Module paths, each once, in first-call order.
+  """
+  from flax import linen as nn  # Local import: masks.py itself needs no Flax.
+
+  order: list[str] = []
+
+  def record(next_fun, call_args, call_kwargs, context):
+    module = context.module
+    if context.method_name == '__call__' and module.path:
+      path = '/'.join(str(p) for p in module.path)
+      if path not in order:
+        order.append(path)
+    return next_fun(*call_args, **call_kwargs)
+
+  def init(rng):
+    with nn.intercept_methods(record):
+      return model.init(rng, *args, method=method, **kwargs)
+
+  jax.eval_shape(init, jax.random.key(0))
+  return order
+
+
 def from_paths(params: optax.Params, selected: Iterable[str]) -> optax.Params:
   """A bool mask that is True exactly at the given `'a/b/kernel'` paths.
 
@@ -90,6 +127,7 @@ def from_regex(params: optax.Params, include: str, exclude: str | None = None) -
 def default_ternary_mask(
   params: Mapping[str, Any],
   *,
+  order: list[str] | None = None,
   keep_first: bool = True,
   keep_last: bool = True,
   keep_pattern: str | None = r'(shortcut|downsample)',
@@ -104,6 +142,9 @@ def default_ternary_mask(
 
   Args:
     params: a Flax params dict (as returned by `model.init(...)['params']`).
+    order: module paths in forward order (`call_order(model, x)`); without it
+      the params dict's insertion order is used, which is right for params
+      straight from `model.init` but not after `jit` rebuilt the dict.
     keep_first: keep the first kernel in full precision.
     keep_last: keep the last kernel in full precision.
     keep_pattern: regex of kernel paths that stay full precision, or None.
@@ -112,6 +153,12 @@ def default_ternary_mask(
     A pytree of bools with the structure of `params`.
   """
   kernels = _kernels_in_creation_order(params)
+  if order is not None:
+    rank = {path: i for i, path in enumerate(order)}
+    missing = [k for k in kernels if k.rsplit('/', 1)[0] not in rank]
+    if missing:
+      raise ValueError(f'kernels {missing[:5]} are not in the given call order {order[:5]}...')
+    kernels = sorted(kernels, key=lambda k: rank[k.rsplit('/', 1)[0]])
   chosen = list(kernels)
   if keep_first and chosen:
     chosen = chosen[1:]

@@ -98,6 +98,19 @@ def _map(fn: Callable[..., Any], *trees: Any) -> Any:
   return jax.tree.map(f, *trees, is_leaf=_is_masked)
 
 
+def _unzip(tree: Any, n: int) -> tuple[Any, ...]:
+  """Splits a tree whose leaves are n-tuples into n trees (MaskedNode placeholders kept)."""
+  is_tuple = lambda x: isinstance(x, tuple) and len(x) == n and not _is_masked(x)
+  return tuple(
+    jax.tree.map(
+      lambda m, i=i: m if _is_masked(m) else m[i],
+      tree,
+      is_leaf=lambda x: is_tuple(x) or _is_masked(x),
+    )
+    for i in range(n)
+  )
+
+
 def _leaves(tree: Any) -> list[Any]:
   return [x for x in jax.tree.leaves(tree, is_leaf=_is_masked) if not _is_masked(x)]
 
@@ -120,7 +133,7 @@ def _check_scalar(name: str, value: Any, *, minimum: float, strict: bool) -> Non
   bad = value <= minimum if strict else value < minimum
   if bad or value != value:
     relation = '>' if strict else '>='
-    raise ValueError(f'{name} must be {relation} {minimum}, got {value}')
+    raise ValueError(f'{name} must be {relation} {minimum:g}, got {value}')
 
 
 def _compression(
@@ -193,17 +206,7 @@ def _compression(
       state.assignment,
       state.centroids,
     )
-    is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and not _is_masked(x)
-    latent_grads = jax.tree.map(
-      lambda m: m if _is_masked(m) else m[0],
-      mapped,
-      is_leaf=lambda x: is_pair(x) or _is_masked(x),
-    )
-    centroid_grads = jax.tree.map(
-      lambda m: m if _is_masked(m) else m[1],
-      mapped,
-      is_leaf=lambda x: is_pair(x) or _is_masked(x),
-    )
+    latent_grads, centroid_grads = _unzip(mapped, 2)
     latent_grads = _map(lambda g, w: g.astype(w.dtype), latent_grads, state.latent)
 
     # 2. Latent weights: their own optimizer; frozen in phase 2.
@@ -250,22 +253,20 @@ def _compression(
       return jnp.where(frozen, a_old, result.assignment), result.pmf, result.lam
 
     reassigned = _map(reassign, latent, centroids, state.assignment)
-    is_triple = lambda x: isinstance(x, tuple) and len(x) == 3 and not _is_masked(x)
-    pick = lambda i: jax.tree.map(
-      lambda m: m if _is_masked(m) else m[i],
-      reassigned,
-      is_leaf=lambda x: is_triple(x) or _is_masked(x),
-    )
-    assignment, pmf, lam = pick(0), pick(1), pick(2)
+    assignment, pmf, lam = _unzip(reassigned, 3)
 
     # 6. The new kernel, reached exactly by `optax.apply_updates`.
-    new_updates = _map(
-      lambda p, a, c, w: ternary.exact_update(p, kernel(a, c, w, p.dtype)),
-      params,
-      assignment,
-      centroids,
-      latent,
-    )
+    def reach(p, a, c, w):
+      q = kernel(a, c, w, p.dtype)
+      u = ternary.exact_update(p, q)
+      # A move that no float `u` can make exact (possible only when a centroid
+      # changes several-fold in one step) goes to zero instead: `p + (-p)` is
+      # exactly 0, and the assignment records it.
+      miss = (p + u) != q
+      return jnp.where(miss, -p, u), jnp.where(miss, ternary.ZERO, a).astype(a.dtype)
+
+    reached = _map(reach, params, assignment, centroids, latent)
+    new_updates, assignment = _unzip(reached, 2)
     if prune:
       # Kept weights hold exactly what `p + u` produces; store that as latent.
       latent = _map(
