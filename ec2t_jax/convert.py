@@ -155,7 +155,14 @@ def _flattened_dense_layout(channels: int, features: int) -> _Layout:
 class _Entry:
   """One variable: its PyTorch name, Flax location, Flax shape and layout."""
 
-  def __init__(self, torch_name, flat_key, shape, dtype, layout: _Layout):
+  def __init__(
+    self,
+    torch_name: str,
+    flat_key: tuple[str, ...],
+    shape: tuple[int, ...],
+    dtype: Any,
+    layout: _Layout,
+  ):
     self.torch_name = torch_name
     self.flat_key = flat_key  # (collection, *module_path, leaf)
     self.shape = tuple(shape)
