@@ -82,11 +82,11 @@ def call_order(model: Any, *args: Any, method: str = '__call__', **kwargs: Any) 
         order.append(path)
     return next_fun(*call_args, **call_kwargs)
 
-  def init(rng):
+  def init(rng, *inputs):
     with nn.intercept_methods(record):
-      return model.init(rng, *args, method=method, **kwargs)
+      return model.init(rng, *inputs, method=method, **kwargs)
 
-  jax.eval_shape(init, jax.random.key(0))
+  jax.eval_shape(init, jax.random.key(0), *args)
   return order
 
 

@@ -1,0 +1,45 @@
+"""Trains a network into a sparse ternary one with EC2T.
+
+    python main.py --config=configs/mnist.py --workdir=/tmp/ec2t_mnist
+    python main.py --config=configs/cifar10.py:resnet20 --workdir=... --config.ec2t.gamma=0.3
+
+Rerunning the same command with the same --workdir resumes the run.
+"""
+
+import logging
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from ec2t_jax import datasets, train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and summary.json.')
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
+  logging.getLogger().setLevel(logging.INFO)
+  logging.info(
+    'JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(), jax.process_count()
+  )
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    datasets.DatasetNotPreparedError,
+    train.NonFiniteError,
+  ) as e:
+    # One line that names the problem and the fix; no traceback for bad input.
+    sys.exit(f'error: {e}'.replace('\n', ' '))
+
+
+if __name__ == '__main__':
+  app.run(main)
