@@ -21,10 +21,20 @@ config_flags.DEFINE_config_file('config', None, 'Training configuration file.', 
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietLibraries(logging.Filter):
+  """Drops INFO chatter of orbax and tfds (every checkpoint save logs a dozen lines)."""
+
+  def filter(self, record):
+    noisy = ('/orbax/', '/tensorflow_datasets/', '/grain/', 'xla_bridge.py')
+    return record.levelno > logging.INFO or not any(n in record.pathname for n in noisy)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
   logging.getLogger().setLevel(logging.INFO)
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_QuietLibraries())
   logging.info(
     'JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(), jax.process_count()
   )

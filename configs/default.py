@@ -33,6 +33,7 @@ def get_config():
   config.seed = 0
   config.init_from = ''  # Pretrained variables: orbax dir (save_variables) or .pt/.pth.
   config.skip_nonfinite = False  # True: skip (and count) steps with NaN/inf instead of stopping.
+  config.num_devices = 0  # 0 = every device; n = the first n (one host only).
   config.distributed = False  # True: jax.distributed.initialize() (multi-host).
 
   # --- phase 0: full-precision training (0 epochs with init_from) ----------------------

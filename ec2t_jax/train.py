@@ -26,8 +26,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +70,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps'):
     if config.get(name) is not None and config[name] <= 0:
       raise ValueError(f'config.{name} must be > 0, got {config[name]}')
-  n = jax.device_count()
+  n = config.get('num_devices') or jax.device_count()
   if config.batch_size % n:
     raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the {n} devices')
   for phase in ('fp', 'ec2t'):
@@ -353,7 +353,15 @@ class _Run:
     self.image_shape = tuple(
       config.get('image_shape') or self.spec.image_shape or (config.image_size,) * 2 + (3,)
     )
-    self.mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+    devices = jax.devices()
+    if config.get('num_devices'):
+      if jax.process_count() > 1 or not 0 < config.num_devices <= len(devices):
+        raise ValueError(
+          f'config.num_devices must be in [1, {len(devices)}] on one host, got {config.num_devices}'
+        )
+      devices = devices[: config.num_devices]
+    self.devices = devices
+    self.mesh = jax.sharding.Mesh(np.array(devices), ('data',))
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.data_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec('data'))
     self.local_batch = config.batch_size // jax.process_count()
@@ -570,6 +578,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'data_iterator': base64.b64encode(train_iter.get_state()).decode('ascii'),
       'meta': meta,
       'phase': run.phase_of(step),
+      'steps_per_epoch': run.steps_per_epoch,
     }
     ckpt.save(step, _state_tree(state), extra)
     return extra
@@ -601,8 +610,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'progress/fraction': step / max(run.total_steps, 1),
     }
     if phase == FP:
-      lr = run.fp_tx and _schedule(config.fp, run.fp_steps)(step)
-      scalars['train/learning_rate'] = float(lr)
+      scalars['train/learning_rate'] = float(_schedule(config.fp, run.fp_steps)(step))
     else:
       scalars.update({f'ec2t/{k}': v for k, v in ec2t_jax.summarize(state.opt_state).items()})
     writer.write_scalars(step, scalars)
@@ -672,6 +680,85 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       json.dump(summary, f, indent=1, sort_keys=True)
   _print_summary(summary)
   return summary
+
+
+class Workdir(NamedTuple):
+  """A trained run read back from its workdir (see `load_workdir`)."""
+
+  config: ml_collections.ConfigDict
+  model: Any
+  variables: dict[str, Any]
+  opt_state: Any
+  step: int
+  ternary_mask: Any
+  prune_mask: Any
+  image_shape: tuple[int, ...]
+
+
+def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was started with (`workdir/config.json`)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{workdir!r} holds no config.json: is it a workdir of main.py?')
+  with open(path) as f:
+    flat = json.load(f)
+  nested: dict[str, Any] = {}
+  for key, value in flat.items():
+    node = nested
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  nested.setdefault('model_kwargs', {})
+  return ml_collections.ConfigDict(nested)
+
+
+def load_workdir(workdir: str, *, best: bool = False) -> Workdir:
+  """Reads the newest (or the best-by-validation) checkpoint of a run, without its dataset.
+
+  Args:
+    workdir: a directory written by `train_and_evaluate`.
+    best: read the best-by-validation checkpoint instead of the newest.
+
+  Returns:
+    A `Workdir` with the config, the linen module, `{'params', 'batch_stats'}`,
+    the optimizer state (EC2T state after the full-precision phase), the step,
+    and the compression masks.
+  """
+  config = config_from_workdir(workdir)
+  shapes_only = ml_collections.ConfigDict(config.to_dict())
+  shapes_only.init_from = ''  # The checkpoint holds the weights; skip the pretrained file.
+  run = _Run(shapes_only, workdir)
+  ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.get('max_to_keep', 3))
+  try:
+    if best:
+      step = ckpt.best_step()
+      if step is None:
+        raise FileNotFoundError(f'{workdir!r} has no best-by-validation checkpoint')
+    else:
+      steps = ckpt.steps()
+      if not steps:
+        raise FileNotFoundError(f'{workdir!r} has no checkpoint')
+      step = steps[-1]
+    extra = ckpt.read_extra(ckpt.steps()[-1])
+    if 'steps_per_epoch' in extra:
+      run.steps_per_epoch = int(extra['steps_per_epoch'])
+    else:  # Checkpoints of older versions: count from the dataset.
+      run.open_data()
+    run.build()
+    tree, _ = ckpt.restore(step, _state_tree(run.target_for_step(step)), best=best)
+  finally:
+    ckpt.close()
+  return Workdir(
+    config=config,
+    model=run.model,
+    variables={'params': tree['params'], 'batch_stats': tree['batch_stats']},
+    opt_state=tree['opt_state'],
+    step=int(step),
+    ternary_mask=run.ternary_mask,
+    prune_mask=run.prune_mask,
+    image_shape=run.image_shape,
+  )
 
 
 def _evaluate_fp(run: _Run, state: TrainState, writer, step: int) -> dict[str, float]:
@@ -745,6 +832,3 @@ def _print_summary(summary: dict[str, Any]) -> None:
       value = f'{value:.4f}'
     lines.append(f'{name:<{width}}  {value}')
   print('\n'.join(lines), flush=True)
-
-
-Callable, Iterator  # noqa: B018 - re-exported names used in annotations only.

@@ -1,0 +1,154 @@
+"""End-to-end tests of the real `train_and_evaluate` on tiny configs."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import ec2t_jax
+from configs import cifar10, imagenet, mnist
+from ec2t_jax import checkpoint as checkpoint_lib
+from ec2t_jax import metric_writers, train
+
+MOCK = tfds.testing.MockPolicy.USE_CODE
+
+
+def tiny_mnist(**overrides):
+  """mnist:smoke, smaller: 3 steps per phase-epoch, 128 eval examples."""
+  config = mnist.get_config('smoke')
+  config.steps_per_epoch = 3
+  config.batch_size = 32
+  config.eval_batch_size = 64
+  config.num_eval_examples = 128
+  config.fp.num_epochs = 1
+  config.ec2t.num_epochs = 1
+  config.ec2t.frozen_epochs = 1
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 2
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+def _exactly_ternary(workdir_summary, config, workdir):
+  del workdir_summary
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  step = ckpt.steps()[-1]
+  run = train._Run(config, workdir)
+  run.open_data()
+  run.build()
+  tree, _ = ckpt.restore(step, train._state_tree(run.target_for_step(step)))
+  expected = ec2t_jax.compressed_kernels(tree['opt_state'], tree['params'])
+  flat = dict(ec2t_jax.masks.named_leaves(tree['params']))
+  for name, q in expected.items():
+    np.testing.assert_array_equal(np.asarray(flat[name]), np.asarray(q), err_msg=name)
+  ckpt.close()
+  return tree
+
+
+def test_mnist_end_to_end_and_resume_is_a_noop(tmp_path):
+  config = tiny_mnist()
+  workdir = str(tmp_path / 'run')
+  summary = train.train_and_evaluate(config, workdir)
+  for key in (
+    'fp_test_accuracy',
+    'test_accuracy',
+    'val_accuracy',
+    'sparsity',
+    'total_sparsity',
+    'num_params',
+    'wall_time_s',
+    'steps',
+    'params_sha256',
+    'per_layer_sparsity',
+  ):
+    assert key in summary, key
+  assert summary['steps'] == 9
+  assert summary['num_params'] == 61_706
+  assert set(summary['per_layer_sparsity']) == {
+    'conv1/kernel',
+    'conv2/kernel',
+    'fc1/kernel',
+    'fc2/kernel',
+  }
+  assert 0.0 < summary['sparsity'] < 1.0
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    assert json.load(f)['params_sha256'] == summary['params_sha256']
+  assert os.path.isdir(os.path.join(workdir, 'fp_variables'))
+  assert os.path.isdir(os.path.join(workdir, 'best'))
+  rows = metric_writers.read_metrics(workdir)
+  assert any('ec2t/total_sparsity' in r for r in rows)
+  assert any('val/accuracy' in r for r in rows)
+  _exactly_ternary(summary, config, workdir)
+  # Running the same command again finds the finished run and reproduces its summary.
+  again = train.train_and_evaluate(config, workdir)
+  assert again['params_sha256'] == summary['params_sha256']
+  assert again['test_accuracy'] == summary['test_accuracy']
+
+
+def _sigterm_at(monkeypatch, at_call):
+  original = train._Run.to_global
+  calls = {'n': 0}
+
+  def to_global(self, batch):
+    calls['n'] += 1
+    if calls['n'] == at_call and 'mask' not in batch:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return original(self, batch)
+
+  monkeypatch.setattr(train._Run, 'to_global', to_global)
+
+
+@pytest.mark.parametrize('stop_at', [2, 4, 7])  # inside FP, right after the boundary, frozen
+def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path, monkeypatch, stop_at):
+  config = tiny_mnist(checkpoint_every_steps=100)
+  reference = train.train_and_evaluate(config, str(tmp_path / 'a'))
+  with monkeypatch.context() as m:
+    _sigterm_at(m, stop_at)
+    first = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  assert first == {'preempted': True, 'step': stop_at}
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  assert resumed['params_sha256'] == reference['params_sha256']
+  assert resumed['test_accuracy'] == reference['test_accuracy']
+
+
+def test_cifar10_smoke_on_mock_data(tmp_path):
+  config = cifar10.get_config('smoke')
+  with tfds.testing.mock_data(num_examples=64, policy=MOCK):
+    summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['steps'] == 6
+  assert summary['num_params'] == 269_722
+  assert len(summary['per_layer_sparsity']) == 18  # resnet20: every conv but the stem
+  assert np.isfinite(summary['test_accuracy'])
+
+
+def test_imagenet_smoke_on_mock_data(tmp_path):
+  config = imagenet.get_config('smoke')
+  with tfds.testing.mock_data(num_examples=64, policy=MOCK):
+    summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['steps'] == 6
+  # resnet18: every conv but the stem and the three 1x1 downsample projections.
+  assert len(summary['per_layer_sparsity']) == 16
+  assert np.isfinite(summary['test_accuracy'])
+
+
+def test_eight_devices_match_one(tmp_path):
+  if jax.device_count() < 8:
+    pytest.skip('needs 8 (simulated) devices')
+  base = dict(batch_size=32, **{'ec2t.gamma': 0.15})
+  one = train.train_and_evaluate(tiny_mnist(num_devices=1, **base), str(tmp_path / 'one'))
+  eight = train.train_and_evaluate(tiny_mnist(num_devices=8, **base), str(tmp_path / 'eight'))
+  assert eight['steps'] == one['steps']
+  # Sums over a sharded batch may round differently; the runs must agree closely.
+  assert abs(eight['test_accuracy'] - one['test_accuracy']) <= 0.01
+  assert abs(eight['sparsity'] - one['sparsity']) <= 0.01
+  for layer, value in one['per_layer_sparsity'].items():
+    assert abs(eight['per_layer_sparsity'][layer] - value) <= 0.01, layer
