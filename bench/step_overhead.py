@@ -75,7 +75,7 @@ def main(argv=None):
     runs[name]['times'] = []
 
   for _ in range(args.steps):  # Interleaved rounds: one step of each per round.
-    for name, run in runs.items():
+    for run in runs.values():
       p, bs, opt_state = run['carry']
       t0 = time.perf_counter()
       p, bs, opt_state, loss = run['step'](p, bs, opt_state, images, labels)
