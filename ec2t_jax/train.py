@@ -460,8 +460,10 @@ class _Run:
       step_fn, donate_argnums=(0,), out_shardings=(self.replicated, self.replicated)
     )
     self.p_eval_step = jax.jit(eval_step, out_shardings=self.replicated)
+    self.p_statistics = jax.jit(ec2t_jax.statistics)
+    self._state_fns = {}
 
-  def new_state(self, phase: str, variables: dict[str, Any]) -> TrainState:
+  def _make_state(self, phase: str, variables: dict[str, Any]) -> TrainState:
     tx = self.fp_tx if phase == FP else self.ec2t_tx
     state = TrainState.create(
       apply_fn=self.model.apply,
@@ -471,24 +473,31 @@ class _Run:
     )
     if phase == EC2T:
       state = state.replace(params=ec2t_jax.ternarize(state.params, state.opt_state))
-    return jax.device_put(state, self.replicated)
+    return state
+
+  def new_state(self, phase: str, variables: dict[str, Any]) -> TrainState:
+    """A fresh train state of `phase` (EC2T: initialized and ternarized), replicated."""
+    if phase not in self._state_fns:  # One compiled program instead of many eager ops.
+      self._state_fns[phase] = jax.jit(
+        functools.partial(self._make_state, phase), out_shardings=self.replicated
+      )
+    return self._state_fns[phase](variables)
 
   def phase_of(self, step: int) -> str:
     return FP if step < self.fp_steps else EC2T
 
   def target_for_step(self, step: int) -> TrainState:
-    return jax.eval_shape(lambda v: self.new_state(self.phase_of(step), v), self.variables)
+    return jax.eval_shape(functools.partial(self._make_state, self.phase_of(step)), self.variables)
 
   # Evaluation ---------------------------------------------------------------------------------
 
   def evaluate(self, state: TrainState, split: str) -> dict[str, float]:
     totals = None
     for batch in self.eval_batches(split):
-      out = self.p_eval_step(state, self.to_global(batch))
-      totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+      out = jax.device_get(self.p_eval_step(state, self.to_global(batch)))
+      totals = out if totals is None else {k: totals[k] + out[k] for k in totals}
     if totals is None:
       return {}
-    totals = jax.device_get(totals)
     count = max(float(totals['count']), 1.0)
     return {'accuracy': float(totals['correct']) / count, 'loss': float(totals['loss']) / count}
 
@@ -612,7 +621,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if phase == FP:
       scalars['train/learning_rate'] = float(_schedule(config.fp, run.fp_steps)(step))
     else:
-      scalars.update({f'ec2t/{k}': v for k, v in ec2t_jax.summarize(state.opt_state).items()})
+      stats = jax.device_get(run.p_statistics(state.opt_state))
+      scalars.update({f'ec2t/{k}': float(v) for k, v in stats.items()})
     writer.write_scalars(step, scalars)
     logging.info(
       '%s phase, step %d/%d (%.1f%%), %.1f steps/s, ETA %s',
@@ -807,7 +817,11 @@ def _summarize_run(run, state, meta, ckpt, step, start_time) -> dict[str, Any]:
     'init_scale': run.config.ec2t.init_scale,
   }
   summary.update(
-    {f'ec2t/{k}': v for k, v in ec2t_jax.summarize(state.opt_state).items() if '/' not in k}
+    {
+      f'ec2t/{k}': float(v)
+      for k, v in jax.device_get(run.p_statistics(state.opt_state)).items()
+      if '/' not in k
+    }
   )
   return summary
 

@@ -54,7 +54,7 @@ def _cli(workdir, *, kill_after_step=None, timeout=600):
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
     text=True,
-    env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''},
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
   )
   deadline = time.time() + timeout
   if kill_after_step is not None:
