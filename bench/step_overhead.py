@@ -47,10 +47,17 @@ def main(argv=None):
   parser.add_argument('--model', default='resnet20')
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--steps', type=int, default=30, help='timed steps per optimizer')
+  parser.add_argument(
+    '--dtype',
+    default='float32',
+    choices=['float32', 'bfloat16'],
+    help='computation dtype (params and EC2T state stay float32)',
+  )
   parser.add_argument('--json', default='', help='also write the result to this file')
   args = parser.parse_args(argv)
 
-  model = models.create(args.model, num_classes=10)
+  dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
+  model = models.create(args.model, num_classes=10, dtype=dtype)
   shape = models.input_shape(args.model)
   key = jax.random.key(0)
   images = jax.random.normal(key, (args.batch, *shape))
@@ -88,6 +95,7 @@ def main(argv=None):
     'model': args.model,
     'num_params': int(num_params),
     'batch': args.batch,
+    'dtype': args.dtype,
     'steps': args.steps,
     'device': str(jax.devices()[0].device_kind),
     'machine': f'{platform.machine()}, {jax.local_device_count()} device(s)',
@@ -99,7 +107,8 @@ def main(argv=None):
     'compile_s': {name: run['compile_s'] for name, run in runs.items()},
   }
   print(
-    f'{args.model} ({num_params:,} params), batch {args.batch}, {result["device"]}: '
+    f'{args.model} ({num_params:,} params), batch {args.batch}, {args.dtype}, '
+    f'{result["device"]}: '
     f'adam {med["adam"] * 1e3:.1f} ms/step, ec2t {med["ec2t"] * 1e3:.1f} ms/step, '
     f'ratio {result["ratio"]:.3f}'
   )
