@@ -1,0 +1,608 @@
+"""A compact, self-describing file format for trained EC2T networks.
+
+EC2T (Marban, Becking, Wiedemann & Samek, CVPR Workshops 2020, arXiv
+2004.01077, §3 and SPEC §11) stores a ternary layer as one sparsity mask, one
+sign bit per non-zero weight and its two centroid values, and notes that
+entropy coding shrinks it further towards ``N·H(P)`` bits, ``H(P)`` being the
+entropy of the layer's cluster probabilities ``P = (P_n, P_0, P_p)``. This
+module writes and reads exactly that:
+
+* a ternary leaf (recognized from the EC2T optimizer state through
+  `ec2t_jax.compressed_kernels`, or, without a state, from its values
+  ``{-w_n, 0, +w_p}``) is stored as ``np.packbits`` of its sparsity mask, the
+  packed signs of its non-zeros in C order, and ``[w_p, w_n]`` in
+  ``centroid_dtype``; with ``entropy_coding=True`` the symbols of all ternary
+  leaves go through one range coder (`constriction`), each leaf with its own
+  categorical model built from its exact symbol counts;
+* every other leaf (biases, BatchNorm, the full-precision first/last layers)
+  is stored in ``fp_dtype``, as a mask plus its non-zeros when that is smaller.
+
+File layout (little endian)::
+
+    magic b'EC2TPACK' | u16 version | u16 flags | u32 manifest bytes | u64 payload bytes
+    manifest (UTF-8 JSON: one entry per leaf with path, kind, shape, dtype, offsets)
+    payload
+    sha256 of everything above (32 bytes)
+
+`load` checks the magic, the version, the length and the checksum before it
+decodes anything, and every entry against the payload after, so a truncated,
+corrupted or foreign file raises a `ValueError` instead of returning wrong
+weights.
+
+Precision: with ``centroid_dtype='float32'`` (the default) a loaded ternary
+leaf is bit-identical to the trained one. ``'float16'`` rounds each layer's
+two levels to 11 significant bits: every weight of the layer moves by at most
+``2^-11`` of its magnitude (0.05 %), and since the error is one scale factor
+per sign group, the layer's output changes by the same relative amount. For
+the LeNet-5 MNIST demo this changes no test prediction (see
+``docs/report_example/report.md``). ``fp_dtype='float16'`` rounds the
+full-precision leaves likewise (relative error ``2^-11``, with float16's
+range limits).
+
+Command line::
+
+    python -m ec2t_jax.export --workdir /tmp/wd_mnist --out lenet5.ec2t --entropy-coding --fp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import struct
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import optax
+
+__all__ = [
+  'FORMAT_VERSION',
+  'MAGIC',
+  'ExportStats',
+  'dumps',
+  'entropy_bound_bits',
+  'load',
+  'loads',
+  'main',
+  'save',
+  'ternary_leaves',
+]
+
+MAGIC = b'EC2TPACK'
+FORMAT_VERSION = 1
+_HEADER = struct.Struct('<8sHHIQ')
+_DIGEST = 32
+_FLAG_ENTROPY = 1
+_FP_DTYPES = ('float16', 'float32')
+_KINDS = ('ternary', 'ternary_ec', 'sparse', 'dense')
+
+
+class ExportStats(NamedTuple):
+  """Sizes of one export (bytes unless stated).
+
+  Attributes:
+    total_bytes: the file.
+    float32_bytes: the same leaves as raw float32 arrays (no container).
+    header_bytes: fixed header, manifest, checksum.
+    ternary_payload_bits: masks + signs (packed) or the range-coded stream.
+    centroid_bytes: the centroid values of all ternary leaves.
+    fp_bytes: every full-precision leaf.
+    entropy_bound_bits: ``Σ_l N_l·H(P_l)`` over the ternary leaves.
+    num_ternary: ternary weights.
+    ternary_leaves: their count.
+  """
+
+  total_bytes: int
+  float32_bytes: int
+  header_bytes: int
+  ternary_payload_bits: int
+  centroid_bytes: int
+  fp_bytes: int
+  entropy_bound_bits: float
+  num_ternary: int
+  ternary_leaves: int
+
+
+# --- which leaves are ternary ----------------------------------------------------------------
+
+
+def _flatten(variables: Any) -> list[tuple[tuple[str, ...], np.ndarray]]:
+  """``[(keys, array)]`` of a nested mapping of arrays, in sorted-key order."""
+  if not isinstance(variables, Mapping):
+    raise ValueError(
+      f'variables must be a nested mapping like {{"params": ..., "batch_stats": ...}}, '
+      f'got {type(variables).__name__}'
+    )
+  out = []
+
+  def walk(prefix, node):
+    for key in sorted(node):
+      if not isinstance(key, str):
+        raise ValueError(f'variables keys must be strings, got {key!r} at {"/".join(prefix)}')
+      value = node[key]
+      if isinstance(value, Mapping):
+        walk((*prefix, key), value)
+      else:
+        out.append(((*prefix, key), np.asarray(jax.device_get(value))))
+
+  walk((), variables)
+  return out
+
+
+def _ternary_levels(values: np.ndarray) -> tuple[float, float] | None:
+  """``(w_p, w_n)`` if the values are exactly ``{-w_n, +0.0, +w_p}``, else None."""
+  if values.dtype.kind != 'f' or values.size == 0:
+    return None
+  v = values.astype(np.float64)
+  if not np.all(np.isfinite(v)):
+    return None
+  pos = np.unique(v[v > 0])
+  neg = np.unique(v[v < 0])
+  if pos.size > 1 or neg.size > 1:
+    return None
+  if np.any(np.signbit(v[v == 0])):  # -0.0 would not come back bit-identical.
+    return None
+  return (float(pos[0]) if pos.size else 0.0, float(-neg[0]) if neg.size else 0.0)
+
+
+def ternary_leaves(variables: Any, opt_state: optax.OptState | None = None) -> set[str]:
+  """Paths (``'params/conv2/kernel'``) of the leaves `save` packs as ternary.
+
+  With ``opt_state`` these are the leaves EC2T compresses
+  (`ec2t_jax.compressed_kernels`) whose values are ternary (entropy-constrained
+  pruned leaves are not); without it, every params leaf of two or more
+  dimensions whose values are exactly ``{-a, 0, +b}``.
+  """
+  flat = _flatten(variables)
+  if opt_state is not None:
+    from ec2t_jax import state_utils
+
+    params = variables['params'] if 'params' in variables else variables
+    candidates = {f'params/{name}' for name in state_utils.compressed_kernels(opt_state, params)}
+  else:
+    candidates = {'/'.join(keys) for keys, value in flat if keys[0] == 'params' and value.ndim >= 2}
+  return {
+    '/'.join(keys)
+    for keys, value in flat
+    if '/'.join(keys) in candidates and _ternary_levels(value) is not None
+  }
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def _entropy_bits(counts: Sequence[int]) -> float:
+  n = sum(counts)
+  return -sum(c * math.log2(c / n) for c in counts if c > 0)
+
+
+def entropy_bound_bits(variables: Any, opt_state: optax.OptState | None = None) -> float:
+  """``Σ_l N_l·H(P_l)`` in bits over the ternary leaves (the entropy-coding target)."""
+  total = 0.0
+  flat = dict(('/'.join(k), v) for k, v in _flatten(variables))
+  for name in ternary_leaves(variables, opt_state):
+    v = flat[name]
+    total += _entropy_bits([int(np.sum(v < 0)), int(np.sum(v == 0)), int(np.sum(v > 0))])
+  return total
+
+
+def _constriction():
+  try:
+    import constriction
+  except ImportError as e:  # pragma: no cover - a dependency of the package.
+    raise ImportError(
+      'entropy coding needs the `constriction` package: pip install constriction'
+    ) from e
+  return constriction
+
+
+def _categorical(counts: Sequence[int]):
+  """The coder's model of one leaf: its empirical symbol frequencies."""
+  c = _constriction()
+  p = np.asarray(counts, np.float64)
+  return c.stream.model.Categorical(p / p.sum(), perfect=False)
+
+
+def dumps(
+  variables: Any,
+  opt_state: optax.OptState | None = None,
+  *,
+  entropy_coding: bool = False,
+  fp_dtype: str = 'float32',
+  centroid_dtype: str = 'float32',
+) -> tuple[bytes, ExportStats]:
+  """Serializes ``variables`` (see `save`) and returns ``(file bytes, stats)``."""
+  if fp_dtype not in _FP_DTYPES:
+    raise ValueError(f'fp_dtype must be one of {list(_FP_DTYPES)}, got {fp_dtype!r}')
+  if centroid_dtype not in _FP_DTYPES:
+    raise ValueError(f'centroid_dtype must be one of {list(_FP_DTYPES)}, got {centroid_dtype!r}')
+  flat = _flatten(variables)
+  tern = ternary_leaves(variables, opt_state)
+  chunks: list[bytes] = []
+  offset = 0
+  entries = []
+  symbols: list[tuple[np.ndarray, list[int]]] = []
+  tern_bits = centroid_bytes = fp_bytes = num_tern = 0
+  bound = 0.0
+
+  def put(blob: bytes) -> tuple[int, int]:
+    nonlocal offset
+    chunks.append(blob)
+    start = offset
+    offset += len(blob)
+    return start, len(blob)
+
+  for keys, value in flat:
+    name = '/'.join(keys)
+    entry: dict[str, Any] = {
+      'path': list(keys),
+      'shape': list(value.shape),
+      'dtype': str(value.dtype),
+    }
+    if name in tern:
+      w_p, w_n = _ternary_levels(value)
+      flat_v = value.ravel()
+      nonzero = flat_v != 0
+      counts = [int(np.sum(flat_v < 0)), int(np.sum(~nonzero)), int(np.sum(flat_v > 0))]
+      cent = np.asarray([w_p, w_n], centroid_dtype).tobytes()
+      entry.update(
+        centroid_dtype=centroid_dtype,
+        counts=counts,
+        centroids=list(put(cent)),
+      )
+      centroid_bytes += len(cent)
+      num_tern += value.size
+      bound += _entropy_bits(counts)
+      if entropy_coding:
+        entry['kind'] = 'ternary_ec'
+        sym = np.where(flat_v < 0, 0, np.where(flat_v > 0, 2, 1)).astype(np.int32)
+        symbols.append((sym, counts))
+      else:
+        entry['kind'] = 'ternary'
+        mask = np.packbits(nonzero).tobytes()
+        signs = np.packbits(flat_v[nonzero] > 0).tobytes()
+        entry['mask'] = list(put(mask))
+        entry['signs'] = list(put(signs))
+        tern_bits += 8 * (len(mask) + len(signs))
+    else:
+      stored = value.astype(fp_dtype) if value.dtype.kind == 'f' else value
+      nonzero = stored.ravel() != 0
+      nnz = int(nonzero.sum())
+      dense_size = stored.nbytes
+      sparse_size = math.ceil(value.size / 8) + nnz * stored.itemsize
+      entry['stored_dtype'] = str(stored.dtype)
+      if sparse_size < dense_size:
+        entry['kind'] = 'sparse'
+        entry['nnz'] = nnz
+        entry['mask'] = list(put(np.packbits(nonzero).tobytes()))
+        entry['values'] = list(put(stored.ravel()[nonzero].tobytes()))
+        fp_bytes += sparse_size
+      else:
+        entry['kind'] = 'dense'
+        entry['values'] = list(put(stored.tobytes()))
+        fp_bytes += dense_size
+    entries.append(entry)
+  manifest: dict[str, Any] = {
+    'format': 'ec2t_jax.export',
+    'version': FORMAT_VERSION,
+    'reference': 'Marban et al., EC2T, CVPR-W 2020, arXiv 2004.01077',
+    'collections': sorted(variables),  # Empty ones (LeNet's batch_stats) come back too.
+    'entries': entries,
+  }
+  if entropy_coding and symbols:
+    c = _constriction()
+    encoder = c.stream.queue.RangeEncoder()
+    for sym, counts in symbols:
+      encoder.encode(sym, _categorical(counts))
+    stream = np.asarray(encoder.get_compressed(), '<u4').tobytes()
+    manifest['entropy_stream'] = {
+      'coder': 'constriction.stream.queue.RangeEncoder',
+      'model': 'Categorical(counts / N, perfect=False), one per leaf, in entry order',
+      'constriction': getattr(c, '__version__', 'unknown'),
+      'range': list(put(stream)),
+    }
+    tern_bits = 8 * len(stream)
+  payload = b''.join(chunks)
+  manifest_bytes = json.dumps(manifest, separators=(',', ':')).encode('utf-8')
+  flags = _FLAG_ENTROPY if entropy_coding else 0
+  header = _HEADER.pack(MAGIC, FORMAT_VERSION, flags, len(manifest_bytes), len(payload))
+  body = header + manifest_bytes + payload
+  data = body + hashlib.sha256(body).digest()
+  stats = ExportStats(
+    total_bytes=len(data),
+    float32_bytes=sum(4 * v.size for _, v in flat),
+    header_bytes=_HEADER.size + len(manifest_bytes) + _DIGEST,
+    ternary_payload_bits=tern_bits,
+    centroid_bytes=centroid_bytes,
+    fp_bytes=fp_bytes,
+    entropy_bound_bits=bound,
+    num_ternary=num_tern,
+    ternary_leaves=len(tern),
+  )
+  return data, stats
+
+
+def save(
+  path: str,
+  variables: Any,
+  opt_state: optax.OptState | None = None,
+  *,
+  entropy_coding: bool = False,
+  fp_dtype: str = 'float32',
+  centroid_dtype: str = 'float32',
+) -> ExportStats:
+  """Writes ``variables`` to one self-describing file.
+
+  Args:
+    path: the file to write.
+    variables: ``{'params': ..., 'batch_stats': ...}`` (nested mappings of arrays).
+    opt_state: the EC2T optimizer state; it decides which leaves are ternary.
+      Without it, params leaves whose values are ``{-a, 0, +b}`` are.
+    entropy_coding: range-code the ternary symbols (``≈ Σ N·H(P)`` bits)
+      instead of mask + sign bits (``N + nnz`` bits).
+    fp_dtype: ``'float32'`` or ``'float16'``, for the full-precision leaves.
+    centroid_dtype: ``'float32'`` (bit-exact) or ``'float16'`` for ``w_p, w_n``.
+
+  Returns:
+    `ExportStats` of the written file.
+
+  Raises:
+    ValueError: for a dtype name not in ``('float16', 'float32')`` or variables
+      that are not nested mappings of arrays.
+
+  Example:
+    >>> save('lenet.ec2t', run.variables, run.opt_state, entropy_coding=True)  # doctest: +SKIP
+    >>> load('lenet.ec2t')['params']['fc1']['kernel'].shape  # doctest: +SKIP
+    (400, 120)
+  """
+  data, stats = dumps(
+    variables,
+    opt_state,
+    entropy_coding=entropy_coding,
+    fp_dtype=fp_dtype,
+    centroid_dtype=centroid_dtype,
+  )
+  with open(path, 'wb') as f:
+    f.write(data)
+  return stats
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _slice(payload: bytes, where: Any, what: str) -> bytes:
+  if (
+    not isinstance(where, list)
+    or len(where) != 2
+    or not all(isinstance(x, int) and x >= 0 for x in where)
+    or where[0] + where[1] > len(payload)
+  ):
+    raise ValueError(f'corrupt manifest: {what} points outside the payload ({where!r})')
+  return payload[where[0] : where[0] + where[1]]
+
+
+def _dtype(name: Any, what: str) -> np.dtype:
+  try:
+    return np.dtype(jax.numpy.dtype(name))
+  except TypeError as e:
+    raise ValueError(f'corrupt manifest: {what} has an unknown dtype {name!r}') from e
+
+
+def loads(data: bytes) -> dict[str, Any]:
+  """Decodes the bytes of `save` / `dumps` (see `load`)."""
+  if len(data) < _HEADER.size + _DIGEST:
+    raise ValueError(
+      f'not an ec2t_jax export: {len(data)} bytes is shorter than the '
+      f'{_HEADER.size + _DIGEST}-byte header and checksum'
+    )
+  magic, version, flags, manifest_len, payload_len = _HEADER.unpack_from(data)
+  if magic != MAGIC:
+    raise ValueError(f'not an ec2t_jax export: magic {magic!r}, expected {MAGIC!r}')
+  if version != FORMAT_VERSION:
+    raise ValueError(f'unsupported export version {version}; this reader knows {FORMAT_VERSION}')
+  expected = _HEADER.size + manifest_len + payload_len + _DIGEST
+  if len(data) != expected:
+    raise ValueError(
+      f'export is truncated or has trailing bytes: {len(data)} bytes, the header says {expected}'
+    )
+  body, digest = data[:-_DIGEST], data[-_DIGEST:]
+  if hashlib.sha256(body).digest() != digest:
+    raise ValueError('export checksum mismatch: the file is corrupted')
+  try:
+    manifest = json.loads(body[_HEADER.size : _HEADER.size + manifest_len].decode('utf-8'))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f'corrupt manifest: {e}') from e
+  if not isinstance(manifest, dict) or not isinstance(manifest.get('entries'), list):
+    raise ValueError('corrupt manifest: no list of entries')
+  payload = body[_HEADER.size + manifest_len :]
+  decoder = None
+  if flags & _FLAG_ENTROPY and 'entropy_stream' in manifest:
+    stream = _slice(payload, manifest['entropy_stream'].get('range'), 'the entropy stream')
+    if len(stream) % 4:
+      raise ValueError('corrupt entropy stream: not a whole number of 32-bit words')
+    words = np.frombuffer(stream, '<u4').astype(np.uint32)
+    decoder = _constriction().stream.queue.RangeDecoder(words)
+  out: dict[str, Any] = {
+    str(name): {} for name in manifest.get('collections', []) if isinstance(name, str)
+  }
+  for i, entry in enumerate(manifest['entries']):
+    if not isinstance(entry, dict):
+      raise ValueError(f'corrupt manifest: entry {i} is not an object')
+    value = _decode_entry(entry, payload, decoder, i)
+    node = out
+    *parents, leaf = entry['path']
+    for key in parents:
+      node = node.setdefault(key, {})
+      if not isinstance(node, dict):
+        raise ValueError(f'corrupt manifest: {"/".join(entry["path"])} is below a leaf')
+    if leaf in node:
+      raise ValueError(f'corrupt manifest: {"/".join(entry["path"])} appears twice')
+    node[leaf] = value
+  return out
+
+
+def _decode_entry(entry: dict[str, Any], payload: bytes, decoder: Any, i: int) -> np.ndarray:
+  path = entry.get('path')
+  kind = entry.get('kind')
+  shape = entry.get('shape')
+  if not (isinstance(path, list) and path and all(isinstance(k, str) for k in path)):
+    raise ValueError(f'corrupt manifest: entry {i} has no valid path')
+  name = '/'.join(path)
+  if kind not in _KINDS:
+    raise ValueError(f'corrupt manifest: {name} has kind {kind!r}; valid kinds: {list(_KINDS)}')
+  if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    raise ValueError(f'corrupt manifest: {name} has shape {shape!r}')
+  dtype = _dtype(entry.get('dtype'), name)
+  n = math.prod(shape)
+  if kind in ('ternary', 'ternary_ec'):
+    counts = entry.get('counts')
+    if not (isinstance(counts, list) and len(counts) == 3 and sum(counts) == n):
+      raise ValueError(f'corrupt manifest: {name} has symbol counts {counts!r} for {n} weights')
+    cdtype = _dtype(entry.get('centroid_dtype'), name)
+    cent = np.frombuffer(_slice(payload, entry.get('centroids'), f'{name} centroids'), cdtype)
+    if cent.size != 2:
+      raise ValueError(f'corrupt payload: {name} has {cent.size} centroid values, expected 2')
+    w_p, w_n = cent.astype(dtype)
+    if kind == 'ternary':
+      mask = np.unpackbits(
+        np.frombuffer(_slice(payload, entry.get('mask'), f'{name} mask'), np.uint8)
+      )
+      if mask.size != 8 * math.ceil(n / 8) or mask[n:].any():
+        raise ValueError(f'corrupt payload: the mask of {name} does not fit {n} weights')
+      mask = mask[:n].astype(bool)
+      nnz = int(mask.sum())
+      if nnz != counts[0] + counts[2]:
+        raise ValueError(f'corrupt payload: the mask of {name} has {nnz} non-zeros')
+      signs = np.unpackbits(
+        np.frombuffer(_slice(payload, entry.get('signs'), f'{name} signs'), np.uint8)
+      )
+      if signs.size != 8 * math.ceil(nnz / 8):
+        raise ValueError(f'corrupt payload: {name} has {signs.size} sign bits for {nnz} non-zeros')
+      positive = signs[:nnz].astype(bool)
+      if int(positive.sum()) != counts[2]:
+        raise ValueError(f'corrupt payload: the signs of {name} disagree with its counts')
+      values = np.zeros(n, dtype)
+      values[mask] = np.where(positive, w_p, -w_n)
+    else:
+      if decoder is None:
+        raise ValueError(f'corrupt export: {name} is entropy coded but the file has no stream')
+      try:
+        sym = np.asarray(decoder.decode(_categorical(counts), n))
+      except Exception as e:  # The coder raises its own types on exhausted streams.
+        raise ValueError(f'corrupt entropy stream while decoding {name}: {e}') from e
+      got = [int(np.sum(sym == k)) for k in range(3)]
+      if got != counts:
+        raise ValueError(
+          f'entropy stream of {name} decodes to counts {got}, expected {counts} '
+          '(corrupt, or written by an incompatible constriction version)'
+        )
+      table = np.asarray([-w_n, 0, w_p], dtype)
+      values = table[sym]
+    return values.reshape(shape)
+  stored = _dtype(entry.get('stored_dtype'), name)
+  if kind == 'dense':
+    raw = _slice(payload, entry.get('values'), f'{name} values')
+    if len(raw) != n * stored.itemsize:
+      raise ValueError(
+        f'corrupt payload: {name} has {len(raw)} bytes, expected {n * stored.itemsize}'
+      )
+    return np.frombuffer(raw, stored).astype(dtype).reshape(shape)
+  mask = np.unpackbits(np.frombuffer(_slice(payload, entry.get('mask'), f'{name} mask'), np.uint8))
+  if mask.size != 8 * math.ceil(n / 8):
+    raise ValueError(f'corrupt payload: the mask of {name} does not fit {n} values')
+  mask = mask[:n].astype(bool)
+  raw = _slice(payload, entry.get('values'), f'{name} values')
+  if len(raw) != int(mask.sum()) * stored.itemsize:
+    raise ValueError(
+      f'corrupt payload: {name} has {len(raw)} value bytes for {mask.sum()} non-zeros'
+    )
+  values = np.zeros(n, dtype)
+  values[mask] = np.frombuffer(raw, stored).astype(dtype)
+  return values.reshape(shape)
+
+
+def load(path: str) -> dict[str, Any]:
+  """Reads a file written by `save`.
+
+  Args:
+    path: the file.
+
+  Returns:
+    ``{'params': ..., 'batch_stats': ...}`` as nested dicts of NumPy arrays in
+    the dtypes they were saved from. Ternary leaves are bit-identical to the
+    saved ones when their centroids were stored in float32.
+
+  Raises:
+    ValueError: if the file is not an export, is truncated, fails its checksum,
+      or any entry does not decode consistently.
+  """
+  with open(path, 'rb') as f:
+    return loads(f.read())
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def _kb(n: float) -> str:
+  return f'{n / 1024:,.1f} KiB'
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Exports a workdir's newest (or best) checkpoint and prints the sizes."""
+  parser = argparse.ArgumentParser(
+    prog='python -m ec2t_jax.export', description=__doc__.split('\n\n')[0]
+  )
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--out', required=True, help='the file to write')
+  parser.add_argument('--entropy-coding', action='store_true', help='range-code ternary symbols')
+  parser.add_argument('--fp16', action='store_true', help='full-precision leaves in float16')
+  parser.add_argument(
+    '--fp16-centroids', action='store_true', help='centroids in float16 (not bit-exact)'
+  )
+  parser.add_argument('--best', action='store_true', help='the best-by-validation checkpoint')
+  args = parser.parse_args(argv)
+  from ec2t_jax import train  # Local: keeps `--help` fast.
+
+  try:
+    run = train.load_workdir(args.workdir, best=args.best)
+  except (FileNotFoundError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  options = dict(
+    fp_dtype='float16' if args.fp16 else 'float32',
+    centroid_dtype='float16' if args.fp16_centroids else 'float32',
+  )
+  packed, p_stats = dumps(run.variables, run.opt_state, entropy_coding=False, **options)
+  coded, e_stats = dumps(run.variables, run.opt_state, entropy_coding=True, **options)
+  data = coded if args.entropy_coding else packed
+  with open(args.out, 'wb') as f:
+    f.write(data)
+  ref = p_stats.float32_bytes
+  print(
+    f'{p_stats.ternary_leaves} ternary leaves ({p_stats.num_ternary:,d} weights); '
+    f'full-precision leaves in {options["fp_dtype"]}, centroids in {options["centroid_dtype"]}'
+  )
+  print(f'{"":<24} {"size":>14} {"ratio":>8}')
+  for label, size in (
+    ('float32 checkpoint', ref),
+    ('packed (mask + sign)', p_stats.total_bytes),
+    ('entropy coded', e_stats.total_bytes),
+  ):
+    print(f'{label:<24} {_kb(size):>14} {ref / size:>7.1f}x')
+  bound = e_stats.entropy_bound_bits
+  print(
+    f'ternary payload: packed {p_stats.ternary_payload_bits:,d} bits, entropy coded '
+    f'{e_stats.ternary_payload_bits:,d} bits, sum N*H(P) = {bound:,.0f} bits '
+    f'(coded +{100 * (e_stats.ternary_payload_bits / max(bound, 1) - 1):.2f}%)'
+  )
+  kind = 'entropy coded' if args.entropy_coding else 'packed'
+  print(f'wrote {args.out} ({kind}, {len(data):,d} bytes)')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
