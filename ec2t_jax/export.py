@@ -33,11 +33,11 @@ Precision: with ``centroid_dtype='float32'`` (the default) a loaded ternary
 leaf is bit-identical to the trained one. ``'float16'`` rounds each layer's
 two levels to 11 significant bits: every weight of the layer moves by at most
 ``2^-11`` of its magnitude (0.05 %), and since the error is one scale factor
-per sign group, the layer's output changes by the same relative amount. For
-the LeNet-5 MNIST demo this changes no test prediction (see
-``docs/report_example/report.md``). ``fp_dtype='float16'`` rounds the
-full-precision leaves likewise (relative error ``2^-11``, with float16's
-range limits).
+per sign group, the layer's output changes by the same relative amount.
+``fp_dtype='float16'`` rounds the full-precision leaves likewise (relative
+error ``2^-11``, within float16's range). Measured on the LeNet-5 MNIST demo
+(``configs/mnist.py``, 98.67 % test accuracy): float16 centroids, float16
+full-precision leaves, or both change none of the 10,000 test predictions.
 
 Command line::
 

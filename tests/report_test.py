@@ -1,0 +1,65 @@
+"""Tests of `ec2t_jax.report`: thresholds, phases, and a full report of a tiny run."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scoring_test import trained_workdir
+
+from ec2t_jax import report, ternary
+
+
+@pytest.mark.parametrize('seed, gamma', [(0, 0.0), (1, 0.15), (2, 0.5), (3, 2.0)])
+def test_thresholds_reproduce_the_assignment(seed, gamma):
+  rng = np.random.default_rng(seed)
+  w = rng.standard_normal(4000).astype(np.float32) * 0.1
+  centroids = np.array([0.12, 0.09], np.float32)
+  result = ternary.assign(jnp.asarray(w), jnp.asarray(centroids), gamma=gamma)
+  t_n, t_p = report.decision_thresholds(centroids, np.asarray(result.pmf), float(result.lam))
+  predicted = np.where(w > t_p, ternary.POS, np.where(w < t_n, ternary.NEG, ternary.ZERO))
+  away = (np.abs(w - t_p) > 1e-6) & (np.abs(w - t_n) > 1e-6)
+  np.testing.assert_array_equal(predicted[away], np.asarray(result.assignment)[away])
+  if gamma == 0.0:
+    assert (t_n, t_p) == pytest.approx((-0.045, 0.06))
+  else:
+    assert t_p > 0.06 and t_n < -0.045  # λ > 0 widens the zero interval.
+
+
+def test_phase_boundaries():
+  config = {'fp': {'num_epochs': 8}, 'ec2t': {'num_epochs': 10, 'frozen_epochs': 5}}
+  assert report.phase_boundaries(config, 23 * 215) == {'ec2t_start': 1720, 'frozen_start': 3870}
+  config = {'fp': {'num_epochs': 0}, 'ec2t': {'num_epochs': 2, 'frozen_epochs': 0}}
+  assert report.phase_boundaries(config, 10) == {'ec2t_start': 0, 'frozen_start': 10}
+
+
+def test_report_of_two_runs(tmp_path_factory, tmp_path):
+  workdir = trained_workdir(tmp_path_factory)
+  out = tmp_path / 'report'
+  assert report.main(['--workdir', workdir, '--workdir', workdir, '--out', str(out)]) == 0
+  text = (out / 'report.md').read_text()
+  images = sorted(p for p in os.listdir(out) if p.endswith('.png'))
+  label = os.path.basename(workdir)
+  assert images == sorted(
+    [
+      f'{lb}_{kind}.png'
+      for lb in (label, f'{label}_2')
+      for kind in ('curves', 'layers', 'histograms')
+    ]
+    + ['accuracy_vs_sparsity.png', 'accuracy_vs_size.png']
+  )
+  for name in images:
+    assert f']({name})' in text
+    data = (out / name).read_bytes()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) < 300_000
+  for heading in ('## Summary', '## Cost under the MicroNet rules', '## Storage', '## Comparison'):
+    assert heading in text
+  for layer in ('conv1/kernel', 'conv2/kernel', 'fc1/kernel', 'fc2/kernel'):
+    assert f'| {layer} |' in text
+
+
+def test_missing_workdir(tmp_path, capsys):
+  assert report.main(['--workdir', str(tmp_path / 'nothing'), '--out', str(tmp_path / 'r')]) == 2
+  assert 'no summary.json' in capsys.readouterr().err
+  with pytest.raises(ValueError, match='at least one workdir'):
+    report.write_report([], str(tmp_path / 'r'))
