@@ -142,6 +142,9 @@ def main(argv=None):
   """Runs a grid and prints one JSON line per recipe."""
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--grid', default='default', choices=sorted(GRIDS))
+  parser.add_argument(
+    '--recipes', default='', help='JSON list of recipe overrides (replaces --grid)'
+  )
   parser.add_argument('--out', default='')
   parser.add_argument('--limit', type=int, default=0, help='use the first N training images')
   args = parser.parse_args(argv)
@@ -151,7 +154,8 @@ def main(argv=None):
     data = (xtr[: args.limit], ytr[: args.limit]), val, test
   cache: dict = {}
   print(f'devices: {jax.devices()}', flush=True)
-  for cfg in GRIDS[args.grid]:
+  recipes = [_recipe(**r) for r in json.loads(args.recipes)] if args.recipes else GRIDS[args.grid]
+  for cfg in recipes:
     t0 = time.time()
     result = {**run(cfg, data, cache), 'seconds': time.time() - t0}
     line = json.dumps(result)

@@ -29,7 +29,11 @@ def make_step(model, tx):
   def step(params, batch_stats, opt_state, images, labels):
     def loss_fn(p):
       logits, updates = model.apply(
-        {'params': p, 'batch_stats': batch_stats}, images, train=True, mutable=['batch_stats']
+        {'params': p, 'batch_stats': batch_stats},
+        images,
+        train=True,
+        mutable=['batch_stats'],
+        rngs={'dropout': jax.random.key(1)},
       )
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       return loss, updates['batch_stats']
