@@ -151,8 +151,8 @@ class Layer:
     name: the kernel's path in the variables, without the collection
       (e.g. ``'layer1_0/conv1/kernel'``).
     kind: ``'conv'``, ``'depthwise'`` or ``'dense'``.
-    kernel: the kernel values as ``(out, in per group, *spatial)`` (float64),
-      or None if the variables were abstract.
+    kernel: the kernel values as ``(out, in per group, *spatial)``, or None if
+      the variables were abstract.
     kernel_shape: the kernel's shape as stored in the variables.
     groups: ``feature_group_count`` of a convolution (1 for dense).
     in_shape: shape of the layer's input activation (batch 1).
@@ -319,13 +319,13 @@ class _Walker:
       return _Info(psize=val.size, literal=val if val.size == 1 else None)
     return env.get(var, _Info())
 
-  def walk(self, jaxpr: Any, inputs: Sequence[_Info], consts: Sequence[Any] = ()) -> list[_Info]:
+  def walk(self, jaxpr: Any, inputs: Sequence[_Info]) -> list[_Info]:
+    """Classifies every equation of ``jaxpr``; returns what is known about its outputs."""
     env: dict[Any, _Info] = {}
-    for var in jaxpr.constvars:
+    for var in jaxpr.constvars:  # Constants captured by the trace: neither input nor params.
       env[var] = _Info(psize=_size(var.aval))
     for var, info in zip(jaxpr.invars, inputs, strict=True):
       env[var] = info
-    del consts
     for eqn in jaxpr.eqns:
       ins = [self.read(env, v) for v in eqn.invars]
       sub = _sub_call(eqn)
@@ -398,7 +398,8 @@ class _Walker:
   def _move(self, eqn: Any, ins: list[_Info]) -> _Info:
     """Data movement on an activation: no cost; follows zero channels where it can."""
     name = eqn.primitive.name
-    x = ins[0]
+    x = ins[0]  # The operand of every move below except select_n / concatenate.
+    main = max((i for i in ins if i.act), key=lambda i: i.depth)
     in_shape = tuple(eqn.invars[0].aval.shape)
     out_shape = tuple(eqn.outvars[0].aval.shape)
     zero = None
@@ -445,8 +446,8 @@ class _Walker:
     )
     return _Info(
       act=True,
-      src=x.src,
-      depth=max(i.depth for i in ins if i.act),
+      src=main.src,
+      depth=main.depth,
       zero=zero,
       fold=x.fold if keeps_layer and x.act else None,
       chain=x.chain if keeps_layer and x.act else None,
@@ -479,7 +480,8 @@ class _Walker:
       if x.src is not None and self.layers[x.src].activation is None:
         self.layers[x.src].activation = 'relu' if keep else name
       return _Info(act=True, src=x.src, depth=x.depth, zero=x.zero if keep else None)
-    zero = x.zero if name in ('mul', 'div') and x is a else (x.zero if name == 'mul' else None)
+    keeps_zero = name == 'mul' or (name == 'div' and x is a)  # 0·c = 0/c = 0.
+    zero = x.zero if keeps_zero else None
     if not c.param:  # A constant (e.g. 1/HW of a mean): one op per element unless folded.
       if x.fold is not None:
         return _Info(act=True, src=x.src, depth=x.depth, zero=zero, fold=x.fold)
@@ -541,7 +543,7 @@ class _Walker:
     value = self.values.get(leaf)
     kernel = None
     if value is not None:
-      kernel = np.transpose(value.astype(np.float64), rhs_spec)
+      kernel = np.transpose(value, rhs_spec)
     shape_oi = tuple(kshape[d] for d in rhs_spec)
     groups = int(eqn.params.get('feature_group_count', 1))
     c_in = in_shape[lhs_spec[1]]
@@ -583,9 +585,7 @@ class _Walker:
     value = self.values.get(leaf)
     kernel = None
     if value is not None:
-      kernel = np.transpose(value.astype(np.float64), free + contract + batch).reshape(
-        c_out, c_in, -1
-      )[:, :, 0]
+      kernel = np.transpose(value, free + contract + batch).reshape(c_out, c_in, -1)[:, :, 0]
     in_shape = tuple(eqn.invars[1 - k_pos].aval.shape)
     out_shape = tuple(eqn.outvars[0].aval.shape)
     x_contract = tuple(lc if kernel_is_rhs else rc)
@@ -1172,7 +1172,7 @@ def _reference(
     k = layer.kernel
     axes = tuple(range(1, len(layer.shape_oi)))
     dead_out = (
-      np.zeros(layer.c_out, bool) if k is None else np.sum(k, axis=axes) == 0  # Sums, not all-zero.
+      np.zeros(layer.c_out, bool) if k is None else np.sum(k, axis=axes, dtype=np.float64) == 0
     )
     dead_in_idx = None if is_stem or layer.kind == 'depthwise' else prev_dead
     dead_in = None
