@@ -43,13 +43,22 @@ def main(argv):
   except (
     ValueError,
     TypeError,
-    FileNotFoundError,
+    OSError,
     datasets.DatasetNotPreparedError,
     train.NonFiniteError,
   ) as e:
     # One line that names the problem and the fix; no traceback for bad input.
-    sys.exit(f'error: {e}'.replace('\n', ' '))
+    sys.exit('error: ' + ' '.join(str(e).split()))
+
+
+def parse_flags(argv):
+  """Parses flags; a bad override (`--config.ec2t.gama=0.1`) is a one-line error."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    message = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').replace("'", '').split())
+    sys.exit(f'error: bad flag: {message}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -41,6 +41,19 @@ def _abstract(tree: Any) -> dict[str, Any]:
   return {f'{i:05d}': spec(x) for i, x in enumerate(leaves)}
 
 
+def _clear_step(manager: ocp.CheckpointManager, step: int) -> None:
+  """Removes checkpoint `step` before it is written again.
+
+  A resumed run only reaches a step that is already on disk when it had to fall
+  back to an older checkpoint (the newer one could not be restored) and now
+  recomputes that step bit for bit, so replacing it loses nothing.
+  """
+  manager.reload()
+  if step in manager.all_steps():
+    logging.warning('replacing checkpoint %d in %s', step, manager.directory)
+    manager.delete(step)
+
+
 class Checkpointer:
   """Periodic and best-by-validation checkpoints of one workdir.
 
@@ -79,6 +92,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, extra: dict[str, Any]) -> None:
     """Saves `state` (any pytree of arrays) and JSON `extra` as checkpoint `step`."""
     flat, paths = _flat(state)
+    _clear_step(self._manager, step)
     self._manager.save(
       step,
       args=ocp.args.Composite(
@@ -92,6 +106,7 @@ class Checkpointer:
   def save_best(self, step: int, state: Any, extra: dict[str, Any], val_accuracy: float) -> None:
     """Offers checkpoint `step` to the best-by-validation slot."""
     flat, paths = _flat(state)
+    _clear_step(self._best, step)
     self._best.save(
       step,
       args=ocp.args.Composite(
