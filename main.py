@@ -9,7 +9,6 @@ Rerunning the same command with the same --workdir resumes the run.
 import logging
 import sys
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -35,9 +34,6 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   for handler in logging.getLogger().handlers:
     handler.addFilter(_QuietLibraries())
-  logging.info(
-    'JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(), jax.process_count()
-  )
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (

@@ -35,6 +35,9 @@ def get_config():
   config.skip_nonfinite = False  # True: skip (and count) steps with NaN/inf instead of stopping.
   config.num_devices = 0  # 0 = every device; n = the first n (one host only).
   config.distributed = False  # True: jax.distributed.initialize() (multi-host).
+  config.coordinator_address = ''  # 'host:port' of process 0; '' = auto-detect (TPU, SLURM).
+  config.num_processes = 0  # 0 = auto-detect.
+  config.process_id = -1  # -1 = auto-detect.
 
   # --- phase 0: full-precision training (0 epochs with init_from) ----------------------
   config.fp = ml_collections.ConfigDict()

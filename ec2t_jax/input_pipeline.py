@@ -45,6 +45,7 @@ Example:
 """
 
 import hashlib
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -523,6 +524,79 @@ def preprocess_ops(
   raise ValueError(f'no preprocessing recipe for dataset {dataset!r}')  # pragma: no cover
 
 
+class ArrayBatchIterator:
+  """Training batches of an in-memory source that needs no per-record transform.
+
+  The fast path of `create_split` for MNIST-like data: each epoch is a fresh
+  permutation (seeded by `(seed, epoch)`), split into equal shards, and every
+  batch is one numpy gather plus the batch normalization — about a hundred
+  times faster than per-record processing. Batches never cross an epoch
+  boundary (the remainder of each shard is dropped, as `num_batches` counts).
+  `get_state()`/`set_state()` give JSON bytes, like grain's iterators.
+  """
+
+  def __init__(
+    self,
+    source: datasets.InMemorySource,
+    indices: np.ndarray | None,
+    *,
+    batch_size: int,
+    seed: int,
+    shard_index: int,
+    shard_count: int,
+    num_epochs: int | None,
+    normalize: NormalizeBatch,
+  ):
+    self._source = source
+    self._indices = np.arange(len(source)) if indices is None else np.asarray(indices)
+    self._per_shard = len(self._indices) // shard_count
+    self._batches = self._per_shard // batch_size
+    self._batch_size = batch_size
+    self._seed = seed
+    self._shard = shard_index
+    self._num_epochs = num_epochs
+    self._normalize = normalize
+    self._epoch, self._position = 0, 0
+    self._order_epoch, self._order = -1, None
+
+  def _epoch_order(self) -> np.ndarray:
+    if self._order_epoch != self._epoch:
+      perm = np.random.default_rng([self._seed, self._epoch]).permutation(len(self._indices))
+      start = self._shard * self._per_shard
+      self._order = self._indices[perm[start : start + self._per_shard]]
+      self._order_epoch = self._epoch
+    return self._order
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._num_epochs is not None and self._epoch >= self._num_epochs:
+      raise StopIteration
+    b = self._batch_size
+    keys = self._epoch_order()[self._position * b : (self._position + 1) * b]
+    batch = self._normalize.map(
+      {'image': self._source.images[keys], 'label': self._source.labels[keys]}
+    )
+    self._position += 1
+    if self._position == self._batches:
+      self._epoch, self._position = self._epoch + 1, 0
+    return batch
+
+  def get_state(self) -> bytes:
+    """The position as JSON bytes."""
+    return json.dumps(
+      {'epoch': self._epoch, 'position': self._position, 'seed': self._seed}
+    ).encode()
+
+  def set_state(self, state: bytes) -> None:
+    """Continues from a `get_state()` of an iterator built with the same arguments."""
+    value = json.loads(state)
+    if value.get('seed') != self._seed:
+      raise ValueError(f'iterator state was saved with seed {value.get("seed")}, not {self._seed}')
+    self._epoch, self._position = int(value['epoch']), int(value['position'])
+
+
 def num_batches(
   num_records: int, *, batch_size: int, train: bool, shard_count: int | None = None
 ) -> int:
@@ -665,6 +739,27 @@ def create_split(
     global_batch = batch_size * shard_count
     source = IndexedSource(
       data_source, indices, pad_to=math.ceil(num_real / global_batch) * global_batch
+    )
+  if (
+    train
+    and isinstance(data_source, datasets.InMemorySource)
+    and worker_count == 0
+    # Only recipes without any random transform, so that `augment` never changes the order.
+    and all(
+      isinstance(op, SelectFeatures)
+      for op in preprocess_ops(dataset, train=True, augment=True, image_size=image_size)
+    )
+  ):
+    # No per-record work to do: gather whole batches with numpy instead.
+    return ArrayBatchIterator(
+      data_source,
+      None if indices is None else np.asarray(indices, np.int64),
+      batch_size=batch_size,
+      seed=int(seed),
+      shard_index=int(shard_index),
+      shard_count=int(shard_count),
+      num_epochs=num_epochs,
+      normalize=NormalizeBatch(mean, std),
     )
   # Equal shards: each process must run the same number of steps.
   shard_options = grain.sharding.ShardOptions(

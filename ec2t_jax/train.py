@@ -24,7 +24,9 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -303,6 +305,51 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.A
 # --- the run ---------------------------------------------------------------------------------
 
 
+class _Prefetch:
+  """Produces the next batches in a background thread while the device computes.
+
+  `get_state()` is the wrapped iterator's state right after the last batch that
+  was *consumed* (not produced), so a checkpoint resumes exactly there.
+  `set_state()` must come before the first `next()`.
+  """
+
+  def __init__(self, iterator, depth: int = 2):
+    self._it = iterator
+    self._depth = depth
+    self._queue = None
+    self._state = iterator.get_state()
+
+  def set_state(self, state) -> None:
+    if self._queue is not None:
+      raise RuntimeError('set_state() after iteration started')
+    self._it.set_state(state)
+    self._state = state
+
+  def get_state(self):
+    return self._state
+
+  def _produce(self):
+    try:
+      while True:
+        batch = next(self._it)
+        self._queue.put((batch, self._it.get_state()))
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer.
+      self._queue.put((e, None))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._queue is None:
+      self._queue = queue.Queue(maxsize=self._depth)
+      threading.Thread(target=self._produce, daemon=True).start()
+    batch, state = self._queue.get()
+    if isinstance(batch, BaseException):
+      raise batch
+    self._state = state
+    return batch
+
+
 class _Preemption:
   """Turns SIGTERM into a flag the training loop checks after each step."""
 
@@ -396,6 +443,9 @@ class _Run:
       )
 
   def train_iterator(self):
+    return _Prefetch(self._train_split())
+
+  def _train_split(self):
     return input_pipeline.create_split(
       self.train_source,
       batch_size=self.local_batch,
@@ -549,9 +599,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The summary dict also written to `workdir/summary.json`.
   """
   start_time = time.time()
+  if config.get('distributed') and not jax.distributed.is_initialized():
+    # On TPU pods and SLURM everything is detected; elsewhere name the coordinator.
+    jax.distributed.initialize(
+      coordinator_address=config.get('coordinator_address') or None,
+      num_processes=config.get('num_processes') or None,
+      process_id=config.process_id if config.get('process_id', -1) >= 0 else None,
+    )
+  logging.info(
+    'JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(), jax.process_count()
+  )
   validate_config(config)
-  if config.get('distributed'):
-    jax.distributed.initialize()
   run = _Run(config, workdir)
   run.open_data()  # Missing datasets fail here, before the workdir is touched.
   run.build()  # Bad masks, init_from or hyperparameters fail here too.
@@ -650,8 +708,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         flush_metrics(step)
         meta.update(_evaluate_fp(run, state, writer, step))
         variables = {'params': state.params, 'batch_stats': state.batch_stats}
-        if jax.process_index() == 0:
-          checkpoint_lib.save_variables(os.path.join(workdir, 'fp_variables'), variables)
+        # Every process takes part in an orbax save (it synchronizes them).
+        checkpoint_lib.save_variables(os.path.join(workdir, 'fp_variables'), variables)
         state = run.new_state(EC2T, variables)
       if end_of_epoch and step > run.fp_steps:
         val = run.evaluate(state, 'val')

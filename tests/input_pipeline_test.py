@@ -372,3 +372,31 @@ def test_state_restore_with_a_tfds_source():
     restored = make()
     restored.set_state(state)
     assert_batches_equal(take(restored, 4), expected)
+
+
+def test_in_memory_mnist_fast_path_is_exact_and_resumable():
+  images = np.arange(100 * 28 * 28, dtype=np.int64).reshape(100, 28, 28, 1) % 251
+  source = datasets.InMemorySource(images.astype(np.uint8), np.arange(100))  # label = id
+  make = lambda **kw: input_pipeline.create_split(
+    source, batch_size=8, train=True, seed=3, dataset='mnist', indices=np.arange(90), **kw
+  )
+  it = make()
+  assert isinstance(it, input_pipeline.ArrayBatchIterator)
+  first = take(it, 11)  # 90 // 8 = 11 batches per epoch, each example at most once
+  labels = np.concatenate([b['label'] for b in first])
+  assert labels.dtype == np.int32 and len(labels) == 88
+  state = it.get_state()
+  expected = take(it, 5)
+  resumed = make()
+  resumed.set_state(state)
+  for a, b in zip(take(resumed, 5), expected, strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+  # Shards of two processes are disjoint, and each image is normalized like grain's path.
+  s0 = np.concatenate([b['label'] for b in take(make(shard_index=0, shard_count=2), 5)])
+  s1 = np.concatenate([b['label'] for b in take(make(shard_index=1, shard_count=2), 5)])
+  assert len(s0) == len(s1) == 40
+  assert not set(s0.tolist()) & set(s1.tolist())
+  assert len(set(labels.tolist())) == 88 and max(labels) < 90  # no validation example
+  np.testing.assert_allclose(
+    first[0]['image'].mean(), ((images[:90] / 255.0 - 0.1307) / 0.3081).mean(), atol=0.5
+  )

@@ -1,0 +1,85 @@
+"""Two processes joined with jax.distributed on 127.0.0.1 train like one with two devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from reliability_test import TINY_FLAGS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return env
+
+
+def _summary(workdir):
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    return json.load(f)
+
+
+def test_two_processes_match_one_process_with_two_devices(tmp_path):
+  flags = [f for f in TINY_FLAGS if not f.startswith('--config.batch_size')]
+  flags.append('--config.batch_size=32')
+  single = str(tmp_path / 'single')
+  proc = subprocess.run(
+    [sys.executable, 'main.py', f'--workdir={single}', *flags],
+    cwd=REPO,
+    env=_env(2),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  multi = str(tmp_path / 'multi')
+  address = f'127.0.0.1:{_free_port()}'
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        'main.py',
+        f'--workdir={multi}',
+        *flags,
+        '--config.distributed=True',
+        f'--config.coordinator_address={address}',
+        '--config.num_processes=2',
+        f'--config.process_id={i}',
+      ],
+      cwd=REPO,
+      env=_env(1),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  errors = []
+  for p in procs:
+    try:
+      _, err = p.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+      p.kill()
+      _, err = p.communicate()
+    errors.append(err)
+    assert p.returncode == 0, err[-3000:]
+  assert 'process 1 of 2' in errors[1]
+  one, two = _summary(single), _summary(multi)
+  assert two['steps'] == one['steps']
+  if two['params_sha256'] != one['params_sha256']:
+    pytest.fail(
+      'two processes reached different params than one process with two devices: '
+      f'test accuracy {two["test_accuracy"]} vs {one["test_accuracy"]}, '
+      f'sparsity {two["sparsity"]} vs {one["sparsity"]}'
+    )
