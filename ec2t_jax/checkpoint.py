@@ -32,6 +32,13 @@ def _flat(tree: Any) -> tuple[dict[str, Any], list[str]]:
   )
 
 
+def _save_args(state: Any, extra: dict[str, Any]) -> ocp.args.Composite:
+  flat, paths = _flat(state)
+  return ocp.args.Composite(
+    state=ocp.args.StandardSave(flat), extra=ocp.args.JsonSave({**extra, 'paths': paths})
+  )
+
+
 def _abstract(tree: Any) -> dict[str, Any]:
   leaves = jax.tree.leaves(tree)
 
@@ -91,28 +98,16 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, extra: dict[str, Any]) -> None:
     """Saves `state` (any pytree of arrays) and JSON `extra` as checkpoint `step`."""
-    flat, paths = _flat(state)
     _clear_step(self._manager, step)
-    self._manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(flat),
-        extra=ocp.args.JsonSave({**extra, 'paths': paths}),
-      ),
-      force=True,
-    )
+    self._manager.save(step, args=_save_args(state, extra), force=True)
     self._manager.wait_until_finished()
 
   def save_best(self, step: int, state: Any, extra: dict[str, Any], val_accuracy: float) -> None:
     """Offers checkpoint `step` to the best-by-validation slot."""
-    flat, paths = _flat(state)
     _clear_step(self._best, step)
     self._best.save(
       step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(flat),
-        extra=ocp.args.JsonSave({**extra, 'paths': paths}),
-      ),
+      args=_save_args(state, extra),
       metrics={'val_accuracy': float(val_accuracy)},
       force=True,
     )
