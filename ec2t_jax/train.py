@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.experimental import multihost_utils
 
 import ec2t_jax
 from ec2t_jax import checkpoint as checkpoint_lib
@@ -606,6 +607,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       num_processes=config.get('num_processes') or None,
       process_id=config.process_id if config.get('process_id', -1) >= 0 else None,
     )
+    if jax.process_count() > 1:
+      # Set up the collectives now, while all processes are in step: the first
+      # collective otherwise comes after compilation, and a process that lags
+      # there by more than the handshake timeout (30 s with gloo) fails the run.
+      multihost_utils.sync_global_devices('ec2t_jax:start')
   logging.info(
     'JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(), jax.process_count()
   )

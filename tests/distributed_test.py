@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,6 +30,40 @@ def _summary(workdir):
     return json.load(f)
 
 
+def _run_two_processes(workdir, flags):
+  address = f'127.0.0.1:{_free_port()}'
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        'main.py',
+        f'--workdir={workdir}',
+        *flags,
+        '--config.distributed=True',
+        f'--config.coordinator_address={address}',
+        '--config.num_processes=2',
+        f'--config.process_id={i}',
+      ],
+      cwd=REPO,
+      env=_env(1),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  errors, codes = [], []
+  for p in procs:
+    try:
+      _, err = p.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+      p.kill()
+      _, err = p.communicate()
+    errors.append(err)
+    codes.append(p.returncode)
+  return errors, codes
+
+
 def test_two_processes_match_one_process_with_two_devices(tmp_path):
   flags = [f for f in TINY_FLAGS if not f.startswith('--config.batch_size')]
   flags.append('--config.batch_size=32')
@@ -44,36 +79,15 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   multi = str(tmp_path / 'multi')
-  address = f'127.0.0.1:{_free_port()}'
-  procs = [
-    subprocess.Popen(
-      [
-        sys.executable,
-        'main.py',
-        f'--workdir={multi}',
-        *flags,
-        '--config.distributed=True',
-        f'--config.coordinator_address={address}',
-        '--config.num_processes=2',
-        f'--config.process_id={i}',
-      ],
-      cwd=REPO,
-      env=_env(1),
-      stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  errors = []
-  for p in procs:
-    try:
-      _, err = p.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-      p.kill()
-      _, err = p.communicate()
-    errors.append(err)
-    assert p.returncode == 0, err[-3000:]
+  for attempt in range(2):
+    errors, codes = _run_two_processes(multi, flags)
+    handshake = 'Gloo context initialization failed' in ''.join(errors)
+    if all(c == 0 for c in codes) or not handshake or attempt == 1:
+      break
+    # Only the collectives' 30 s handshake timing out on a loaded machine is retried.
+    shutil.rmtree(multi, ignore_errors=True)
+  for code, err in zip(codes, errors, strict=True):
+    assert code == 0, err[-3000:]
   assert 'process 1 of 2' in errors[1]
   one, two = _summary(single), _summary(multi)
   assert two['steps'] == one['steps']
