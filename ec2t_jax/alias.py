@@ -73,6 +73,7 @@ def ec2t(
   freeze_assignment_at: jax.typing.ArrayLike | None = None,
   reset_optimizers_at_freeze: bool = True,
   reference_parity: bool = False,
+  group_layers: bool = True,
 ) -> optax.GradientTransformation:
   """Entropy-Constrained Trained Ternarization as one optax optimizer.
 
@@ -103,6 +104,8 @@ def ec2t(
     reset_optimizers_at_freeze: restart the centroid and full-precision
       optimizer states at that step, as the original does.
     reference_parity: reproduce the original's quirks (SPEC §3–4).
+    group_layers: batch the per-layer math of same-shaped leaves with
+      `jax.vmap` (see `ternary_training`).
 
   Returns:
     An `optax.GradientTransformation`. Under `optax.inject_hyperparams`, pass a
@@ -130,6 +133,7 @@ def ec2t(
     freeze_assignment_at=freeze,
     reset_centroid_optimizer_at_freeze=reset_optimizers_at_freeze,
     reference_parity=reference_parity,
+    group_layers=group_layers,
   )
   fp = fp_optimizer or default_fp_optimizer()
   if reset_optimizers_at_freeze and freeze is not None:

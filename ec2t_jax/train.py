@@ -105,8 +105,17 @@ def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return out
 
 
-# Fields that may differ between the first run and a resume of the same job.
-_RESUMABLE_FIELDS = ('overwrite', 'log_every_steps', 'checkpoint_every_steps', 'data_dir')
+# Fields that may differ between the first run and a resume of the same job (and,
+# for process_id, between the processes of one multi-process run).
+_RESUMABLE_FIELDS = (
+  'overwrite',
+  'log_every_steps',
+  'checkpoint_every_steps',
+  'data_dir',
+  'worker_count',
+  'process_id',
+  'coordinator_address',
+)
 
 
 def _claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -129,9 +138,15 @@ def _claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
         f'workdir {workdir!r} holds a run of a different config ({shown}); use another '
         '--workdir, or --config.overwrite=True to start over there'
       )
+  if jax.process_count() > 1:
+    # Every process has read the workdir as it was; only now may process 0 change it.
+    # (A process that read process 0's fresh config.json could decide differently.)
+    multihost_utils.sync_global_devices('ec2t_jax:workdir_checked')
   if jax.process_index() == 0:
-    with open(path, 'w') as f:
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
       json.dump(_flat_config(config), f, indent=1, sort_keys=True)
+    os.replace(tmp, path)  # Never a half-written config.json, even after SIGKILL.
 
 
 # --- model, optimizers, state ----------------------------------------------------------------
@@ -750,8 +765,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.close()
   ckpt.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+    path = os.path.join(workdir, 'summary.json')
+    with open(f'{path}.tmp', 'w') as f:
       json.dump(summary, f, indent=1, sort_keys=True)
+    os.replace(f'{path}.tmp', path)
   _print_summary(summary)
   return summary
 

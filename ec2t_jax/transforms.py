@@ -98,6 +98,32 @@ def _map(fn: Callable[..., Any], *trees: Any) -> Any:
   return jax.tree.map(f, *trees, is_leaf=_is_masked)
 
 
+def _grouped_map(fn: Callable[..., Any], *trees: Any) -> Any:
+  """`_map`, with all leaves of one shape and dtype passed through a single `jax.vmap`.
+
+  Layers repeat shapes (ResNet-20's 18 ternary kernels have 7 shapes, the
+  φ=3.5 MicroNet's 138 have 11), so the per-layer EC2T math runs as a few
+  batched computations instead of one small one per layer: far fewer kernels
+  to launch on GPU, and far less to compile everywhere.
+  """
+  columns_0, treedef = jax.tree.flatten(trees[0], is_leaf=_is_masked)
+  columns = [columns_0] + [treedef.flatten_up_to(t) for t in trees[1:]]
+  out: list[Any] = list(columns_0)
+  groups: dict[Any, list[int]] = {}
+  for i, leaf in enumerate(columns_0):
+    if not _is_masked(leaf):
+      key = tuple((jnp.shape(c[i]), jnp.result_type(c[i])) for c in columns)
+      groups.setdefault(key, []).append(i)
+  for members in groups.values():
+    if len(members) == 1:
+      out[members[0]] = fn(*(c[members[0]] for c in columns))
+      continue
+    stacked = jax.vmap(fn)(*(jnp.stack([c[i] for i in members]) for c in columns))
+    for k, i in enumerate(members):
+      out[i] = jax.tree.map(lambda x, k=k: x[k], stacked)
+  return jax.tree.unflatten(treedef, out)
+
+
 def _unzip(tree: Any, n: int) -> tuple[Any, ...]:
   """Splits a tree whose leaves are n-tuples into n trees (MaskedNode placeholders kept)."""
   is_tuple = lambda x: isinstance(x, tuple) and len(x) == n and not _is_masked(x)
@@ -149,6 +175,7 @@ def _compression(
   freeze_assignment_at: jax.typing.ArrayLike | None,
   reset_centroid_optimizer_at_freeze: bool,
   reference_parity: bool,
+  group_layers: bool,
 ) -> optax.GradientTransformation:
   """Shared implementation of `ternary_training` and `entropy_constrained_pruning`."""
   _check_scalar('gamma', gamma, minimum=0.0, strict=False)
@@ -198,16 +225,16 @@ def _compression(
     else:
       frozen = count >= jnp.asarray(freeze_assignment_at, jnp.int32)
 
+    mapper = _grouped_map if group_layers else _map
+
     # 1. Map ∂L/∂q to the latent weights and the centroids, with the
     #    assignment and centroids that produced this step's kernel.
-    mapped = _map(
-      lambda g, a, c: ternary.map_gradient(g, a, c, reference_parity=reference_parity, prune=prune),
-      updates,
-      state.assignment,
-      state.centroids,
-    )
+    def map_gradient(g, a, c, w):
+      g_w, g_c = ternary.map_gradient(g, a, c, reference_parity=reference_parity, prune=prune)
+      return g_w.astype(w.dtype), g_c
+
+    mapped = mapper(map_gradient, updates, state.assignment, state.centroids, state.latent)
     latent_grads, centroid_grads = _unzip(mapped, 2)
-    latent_grads = _map(lambda g, w: g.astype(w.dtype), latent_grads, state.latent)
 
     # 2. Latent weights: their own optimizer; frozen in phase 2.
     lat_updates, lat_opt_state = latent_optimizer.update(
@@ -228,20 +255,15 @@ def _compression(
     c_updates, c_opt_state = centroid_optimizer.update(
       centroid_grads, c_opt_state, state.centroid_latent
     )
-    centroid_latent = optax.apply_updates(state.centroid_latent, c_updates)
+    stepped_centroids = optax.apply_updates(state.centroid_latent, c_updates)
 
-    # 4. Centroid floor from the latent weights (the phase-1 ones when frozen).
-    centroid_latent = _map(
-      lambda c, w: jnp.maximum(c, ternary.centroid_floor(w, centroid_floor_std)),
-      centroid_latent,
-      latent,
-    )
-    centroids = _map(lambda c, p: ternary.snap_centroids(c, p.dtype), centroid_latent, params)
-
-    # 5. Entropy-constrained re-assignment; kept as it is when frozen.
     max_size = max([leaf.size for leaf in _leaves(params)], default=1)
 
-    def reassign(w, c, a_old):
+    def finish(p, w, c_latent, a_old):
+      # 4. Centroid floor from the latent weights (the phase-1 ones when frozen).
+      c_latent = jnp.maximum(c_latent, ternary.centroid_floor(w, centroid_floor_std))
+      c = ternary.snap_centroids(c_latent, p.dtype)
+      # 5. Entropy-constrained re-assignment; kept as it is when frozen.
       result = ternary.assign(
         w,
         c,
@@ -250,32 +272,22 @@ def _compression(
         p0_min=p0_min,
         reference_parity=reference_parity,
       )
-      return jnp.where(frozen, a_old, result.assignment), result.pmf, result.lam
-
-    reassigned = _map(reassign, latent, centroids, state.assignment)
-    assignment, pmf, lam = _unzip(reassigned, 3)
-
-    # 6. The new kernel, reached exactly by `optax.apply_updates`.
-    def reach(p, a, c, w):
+      a = jnp.where(frozen, a_old, result.assignment)
+      # 6. The new kernel, reached exactly by `optax.apply_updates`.
       q = kernel(a, c, w, p.dtype)
       u = ternary.exact_update(p, q)
       # A move that no float `u` can make exact (possible only when a centroid
       # changes several-fold in one step) goes to zero instead: `p + (-p)` is
       # exactly 0, and the assignment records it.
       miss = (p + u) != q
-      return jnp.where(miss, -p, u), jnp.where(miss, ternary.ZERO, a).astype(a.dtype)
+      u = jnp.where(miss, -p, u)
+      a = jnp.where(miss, ternary.ZERO, a).astype(a_old.dtype)
+      if prune:  # Kept weights hold exactly what `p + u` produces; store that as latent.
+        w = jnp.where(a == ternary.ZERO, w, (p + u).astype(w.dtype))
+      return u, w, c_latent, c, a, result.pmf, result.lam
 
-    reached = _map(reach, params, assignment, centroids, latent)
-    new_updates, assignment = _unzip(reached, 2)
-    if prune:
-      # Kept weights hold exactly what `p + u` produces; store that as latent.
-      latent = _map(
-        lambda w, a, p, u: jnp.where(a == ternary.ZERO, w, (p + u).astype(w.dtype)),
-        latent,
-        assignment,
-        params,
-        new_updates,
-      )
+    finished = mapper(finish, params, latent, stepped_centroids, state.assignment)
+    new_updates, latent, centroid_latent, centroids, assignment, pmf, lam = _unzip(finished, 7)
     new_state = state_cls(
       count=optax.safe_increment(count),
       latent=latent,
@@ -304,6 +316,7 @@ def ternary_training(
   freeze_assignment_at: jax.typing.ArrayLike | None = None,
   reset_centroid_optimizer_at_freeze: bool = True,
   reference_parity: bool = False,
+  group_layers: bool = True,
 ) -> optax.GradientTransformation:
   """Trains every leaf it is given into a ternary kernel `{-w_n, 0, +w_p}` (EC2T).
 
@@ -336,6 +349,9 @@ def ternary_training(
       at the switch, as the original does.
     reference_parity: reproduce the original's quirks (the `w_n` gradient sign
       and the probability-floor arithmetic) instead of the correct math.
+    group_layers: run the per-layer math of all leaves with the same shape and
+      dtype as one `jax.vmap`-ed computation (fewer, larger kernels; faster
+      to compile). False maps layer by layer; results agree to float rounding.
 
   Returns:
     An `optax.GradientTransformation` whose state is a `TernaryTrainingState`.
@@ -359,6 +375,7 @@ def ternary_training(
     freeze_assignment_at=freeze_assignment_at,
     reset_centroid_optimizer_at_freeze=reset_centroid_optimizer_at_freeze,
     reference_parity=reference_parity,
+    group_layers=group_layers,
   )
 
 
@@ -374,6 +391,7 @@ def entropy_constrained_pruning(
   freeze_assignment_at: jax.typing.ArrayLike | None = None,
   reset_centroid_optimizer_at_freeze: bool = True,
   reference_parity: bool = False,
+  group_layers: bool = True,
 ) -> optax.GradientTransformation:
   """Entropy-constrained pruning (ECP, SPEC §6) of every leaf it is given.
 
@@ -397,6 +415,7 @@ def entropy_constrained_pruning(
     freeze_assignment_at=freeze_assignment_at,
     reset_centroid_optimizer_at_freeze=reset_centroid_optimizer_at_freeze,
     reference_parity=reference_parity,
+    group_layers=group_layers,
   )
 
 

@@ -64,12 +64,6 @@ def _run_two_processes(workdir, flags):
   return errors, codes
 
 
-@pytest.mark.skipif(
-  os.environ.get('EC2T_MULTIPROCESS_TEST') != '1',
-  reason='needs an otherwise idle machine: in the loaded full suite (pytest -n 2 plus other '
-  'subprocess tests) a process can stall in a collective. Run alone with '
-  'EC2T_MULTIPROCESS_TEST=1 pytest tests/distributed_test.py',
-)
 def test_two_processes_match_one_process_with_two_devices(tmp_path):
   flags = [f for f in TINY_FLAGS if not f.startswith('--config.batch_size')]
   flags.append('--config.batch_size=32')

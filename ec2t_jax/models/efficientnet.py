@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ec2t_jax.models import scaling
+from ec2t_jax.models import layers, scaling
 
 __all__ = [
   'BLOCK_ARGS',
@@ -176,7 +176,7 @@ class MBConvBlock(nn.Module):
     )
 
   def _conv1x1(self, features: int, name: str, use_bias: bool = False) -> nn.Conv:
-    return nn.Conv(
+    return layers.Conv(
       features,
       (1, 1),
       padding='VALID',
@@ -208,7 +208,7 @@ class MBConvBlock(nn.Module):
       padding = [tf_same_padding(x.shape[1], k, s), tf_same_padding(x.shape[2], k, s)]
     else:
       padding = [(k // 2, k // 2), (k // 2, k // 2)]
-    x = nn.Conv(
+    x = layers.Conv(
       channels,
       (k, k),
       strides=s,
@@ -321,7 +321,7 @@ class EfficientNet(nn.Module):
       stem_pad = [tf_same_padding(x.shape[1], 3, 2), tf_same_padding(x.shape[2], 3, 2)]
     else:
       stem_pad = [(1, 1), (1, 1)]
-    x = nn.Conv(
+    x = layers.Conv(
       scaling.round_filters(STEM_FILTERS, self.width),
       (3, 3),
       strides=2,
@@ -346,7 +346,7 @@ class EfficientNet(nn.Module):
         axis_name=self.axis_name,
         name=f'blocks_{k}',
       )(x, train=train)
-    x = nn.Conv(
+    x = layers.Conv(
       scaling.round_filters(HEAD_FILTERS, self.width),
       (1, 1),
       padding='VALID',

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from ec2t_jax.models import layers
+
 __all__ = ['LeNet5']
 
 # PyTorch's default init for Conv2d/Linear (kaiming_uniform with a=sqrt(5)) is
@@ -54,9 +56,9 @@ class LeNet5(nn.Module):
     """
     del train
     common = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_torch_default_init)
-    x = nn.Conv(6, (5, 5), padding=((2, 2), (2, 2)), name='conv1', **common)(x)
+    x = layers.Conv(6, (5, 5), padding=((2, 2), (2, 2)), name='conv1', **common)(x)
     x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
-    x = nn.Conv(16, (5, 5), padding='VALID', name='conv2', **common)(x)
+    x = layers.Conv(16, (5, 5), padding='VALID', name='conv2', **common)(x)
     x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))  # NHWC order: (h, w, c).
     x = nn.relu(nn.Dense(120, name='fc1', **common)(x))

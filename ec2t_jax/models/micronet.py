@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ec2t_jax.models import scaling
+from ec2t_jax.models import layers, scaling
 
 __all__ = ['MicroNet', 'MicroNetBlock', 'micronet_scaled']
 
@@ -80,7 +80,7 @@ class MicroNetBlock(nn.Module):
       Features, shape ``(N, H/strides, W/strides, planes)``.
     """
     conv = functools.partial(
-      nn.Conv,
+      layers.Conv,
       use_bias=False,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
@@ -162,7 +162,7 @@ class MicroNet(nn.Module):
     Returns:
       Logits, shape ``(N, num_classes)``, dtype ``dtype``.
     """
-    x = nn.Conv(
+    x = layers.Conv(
       scaling.round_filters(BASE_WIDTHS[0], self.width_mult),
       (3, 3),
       padding=_PAD1,

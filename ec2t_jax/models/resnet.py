@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from ec2t_jax.models import layers
+
 __all__ = ['BasicBlock', 'Bottleneck', 'ResNet', 'STAGE_SIZES']
 
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu') for convs, and
@@ -45,7 +47,7 @@ class _Block(nn.Module):
   axis_name: str | None = None
 
   def _conv(self, features: int, kernel: int, strides: int, name: str) -> nn.Conv:
-    return nn.Conv(
+    return layers.Conv(
       features,
       (kernel, kernel),
       strides=strides,
@@ -202,7 +204,7 @@ class ResNet(nn.Module):
       bn_epsilon=self.bn_epsilon,
       axis_name=self.axis_name,
     )
-    x = nn.Conv(
+    x = layers.Conv(
       64,
       (7, 7),
       strides=2,

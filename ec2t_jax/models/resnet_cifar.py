@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from ec2t_jax.models import layers
+
 __all__ = ['CifarBasicBlock', 'CifarResNet']
 
 # Kaiming-normal (fan_in, gain sqrt(2)), untruncated like torch.nn.init.kaiming_normal_.
@@ -57,7 +59,7 @@ class CifarBasicBlock(nn.Module):
       Features, shape ``(N, H/strides, W/strides, planes)``.
     """
     conv = functools.partial(
-      nn.Conv,
+      layers.Conv,
       kernel_size=(3, 3),
       padding=_PAD1,
       use_bias=False,
@@ -136,7 +138,7 @@ class CifarResNet(nn.Module):
       dtype=self.dtype,
       param_dtype=self.param_dtype,
     )
-    x = nn.Conv(
+    x = layers.Conv(
       16,
       (3, 3),
       padding=_PAD1,
