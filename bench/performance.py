@@ -1,0 +1,446 @@
+"""The performance benchmarks of issue #7, one subcommand each.
+
+    python bench/performance.py step     [--models lenet5,resnet20,micronet_c100] [--dtypes ...]
+    python bench/performance.py update   [--models resnet20,micronet_c100,resnet50]
+    python bench/performance.py compile  [--models resnet20,micronet_c100,efficientnet_b1]
+    python bench/performance.py memory   [--model micronet_c100]
+    python bench/performance.py pipeline [--dataset cifar10]
+    python bench/performance.py eval     [--models lenet5,resnet20]
+
+Every subcommand measures both sides of its comparison in this one process
+(EC2T against Adam, pipeline against train step, ...), prints a markdown table
+and, with `--json FILE`, writes the raw numbers. `docs/benchmarks.md` holds the
+results and the exact commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ec2t_jax  # noqa: E402
+from ec2t_jax import datasets, input_pipeline, models  # noqa: E402
+
+try:
+  from step_overhead import make_step  # noqa: E402
+except ImportError:  # Imported as bench.performance.
+  from bench.step_overhead import make_step  # noqa: E402
+
+
+def _num_classes(name: str) -> int:
+  if name.startswith('efficientnet') or name in ('resnet18', 'resnet34', 'resnet50'):
+    return 1000
+  return 100 if name.endswith('c100') else 10
+
+
+def _setup(name: str, batch: int, dtype=jnp.float32):
+  """Model, a synthetic batch, float32 variables and the default ternary mask."""
+  model = models.create(name, num_classes=_num_classes(name), dtype=dtype)
+  shape = models.input_shape(name)
+  key = jax.random.key(0)
+  images = jax.random.normal(key, (batch, *shape))
+  labels = jax.random.randint(key, (batch,), 0, _num_classes(name))
+  variables = jax.jit(lambda k: model.init(k, images[:1], train=False))(key)
+  order = ec2t_jax.masks.call_order(model, images[:1], train=False)
+  mask = ec2t_jax.default_ternary_mask(variables['params'], order=order)
+  return model, images, labels, variables, mask
+
+
+def _median_time(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def _machine() -> dict[str, Any]:
+  return {
+    'device': str(jax.devices()[0].device_kind),
+    'platform': jax.default_backend(),
+    'machine': platform.machine(),
+    'cpu_count': os.cpu_count(),
+    'jax': jax.__version__,
+  }
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+  def fmt(v):
+    if isinstance(v, float):
+      return f'{v:,.3g}' if abs(v) < 100 else f'{v:,.0f}'
+    if isinstance(v, int):
+      return f'{v:,}'
+    return str(v)
+
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(fmt(v) for v in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def _ternary_leaves(params, mask) -> list[Any]:
+  return [x for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask), strict=True) if m]
+
+
+def _ternary_count(params, mask) -> tuple[int, int]:
+  sizes = [x.size for x in _ternary_leaves(params, mask)]
+  return len(sizes), int(sum(sizes))
+
+
+# --- 1. train-step throughput --------------------------------------------------------------
+
+
+def bench_step(args) -> list[dict[str, Any]]:
+  """Images/s of a jitted Adam step and an EC2T step, interleaved, per model and dtype."""
+  results = []
+  for name in args.models.split(','):
+    for dtype_name in args.dtypes.split(','):
+      dtype = jnp.bfloat16 if dtype_name == 'bfloat16' else jnp.float32
+      model, images, labels, variables, mask = _setup(name, args.batch, dtype)
+      params, stats = variables['params'], variables.get('batch_stats', {})
+      runs = {}
+      for opt_name, tx in (('adam', optax.adam(1e-4)), ('ec2t', ec2t_jax.ec2t(mask))):
+        opt_state = tx.init(params)
+        p = ec2t_jax.ternarize(params, opt_state) if opt_name == 'ec2t' else params
+        step = make_step(model, tx)
+        carry = jax.tree.map(jnp.copy, (p, stats, opt_state))
+        t0 = time.perf_counter()
+        *carry, loss = step(*carry, images, labels)
+        loss.block_until_ready()
+        runs[opt_name] = {'step': step, 'carry': carry, 'first_s': time.perf_counter() - t0}
+        runs[opt_name]['times'] = []
+      for _ in range(args.steps):
+        for run in runs.values():
+          t0 = time.perf_counter()
+          *carry, loss = run['step'](*run['carry'], images, labels)
+          loss.block_until_ready()
+          run['times'].append(time.perf_counter() - t0)
+          run['carry'] = carry
+      adam = statistics.median(runs['adam']['times'])
+      ec2t = statistics.median(runs['ec2t']['times'])
+      results.append(
+        {
+          'model': name,
+          'dtype': dtype_name,
+          'batch': args.batch,
+          'steps': args.steps,
+          'adam_ms': adam * 1e3,
+          'ec2t_ms': ec2t * 1e3,
+          'adam_images_per_s': args.batch / adam,
+          'ec2t_images_per_s': args.batch / ec2t,
+          'ratio': ec2t / adam,
+          'first_step_s': {k: r['first_s'] for k, r in runs.items()},
+        }
+      )
+      print(json.dumps(results[-1]), flush=True)
+  print(
+    _table(
+      ['model', 'dtype', 'Adam img/s', 'EC2T img/s', 'EC2T/Adam'],
+      [
+        [r['model'], r['dtype'], r['adam_images_per_s'], r['ec2t_images_per_s'], r['ratio']]
+        for r in results
+      ],
+    )
+  )
+  return results
+
+
+# --- 2. cost of the EC2T update alone --------------------------------------------------------
+
+
+def bench_update(args) -> list[dict[str, Any]]:
+  """Time of `tx.update` + `apply_updates` alone, EC2T against Adam, on random gradients."""
+  results = []
+  for name in args.models.split(','):
+    _, _, _, variables, mask = _setup(name, 1)
+    params = variables['params']
+    grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
+    layers, ternary = _ternary_count(params, mask)
+    row = {'model': name, 'params': int(sum(x.size for x in jax.tree.leaves(params)))}
+    row.update({'ternary_layers': layers, 'ternary_params': ternary})
+    for opt_name, tx in (('adam', optax.adam(1e-4)), ('ec2t', ec2t_jax.ec2t(mask))):
+      state = tx.init(params)
+      p = ec2t_jax.ternarize(params, state) if opt_name == 'ec2t' else params
+
+      @jax.jit
+      def update(p, state, g, tx=tx):
+        u, state = tx.update(g, state, p)
+        return optax.apply_updates(p, u), state
+
+      row[f'{opt_name}_ms'] = 1e3 * _median_time(update, p, state, grads, repeats=args.repeats)
+    row['ec2t_ms_per_million_ternary'] = row['ec2t_ms'] / (ternary / 1e6)
+    results.append(row)
+    print(json.dumps(row), flush=True)
+  print(
+    _table(
+      ['model', 'ternary params', 'layers', 'Adam update ms', 'EC2T update ms', 'EC2T ms / M'],
+      [
+        [
+          r['model'],
+          r['ternary_params'],
+          r['ternary_layers'],
+          r['adam_ms'],
+          r['ec2t_ms'],
+          r['ec2t_ms_per_million_ternary'],
+        ]
+        for r in results
+      ],
+    )
+  )
+  return results
+
+
+# --- 3. compile time -----------------------------------------------------------------------
+
+
+def bench_compile(args) -> list[dict[str, Any]]:
+  """Seconds to lower and compile the train step: Adam, EC2T grouped, EC2T per layer."""
+  results = []
+  for name in args.models.split(','):
+    model, images, labels, variables, mask = _setup(name, args.batch)
+    params, stats = variables['params'], variables.get('batch_stats', {})
+    layers, _ = _ternary_count(params, mask)
+    shapes = len({x.shape for x in _ternary_leaves(params, mask)})
+    row = {'model': name, 'ternary_layers': layers, 'distinct_shapes': shapes}
+    optimizers = {
+      'adam': optax.adam(1e-4),
+      'ec2t': ec2t_jax.ec2t(mask),
+      'ec2t_per_layer': ec2t_jax.ec2t(mask, group_layers=False),
+    }
+    for opt_name, tx in optimizers.items():
+      if opt_name not in args.optimizers.split(','):
+        continue
+      jax.clear_caches()
+      opt_state = jax.eval_shape(tx.init, params)
+      t0 = time.perf_counter()
+      make_step(model, tx).lower(params, stats, opt_state, images, labels).compile()
+      row[f'{opt_name}_s'] = time.perf_counter() - t0
+    results.append(row)
+    print(json.dumps(row), flush=True)
+  keys = [k for k in ('adam', 'ec2t', 'ec2t_per_layer') if k in args.optimizers.split(',')]
+  print(
+    _table(
+      ['model', 'ternary layers', 'shapes', *[f'{k} compile s' for k in keys]],
+      [
+        [r['model'], r['ternary_layers'], r['distinct_shapes'], *[r[f'{k}_s'] for k in keys]]
+        for r in results
+      ],
+    )
+  )
+  return results
+
+
+# --- 4. memory -----------------------------------------------------------------------------
+
+
+def _nbytes(tree) -> int:
+  return int(sum(np.dtype(x.dtype).itemsize * x.size for x in jax.tree.leaves(tree)))
+
+
+def bench_memory(args) -> dict[str, Any]:
+  """Optimizer-state bytes per parameter, and the peak host memory of one train step."""
+  if args.child:
+    model, images, labels, variables, mask = _setup(args.model, args.batch)
+    params, stats = variables['params'], variables.get('batch_stats', {})
+    tx = ec2t_jax.ec2t(mask) if args.child == 'ec2t' else optax.adam(1e-4)
+    opt_state = tx.init(params)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step = make_step(model, tx)
+    out = step(params, stats, opt_state, images, labels)
+    jax.block_until_ready(out)
+    out = step(*out[:3], images, labels)
+    jax.block_until_ready(out)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({'before_step_mib': before / 1024, 'peak_mib': peak / 1024}))
+    return {}
+  _, _, _, variables, mask = _setup(args.model, 1)
+  params = variables['params']
+  _, ternary = _ternary_count(params, mask)
+  total = int(sum(x.size for x in jax.tree.leaves(params)))
+  result: dict[str, Any] = {'model': args.model, 'params': total, 'ternary_params': ternary}
+  for opt_name, tx in (('adam', optax.adam(1e-4)), ('ec2t', ec2t_jax.ec2t(mask))):
+    state = jax.eval_shape(tx.init, params)
+    result[f'{opt_name}_state_bytes_per_param'] = _nbytes(state) / total
+  ec2t_state = jax.eval_shape(ec2t_jax.ec2t(mask).init, params)
+  assignment = [
+    x
+    for s in jax.tree.leaves(ec2t_state, is_leaf=ec2t_jax.transforms.is_compression_state)
+    if ec2t_jax.transforms.is_compression_state(s)
+    for x in jax.tree.leaves(s.assignment)
+  ]
+  result['assignment_dtypes'] = sorted({str(x.dtype) for x in assignment})
+  for opt_name in ('adam', 'ec2t'):
+    cmd = [sys.executable, __file__, 'memory', f'--model={args.model}', f'--batch={args.batch}']
+    out = subprocess.run([*cmd, f'--child={opt_name}'], capture_output=True, text=True, check=True)
+    child = json.loads(out.stdout.strip().splitlines()[-1])
+    result[f'{opt_name}_peak_host_mib'] = child['peak_mib']
+  print(json.dumps(result), flush=True)
+  print(
+    _table(
+      [
+        'model',
+        'batch',
+        'state B/param Adam',
+        'state B/param EC2T',
+        'peak MiB Adam',
+        'peak MiB EC2T',
+      ],
+      [
+        [
+          args.model,
+          args.batch,
+          result['adam_state_bytes_per_param'],
+          result['ec2t_state_bytes_per_param'],
+          result['adam_peak_host_mib'],
+          result['ec2t_peak_host_mib'],
+        ]
+      ],
+    )
+  )
+  return result
+
+
+# --- 5. input pipeline against the train step -----------------------------------------------
+
+
+def bench_pipeline(args) -> dict[str, Any]:
+  """Images/s of the recipe's training pipeline (with augmentation) and of the train step."""
+  spec = datasets.get_spec(args.dataset)
+  shape = (32, 32, 3) if spec.name.startswith('cifar') else (28, 28, 1)
+  rng = np.random.default_rng(0)
+  n = args.examples
+  source = datasets.InMemorySource(
+    rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int64)
+  )
+  result: dict[str, Any] = {'dataset': args.dataset, 'batch': args.batch, 'model': args.model}
+  for workers in [int(w) for w in args.workers.split(',')]:
+    it = input_pipeline.create_split(
+      source,
+      batch_size=args.batch,
+      train=True,
+      seed=0,
+      dataset=args.dataset,
+      worker_count=workers,
+    )
+    next(it)  # Start-up (worker processes) is not throughput.
+    t0 = time.perf_counter()
+    for _ in range(args.batches):
+      next(it)
+    result[f'pipeline_images_per_s_workers{workers}'] = (
+      args.batches * args.batch / (time.perf_counter() - t0)
+    )
+    del it
+  model, images, labels, variables, mask = _setup(args.model, args.batch)
+  tx = ec2t_jax.ec2t(mask)
+  opt_state = tx.init(variables['params'])
+  params = ec2t_jax.ternarize(variables['params'], opt_state)
+  step = make_step(model, tx)
+  carry = (params, variables.get('batch_stats', {}), opt_state)
+  carry = step(*carry, images, labels)[:3]
+  jax.block_until_ready(carry)
+  t0 = time.perf_counter()
+  for _ in range(args.steps):
+    carry = step(*carry, images, labels)[:3]
+  jax.block_until_ready(carry)
+  result['step_images_per_s'] = args.steps * args.batch / (time.perf_counter() - t0)
+  best = max(v for k, v in result.items() if k.startswith('pipeline_'))
+  result['pipeline_over_step'] = best / result['step_images_per_s']
+  print(json.dumps(result), flush=True)
+  return result
+
+
+# --- 6. evaluation throughput ----------------------------------------------------------------
+
+
+def bench_eval(args) -> list[dict[str, Any]]:
+  """Images/s of the jitted evaluation forward pass of a ternarized model."""
+  results = []
+  for name in args.models.split(','):
+    model, images, _, variables, mask = _setup(name, args.batch)
+    tx = ec2t_jax.ec2t(mask)
+    params = ec2t_jax.ternarize(variables['params'], tx.init(variables['params']))
+    ternary_vars = {**variables, 'params': params}
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    seconds = _median_time(forward, ternary_vars, images, repeats=args.repeats)
+    row = {'model': name, 'batch': args.batch, 'images_per_s': args.batch / seconds}
+    results.append(row)
+    print(json.dumps(row), flush=True)
+  print(
+    _table(
+      ['model', 'batch', 'eval img/s'],
+      [[r['model'], r['batch'], r['images_per_s']] for r in results],
+    )
+  )
+  return results
+
+
+def main(argv=None):
+  """Parses the subcommand, runs it, prints the table and writes `--json`."""
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+  )
+  sub = parser.add_subparsers(dest='command', required=True)
+
+  def add(name, fn, **defaults):
+    p = sub.add_parser(name)
+    p.set_defaults(fn=fn)
+    p.add_argument('--json', default='')
+    for key, value in defaults.items():
+      p.add_argument(f'--{key}', type=type(value), default=value)
+    return p
+
+  add(
+    'step',
+    bench_step,
+    models='lenet5,resnet20,micronet_c100',
+    dtypes='float32,bfloat16',
+    batch=128,
+    steps=5,
+  )
+  add('update', bench_update, models='resnet20,micronet_c100,resnet50', repeats=5)
+  add(
+    'compile',
+    bench_compile,
+    models='resnet20,micronet_c100,efficientnet_b1',
+    batch=128,
+    optimizers='adam,ec2t,ec2t_per_layer',
+  )
+  add('memory', bench_memory, model='micronet_c100', batch=128, child='')
+  add(
+    'pipeline',
+    bench_pipeline,
+    dataset='cifar10',
+    model='resnet20',
+    batch=128,
+    batches=40,
+    steps=5,
+    examples=8192,
+    workers='0,2',
+  )
+  add('eval', bench_eval, models='lenet5,resnet20,micronet_c100', batch=512, repeats=5)
+  args = parser.parse_args(argv)
+  result = args.fn(args)
+  if args.json and result:
+    with open(args.json, 'w') as f:
+      json.dump({'benchmark': args.command, 'machine': _machine(), 'result': result}, f, indent=1)
+  return result
+
+
+if __name__ == '__main__':
+  main()
