@@ -34,7 +34,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ec2t_jax  # noqa: E402
-from ec2t_jax import datasets, input_pipeline, models  # noqa: E402
+from ec2t_jax import models  # noqa: E402
 
 try:
   from step_overhead import make_step  # noqa: E402
@@ -321,6 +321,8 @@ def bench_memory(args) -> dict[str, Any]:
 
 def bench_pipeline(args) -> dict[str, Any]:
   """Images/s of the recipe's training pipeline (with augmentation) and of the train step."""
+  from ec2t_jax import datasets, input_pipeline  # tfds and grain: only this benchmark.
+
   spec = datasets.get_spec(args.dataset)
   shape = (32, 32, 3) if spec.name.startswith('cifar') else (28, 28, 1)
   rng = np.random.default_rng(0)
