@@ -6,6 +6,7 @@
     python bench/performance.py memory   [--model micronet_c100]
     python bench/performance.py pipeline [--dataset cifar10]
     python bench/performance.py eval     [--models lenet5,resnet20]
+    python bench/performance.py torch    (PyTorch's CPU ResNet-20 Adam step against ours)
 
 Every subcommand measures both sides of its comparison in this one process
 (EC2T against Adam, pipeline against train step, ...), prints a markdown table
@@ -395,6 +396,59 @@ def bench_eval(args) -> list[dict[str, Any]]:
   return results
 
 
+# --- PyTorch reference step ------------------------------------------------------------------
+
+
+def bench_torch(args) -> dict[str, Any]:
+  """Images/s of a PyTorch CPU train step (Adam) of ResNet-20 against ours, interleaved."""
+  import torch  # Only this benchmark needs it (CPU build; see the Makefile).
+
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'tests'))
+  import torch_models
+
+  torch.manual_seed(0)
+  net = torch_models.CifarResNet(depth=20, num_classes=10)
+  opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+  x = torch.randn(args.batch, 3, 32, 32)
+  y = torch.randint(0, 10, (args.batch,))
+
+  def torch_step():
+    opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+  model, images, labels, variables, _ = _setup('resnet20', args.batch)
+  tx = optax.adam(1e-4)
+  step = make_step(model, tx)
+  carry = [variables['params'], variables.get('batch_stats', {})]
+  carry.append(tx.init(carry[0]))
+  *carry, loss = step(*carry, images, labels)
+  loss.block_until_ready()
+  torch_step()
+  times: dict[str, list[float]] = {'torch': [], 'jax': []}
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    torch_step()
+    times['torch'].append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    *carry, loss = step(*carry, images, labels)
+    loss.block_until_ready()
+    times['jax'].append(time.perf_counter() - t0)
+  result = {
+    'model': 'resnet20',
+    'batch': args.batch,
+    'torch_version': torch.__version__,
+    'torch_threads': torch.get_num_threads(),
+    'torch_images_per_s': args.batch / statistics.median(times['torch']),
+    'jax_images_per_s': args.batch / statistics.median(times['jax']),
+  }
+  result['jax_over_torch'] = result['jax_images_per_s'] / result['torch_images_per_s']
+  print(json.dumps(result), flush=True)
+  return result
+
+
 def main(argv=None):
   """Parses the subcommand, runs it, prints the table and writes `--json`."""
   parser = argparse.ArgumentParser(
@@ -438,6 +492,7 @@ def main(argv=None):
     examples=8192,
     workers='0,2',
   )
+  add('torch', bench_torch, batch=128, steps=10)
   add('eval', bench_eval, models='lenet5,resnet20,micronet_c100', batch=512, repeats=5)
   args = parser.parse_args(argv)
   result = args.fn(args)

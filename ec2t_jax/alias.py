@@ -73,7 +73,7 @@ def ec2t(
   freeze_assignment_at: jax.typing.ArrayLike | None = None,
   reset_optimizers_at_freeze: bool = True,
   reference_parity: bool = False,
-  group_layers: bool | None = None,
+  group_layers: bool = True,
 ) -> optax.GradientTransformation:
   """Entropy-Constrained Trained Ternarization as one optax optimizer.
 
@@ -105,7 +105,7 @@ def ec2t(
       optimizer states at that step, as the original does.
     reference_parity: reproduce the original's quirks (SPEC §3–4).
     group_layers: batch the per-layer math of same-shaped leaves with
-      `jax.vmap`; None: on GPU/TPU but not on CPU (see `ternary_training`).
+      `jax.vmap` (see `ternary_training`).
 
   Returns:
     An `optax.GradientTransformation`. Under `optax.inject_hyperparams`, pass a
