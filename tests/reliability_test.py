@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from train_test import tiny_mnist
+from train_test import _sigterm_at, tiny_mnist
 
 from ec2t_jax import checkpoint as checkpoint_lib
 from ec2t_jax import metric_writers, train
@@ -94,17 +94,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_an_intact_one(tmp_path, unint
   config = tiny_mnist(**{'checkpoint_every_steps': 2})
   workdir = str(tmp_path / 'run')
   with pytest.MonkeyPatch.context() as m:  # Stop at step 6 as if preempted.
-    original = train._Run.to_global
-    calls = {'n': 0}
-
-    def to_global(self, batch):
-      if 'mask' not in batch:
-        calls['n'] += 1
-        if calls['n'] == 6:
-          os.kill(os.getpid(), signal.SIGTERM)
-      return original(self, batch)
-
-    m.setattr(train._Run, 'to_global', to_global)
+    _sigterm_at(m, 6)
     assert train.train_and_evaluate(config, workdir)['preempted']
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
   steps = ckpt.steps()
