@@ -325,7 +325,12 @@ def bench_memory(args) -> dict[str, Any]:
 
 def bench_pipeline(args) -> dict[str, Any]:
   """Images/s of the recipe's training pipeline (with augmentation) and of the train step."""
+  from absl import flags as absl_flags
+
   from ec2t_jax import datasets, input_pipeline  # tfds and grain: only this benchmark.
+
+  if not absl_flags.FLAGS.is_parsed():  # grain's worker processes read absl flags.
+    absl_flags.FLAGS.mark_as_parsed()
 
   spec = datasets.get_spec(args.dataset)
   shape = (32, 32, 3) if spec.name.startswith('cifar') else (28, 28, 1)
