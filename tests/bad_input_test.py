@@ -1,5 +1,6 @@
 """Bad settings are refused before any training step, without touching the workdir."""
 
+import json
 import os
 import subprocess
 import sys
@@ -86,6 +87,22 @@ def test_workdir_of_another_config_is_refused_unless_overwrite(tmp_path):
   with pytest.raises(ValueError, match=r'different config \(ec2t.gamma: 0.5 -> 0.15\)'):
     train.train_and_evaluate(config, workdir)
   assert open(os.path.join(workdir, 'config.json')).read() == before
+
+
+def test_processes_and_resumes_of_one_run_share_a_workdir(tmp_path):
+  """Fields that differ between the processes of one run (or its restarts) are not a new run."""
+  workdir = str(tmp_path / 'work')
+  first = {'process_id': 0, 'coordinator_address': '127.0.0.1:1234', 'worker_count': 0}
+  train._claim_workdir(tiny_mnist(distributed=True, num_processes=2, **first), workdir)
+  other = {'process_id': 1, 'coordinator_address': '127.0.0.1:5678', 'worker_count': 2}
+  train._claim_workdir(tiny_mnist(distributed=True, num_processes=2, **other), workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    written = json.load(f)
+  assert not os.path.exists(os.path.join(workdir, 'config.json.tmp'))
+  # Process 0 of this one-process test rewrote it; a different run is still refused.
+  assert written['coordinator_address'] == '127.0.0.1:5678'
+  with pytest.raises(ValueError, match='num_processes: 2 -> 1'):
+    train._claim_workdir(tiny_mnist(distributed=True, num_processes=1, **other), workdir)
 
 
 def test_missing_dataset_error_names_the_command(tmp_path):
