@@ -62,6 +62,11 @@ def _setup(name: str, batch: int, dtype=jnp.float32):
   return model, images, labels, variables, mask
 
 
+def _optimizers(mask) -> tuple[tuple[str, optax.GradientTransformation], ...]:
+  """The two sides of every comparison: plain Adam and the default EC2T optimizer."""
+  return (('adam', optax.adam(1e-4)), ('ec2t', ec2t_jax.ec2t(mask)))
+
+
 def _median_time(fn, *args, repeats: int) -> float:
   jax.block_until_ready(fn(*args))
   times = []
@@ -116,7 +121,7 @@ def bench_step(args) -> list[dict[str, Any]]:
       model, images, labels, variables, mask = _setup(name, args.batch, dtype)
       params, stats = variables['params'], variables.get('batch_stats', {})
       runs = {}
-      for opt_name, tx in (('adam', optax.adam(1e-4)), ('ec2t', ec2t_jax.ec2t(mask))):
+      for opt_name, tx in _optimizers(mask):
         opt_state = tx.init(params)
         p = ec2t_jax.ternarize(params, opt_state) if opt_name == 'ec2t' else params
         step = make_step(model, tx)
@@ -175,7 +180,7 @@ def bench_update(args) -> list[dict[str, Any]]:
     layers, ternary = _ternary_count(params, mask)
     row = {'model': name, 'params': int(sum(x.size for x in jax.tree.leaves(params)))}
     row.update({'ternary_layers': layers, 'ternary_params': ternary})
-    for opt_name, tx in (('adam', optax.adam(1e-4)), ('ec2t', ec2t_jax.ec2t(mask))):
+    for opt_name, tx in _optimizers(mask):
       state = tx.init(params)
       p = ec2t_jax.ternarize(params, state) if opt_name == 'ec2t' else params
 
@@ -286,15 +291,11 @@ def bench_memory(args) -> dict[str, Any]:
   _, ternary = _ternary_count(params, mask)
   total = int(sum(x.size for x in jax.tree.leaves(params)))
   result: dict[str, Any] = {'model': args.model, 'params': total, 'ternary_params': ternary}
-  for opt_name, tx in (('adam', optax.adam(1e-4)), ('ec2t', ec2t_jax.ec2t(mask))):
-    state = jax.eval_shape(tx.init, params)
+  states = {name: jax.eval_shape(tx.init, params) for name, tx in _optimizers(mask)}
+  for opt_name, state in states.items():
     result[f'{opt_name}_state_bytes_per_param'] = _nbytes(state) / total
-  ec2t_state = jax.eval_shape(ec2t_jax.ec2t(mask).init, params)
   assignment = [
-    x
-    for s in jax.tree.leaves(ec2t_state, is_leaf=ec2t_jax.transforms.is_compression_state)
-    if ec2t_jax.transforms.is_compression_state(s)
-    for x in jax.tree.leaves(s.assignment)
+    x for s in ec2t_jax.compression_states(states['ec2t']) for x in jax.tree.leaves(s.assignment)
   ]
   result['assignment_dtypes'] = sorted({str(x.dtype) for x in assignment})
   for opt_name in ('adam', 'ec2t'):

@@ -118,6 +118,13 @@ _RESUMABLE_FIELDS = (
 )
 
 
+def _write_json(path: str, value: Any) -> None:
+  """Writes JSON through a temporary file: never a half-written file, even after SIGKILL."""
+  with open(f'{path}.tmp', 'w') as f:
+    json.dump(value, f, indent=1, sort_keys=True)
+  os.replace(f'{path}.tmp', path)
+
+
 def _claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Checks the workdir is writable and holds no run of a different config."""
   try:
@@ -143,10 +150,7 @@ def _claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     # (A process that read process 0's fresh config.json could decide differently.)
     multihost_utils.sync_global_devices('ec2t_jax:workdir_checked')
   if jax.process_index() == 0:
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(_flat_config(config), f, indent=1, sort_keys=True)
-    os.replace(tmp, path)  # Never a half-written config.json, even after SIGKILL.
+    _write_json(path, _flat_config(config))
 
 
 # --- model, optimizers, state ----------------------------------------------------------------
@@ -765,10 +769,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.close()
   ckpt.close()
   if jax.process_index() == 0:
-    path = os.path.join(workdir, 'summary.json')
-    with open(f'{path}.tmp', 'w') as f:
-      json.dump(summary, f, indent=1, sort_keys=True)
-    os.replace(f'{path}.tmp', path)
+    _write_json(os.path.join(workdir, 'summary.json'), summary)
   _print_summary(summary)
   return summary
 

@@ -101,10 +101,10 @@ def _map(fn: Callable[..., Any], *trees: Any) -> Any:
 def _grouped_map(fn: Callable[..., Any], *trees: Any) -> Any:
   """`_map`, with all leaves of one shape and dtype passed through a single `jax.vmap`.
 
-  Layers repeat shapes (ResNet-20's 18 ternary kernels have 7 shapes, the
-  φ=3.5 MicroNet's 138 have 11), so the per-layer EC2T math runs as a few
+  Layers repeat shapes (ResNet-20's 18 default ternary kernels have 5 shapes,
+  the φ=3.5 MicroNet's 138 have 5), so the per-layer EC2T math runs as a few
   batched computations instead of one small one per layer: far fewer kernels
-  to launch on GPU, and far less to compile everywhere.
+  to launch on GPU (see `bench/performance.py`).
   """
   columns_0, treedef = jax.tree.flatten(trees[0], is_leaf=_is_masked)
   columns = [columns_0] + [treedef.flatten_up_to(t) for t in trees[1:]]

@@ -8,7 +8,7 @@ Why: XLA:CPU's kernel-gradient convolution (the inputs convolved with the
 output gradients, contracting over batch and space) falls off a performance
 cliff when the batch is large: on a 2-core x86 CPU, a 16-channel 3x3 layer at
 32x32 and batch 128 takes 260 ms, 25x its forward pass, and the same work split
-into 8 convolutions of 16 images takes 15 ms (`bench/conv_grad.py`). It
+into 8 convolutions of 16 images takes 12 ms (docs/benchmarks.md). It
 dominated the train step of every CNN here. On GPU and TPU the backward pass is
 the stock one (`jax.lax.platform_dependent`), so results there do not change.
 
@@ -143,7 +143,7 @@ def conv_general_dilated(
   precision: Any = None,
   preferred_element_type: Any = None,
 ) -> jax.Array:
-  """`jax.lax.conv_general_dilated` with a GEMM kernel gradient on CPU (see module doc).
+  """`jax.lax.conv_general_dilated` with a chunked kernel gradient on CPU (see module doc).
 
   Takes the same arguments. 2-D NHWC/HWIO convolutions without dilation or
   groups use the fast backward pass; anything else is passed to `lax` unchanged.
