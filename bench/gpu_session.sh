@@ -7,8 +7,8 @@ OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 python3 -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())" 2>&1 | tee "$OUT/versions.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$OUT/versions.txt"
 B="python3 bench/performance.py"
-timeout 150 $B step --models lenet5,resnet20 --steps 30 --json "$OUT/step_small.json" 2>&1 | grep -v Warning | tail -7
-timeout 120 $B compile --models resnet20,micronet_c100 --json "$OUT/compile.json" 2>&1 | grep -v Warning | tail -5
-timeout 120 $B step --models micronet_c100 --steps 20 --json "$OUT/step_micronet.json" 2>&1 | grep -v Warning | tail -5
-timeout 60 $B update --json "$OUT/update.json" 2>&1 | grep -v Warning | tail -6
-timeout 40 $B eval --models lenet5,resnet20,micronet_c100 --batch 1024 --json "$OUT/eval.json" 2>&1 | grep -v Warning | tail -6
+run() { local t=$1; shift; echo "# $*"; timeout "$t" $B "$@" 2>&1 | grep -v Warning | tail -8; }
+run 150 step --models lenet5,resnet20 --steps 30 --json "$OUT/step_small.json"
+run 60 step --models resnet20 --dtypes float32 --steps 30 --fence_updates 0 --json "$OUT/step_resnet20_nofence.json"
+run 200 step --models micronet_c100 --dtypes float32 --steps 20 --json "$OUT/step_micronet.json"
+run 150 update --json "$OUT/update.json"

@@ -35,7 +35,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ec2t_jax  # noqa: E402
-from ec2t_jax import models  # noqa: E402
+from ec2t_jax import models, transforms  # noqa: E402
 
 try:
   from step_overhead import make_step  # noqa: E402
@@ -151,6 +151,7 @@ def bench_step(args) -> list[dict[str, Any]]:
           'adam_images_per_s': args.batch / adam,
           'ec2t_images_per_s': args.batch / ec2t,
           'ratio': ec2t / adam,
+          'fence_updates': transforms._FENCE_UPDATES,
           'first_step_s': {k: r['first_s'] for k, r in runs.items()},
         }
       )
@@ -485,8 +486,15 @@ def main(argv=None):
     dtypes='float32,bfloat16',
     batch=128,
     steps=5,
+    fence_updates=1,
   )
-  add('update', bench_update, models='resnet20,micronet_c100,resnet50', repeats=5)
+  add(
+    'update',
+    bench_update,
+    models='resnet20,micronet_c100,resnet50',
+    repeats=5,
+    fence_updates=1,
+  )
   add(
     'compile',
     bench_compile,
@@ -510,6 +518,8 @@ def main(argv=None):
   add('torch', bench_torch, batch=128, steps=10)
   add('eval', bench_eval, models='lenet5,resnet20,micronet_c100', batch=512, repeats=5)
   args = parser.parse_args(argv)
+  # 0 measures the EC2T update without its optimization barrier (see transforms).
+  transforms._FENCE_UPDATES = bool(getattr(args, 'fence_updates', 1))
   result = args.fn(args)
   if args.json and result:
     with open(args.json, 'w') as f:

@@ -22,6 +22,8 @@ from ec2t_jax.state_utils import (
 )
 from ec2t_jax.transforms import (
   EntropyConstrainedPruningState,
+  LayerGroup,
+  LayerLayout,
   ResetAtStepState,
   TernaryTrainingState,
   entropy_constrained_pruning,
@@ -33,6 +35,8 @@ __version__ = '0.1.0'
 
 __all__ = [
   'EntropyConstrainedPruningState',
+  'LayerGroup',
+  'LayerLayout',
   'ResetAtStepState',
   'TernaryTrainingState',
   'compressed_kernels',

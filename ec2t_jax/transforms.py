@@ -11,7 +11,10 @@ Both expect to see only their own leaves (use them under `optax.partition`, as
 `ec2t_jax.ec2t` does) and receive `∂L/∂q`, the gradient w.r.t. the kernel of
 the forward pass, which *is* the params leaf. Their state holds the latent
 full-precision weights, the centroids, the assignment and the inner optimizer
-states, so the params pytree itself is the compressed network.
+states, so the params pytree itself is the compressed network. Layers of one
+shape and dtype are stored and updated stacked (`LayerGroup`, placed by
+`LayerLayout`), which keeps kernel launches and compile time nearly flat in the
+number of layers; the states' properties give each field params-shaped.
 
 `reset_at_step` restarts any transformation's state at a given step (the
 original builds fresh Adam states at the switch to the frozen phase).
@@ -19,54 +22,161 @@ original builds fresh Adam states at the switch to the frozen phase).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ec2t_jax import ternary
 
 
-class TernaryTrainingState(NamedTuple):
-  """State of `ternary_training`; every tree field mirrors the params it was built for.
+@dataclasses.dataclass(frozen=True)
+class LayerLayout:
+  """Where each compressed leaf lives in a state that stores layers stacked by shape.
+
+  A compression state keeps all leaves of one shape and dtype as one stacked
+  array per field (`LayerGroup`), so one step runs a few batched computations
+  and writes a few buffers instead of about ten small ones per layer: that is
+  what keeps compile time and kernel launches flat in the number of layers
+  (`bench/performance.py compile`). The layout is static pytree metadata (it
+  holds no arrays); `stack` and `unstack` convert between params-shaped trees
+  and the stacked arrays.
+
+  Attributes:
+    treedef: structure of the params the state was built for, with
+      `optax.MaskedNode` placeholders (leaves of other transformations) as leaves.
+    groups: for each `LayerGroup`, the flat indices of its leaves, in order.
+    max_size: number of elements of the largest compressed leaf.
+  """
+
+  treedef: Any
+  groups: tuple[tuple[int, ...], ...]
+  max_size: int
+
+  @classmethod
+  def of(cls, params: optax.Params, *, group_layers: bool) -> LayerLayout:
+    """The layout for `params`: same shape and dtype share a group if `group_layers`."""
+    leaves, treedef = jax.tree.flatten(params, is_leaf=_is_masked)
+    groups: dict[Any, list[int]] = {}
+    sizes = [1]
+    for i, leaf in enumerate(leaves):
+      if _is_masked(leaf):
+        continue
+      sizes.append(int(np.prod(jnp.shape(leaf), dtype=np.int64)))
+      key = (jnp.shape(leaf), jnp.result_type(leaf)) if group_layers else i
+      groups.setdefault(key, []).append(i)
+    return cls(treedef, tuple(tuple(g) for g in groups.values()), max(sizes))
+
+  def stack(self, tree: Any) -> tuple[jax.Array, ...]:
+    """One array per group, the group's leaves of `tree` stacked on a new leading axis."""
+    leaves = self.treedef.flatten_up_to(tree)
+    return tuple(jnp.stack([leaves[i] for i in members]) for members in self.groups)
+
+  def unstack(self, stacks: Sequence[Any]) -> Any:
+    """The params-shaped tree of `stacks` (placeholders where other transformations own leaves)."""
+    leaves: list[Any] = [optax.MaskedNode()] * self.treedef.num_leaves
+    for members, stacked in zip(self.groups, stacks, strict=True):
+      for k, i in enumerate(members):
+        leaves[i] = stacked[k]
+    return jax.tree.unflatten(self.treedef, leaves)
+
+
+jax.tree_util.register_static(LayerLayout)
+
+
+class LayerGroup(NamedTuple):
+  """The state of `n` same-shaped compressed leaves, stacked on a leading axis of size `n`.
+
+  Attributes:
+    latent: full-precision latent weights `W`, `(n, *shape)` in the params dtype.
+    centroids: float32 `(n, 2)`, `[w_p, w_n]` exactly as placed in the network.
+    centroid_latent: float32 `(n, 2)`, the trained (unrounded) centroids.
+    assignment: int8 `(n, *shape)`, 0 → `-w_n`, 1 → `0`, 2 → `+w_p`.
+    pmf: float32 `(n, 3)`, cluster probabilities of the last assignment.
+    lam: float32 `(n,)`, the λ of the last assignment.
+  """
+
+  latent: jax.Array
+  centroids: jax.Array
+  centroid_latent: jax.Array
+  assignment: jax.Array
+  pmf: jax.Array
+  lam: jax.Array
+
+
+class _CompressionFields(NamedTuple):
+  """Fields shared by both compression states (see `TernaryTrainingState`)."""
+
+  count: jax.Array
+  groups: tuple[LayerGroup, ...]
+  latent_opt_state: optax.OptState
+  centroid_opt_state: optax.OptState
+  layout: LayerLayout
+
+  def _view(self, field: str) -> Any:
+    return self.layout.unstack([getattr(g, field) for g in self.groups])
+
+  @property
+  def latent(self) -> optax.Params:
+    """Latent weights `W`, params-shaped."""
+    return self._view('latent')
+
+  @property
+  def centroids(self) -> optax.Params:
+    """float32 `(2,)` per leaf, `[w_p, w_n]` exactly as placed in the network."""
+    return self._view('centroids')
+
+  @property
+  def centroid_latent(self) -> optax.Params:
+    """float32 `(2,)` per leaf, the trained (unrounded) centroids."""
+    return self._view('centroid_latent')
+
+  @property
+  def assignment(self) -> optax.Params:
+    """int8 per leaf, 0 → `-w_n`, 1 → `0`, 2 → `+w_p`."""
+    return self._view('assignment')
+
+  @property
+  def pmf(self) -> optax.Params:
+    """float32 `(3,)` per leaf, cluster probabilities of the last assignment."""
+    return self._view('pmf')
+
+  @property
+  def lam(self) -> optax.Params:
+    """float32 scalar per leaf, the λ of the last assignment."""
+    return self._view('lam')
+
+
+class TernaryTrainingState(_CompressionFields):
+  """State of `ternary_training`.
+
+  Layers of one shape and dtype are stored stacked, one `LayerGroup` each,
+  placed by `layout`. The read-only properties `latent`, `centroids`,
+  `centroid_latent`, `assignment`, `pmf` and `lam` give each field as a
+  params-shaped tree (`optax.MaskedNode` where another transformation owns the
+  leaf).
 
   Attributes:
     count: int32 number of updates applied so far.
-    latent: full-precision latent weights `W` (params dtype).
-    centroids: float32 `(2,)` per leaf, `[w_p, w_n]` exactly as placed in the network.
-    centroid_latent: float32 `(2,)` per leaf, the trained (unrounded) centroids.
-    assignment: int8 per leaf, 0 → `-w_n`, 1 → `0`, 2 → `+w_p`.
-    pmf: float32 `(3,)` per leaf, cluster probabilities of the last assignment.
-    lam: float32 scalar per leaf, the λ of the last assignment.
-    latent_opt_state: state of the latent-weight optimizer.
-    centroid_opt_state: state of the centroid optimizer.
+    groups: one `LayerGroup` per group of `layout`.
+    latent_opt_state: state of the latent-weight optimizer; it sees the tuple of
+      stacked latent weights, one array per group.
+    centroid_opt_state: state of the centroid optimizer; it sees the tuple of
+      stacked `(n, 2)` centroids.
+    layout: static; which leaf lives where.
   """
 
-  count: jax.Array
-  latent: optax.Params
-  centroids: optax.Params
-  centroid_latent: optax.Params
-  assignment: optax.Params
-  pmf: optax.Params
-  lam: optax.Params
-  latent_opt_state: optax.OptState
-  centroid_opt_state: optax.OptState
+  __slots__ = ()
 
 
-class EntropyConstrainedPruningState(NamedTuple):
+class EntropyConstrainedPruningState(_CompressionFields):
   """State of `entropy_constrained_pruning`; fields as in `TernaryTrainingState`."""
 
-  count: jax.Array
-  latent: optax.Params
-  centroids: optax.Params
-  centroid_latent: optax.Params
-  assignment: optax.Params
-  pmf: optax.Params
-  lam: optax.Params
-  latent_opt_state: optax.OptState
-  centroid_opt_state: optax.OptState
+  __slots__ = ()
 
 
 class ResetAtStepState(NamedTuple):
@@ -75,6 +185,10 @@ class ResetAtStepState(NamedTuple):
   count: jax.Array
   inner_state: optax.OptState
 
+
+# Whether `update` puts an optimization barrier between the grouped math and
+# the per-layer updates (see `_compression`); `bench/performance.py` flips it.
+_FENCE_UPDATES = True
 
 CompressionState = TernaryTrainingState | EntropyConstrainedPruningState
 _STATE_TYPES = (TernaryTrainingState, EntropyConstrainedPruningState)
@@ -87,58 +201,6 @@ def is_compression_state(x: Any) -> bool:
 
 def _is_masked(x: Any) -> bool:
   return isinstance(x, optax.MaskedNode)
-
-
-def _map(fn: Callable[..., Any], *trees: Any) -> Any:
-  """`jax.tree.map` that treats `optax.MaskedNode` placeholders as leaves and keeps them."""
-
-  def f(first, *rest):
-    return first if _is_masked(first) else fn(first, *rest)
-
-  return jax.tree.map(f, *trees, is_leaf=_is_masked)
-
-
-def _grouped_map(fn: Callable[..., Any], *trees: Any) -> Any:
-  """`_map`, with all leaves of one shape and dtype passed through a single `jax.vmap`.
-
-  Layers repeat shapes (ResNet-20's 18 default ternary kernels have 5 shapes,
-  the φ=3.5 MicroNet's 138 have 5), so the per-layer EC2T math runs as a few
-  batched computations instead of one small one per layer: far fewer kernels
-  to launch on GPU (see `bench/performance.py`).
-  """
-  columns_0, treedef = jax.tree.flatten(trees[0], is_leaf=_is_masked)
-  columns = [columns_0] + [treedef.flatten_up_to(t) for t in trees[1:]]
-  out: list[Any] = list(columns_0)
-  groups: dict[Any, list[int]] = {}
-  for i, leaf in enumerate(columns_0):
-    if not _is_masked(leaf):
-      key = tuple((jnp.shape(c[i]), jnp.result_type(c[i])) for c in columns)
-      groups.setdefault(key, []).append(i)
-  for members in groups.values():
-    if len(members) == 1:
-      out[members[0]] = fn(*(c[members[0]] for c in columns))
-      continue
-    stacked = jax.vmap(fn)(*(jnp.stack([c[i] for i in members]) for c in columns))
-    for k, i in enumerate(members):
-      out[i] = jax.tree.map(lambda x, k=k: x[k], stacked)
-  return jax.tree.unflatten(treedef, out)
-
-
-def _unzip(tree: Any, n: int) -> tuple[Any, ...]:
-  """Splits a tree whose leaves are n-tuples into n trees (MaskedNode placeholders kept)."""
-  is_tuple = lambda x: isinstance(x, tuple) and len(x) == n and not _is_masked(x)
-  return tuple(
-    jax.tree.map(
-      lambda m, i=i: m if _is_masked(m) else m[i],
-      tree,
-      is_leaf=lambda x: is_tuple(x) or _is_masked(x),
-    )
-    for i in range(n)
-  )
-
-
-def _leaves(tree: Any) -> list[Any]:
-  return [x for x in jax.tree.leaves(tree, is_leaf=_is_masked) if not _is_masked(x)]
 
 
 def _check_floating(params: optax.Params, what: str) -> None:
@@ -194,38 +256,41 @@ def _compression(
       return ternary.pruned_kernel(assignment, latent, dtype)
     return ternary.ternary_kernel(assignment, centroids, dtype)
 
-  def init_fn(params):
-    _check_floating(params, what)
-    latent = _map(lambda p: jnp.array(p, copy=True), params)
-    centroid_latent = _map(lambda p: ternary.initial_centroids(p, init_scale), params)
-    centroids = _map(
-      lambda c, p: ternary.snap_centroids(c, jnp.asarray(p).dtype), centroid_latent, params
-    )
-    assignment = _map(ternary.nearest, params, centroids)
-    pmf = _map(lambda a: ternary.counts(a) / a.size, assignment)
-    lam = _map(lambda _: jnp.zeros((), jnp.float32), params)
-    return state_cls(
-      count=jnp.zeros((), jnp.int32),
-      latent=latent,
+  def init_group(p):  # One leaf; `jax.vmap`-ed over a group.
+    centroid_latent = ternary.initial_centroids(p, init_scale)
+    centroids = ternary.snap_centroids(centroid_latent, p.dtype)
+    assignment = ternary.nearest(p, centroids)
+    return LayerGroup(
+      latent=jnp.array(p, copy=True),
       centroids=centroids,
       centroid_latent=centroid_latent,
       assignment=assignment,
-      pmf=pmf,
-      lam=lam,
-      latent_opt_state=latent_optimizer.init(latent),
-      centroid_opt_state=centroid_optimizer.init(centroid_latent),
+      pmf=ternary.counts(assignment) / assignment.size,
+      lam=jnp.zeros((), jnp.float32),
+    )
+
+  def init_fn(params):
+    _check_floating(params, what)
+    layout = LayerLayout.of(params, group_layers=group_layers)
+    groups = tuple(jax.vmap(init_group)(p) for p in layout.stack(params))
+    return state_cls(
+      count=jnp.zeros((), jnp.int32),
+      groups=groups,
+      latent_opt_state=latent_optimizer.init(tuple(g.latent for g in groups)),
+      centroid_opt_state=centroid_optimizer.init(tuple(g.centroid_latent for g in groups)),
+      layout=layout,
     )
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(f'{what} needs the current params: call update(grads, state, params).')
-    count = state.count
+    count, layout, groups = state.count, state.layout, state.groups
     if freeze_assignment_at is None:
       frozen = jnp.zeros((), bool)
     else:
       frozen = count >= jnp.asarray(freeze_assignment_at, jnp.int32)
-
-    mapper = _grouped_map if group_layers else _map
+    latent = tuple(g.latent for g in groups)
+    centroid_latent = tuple(g.centroid_latent for g in groups)
 
     # 1. Map ∂L/∂q to the latent weights and the centroids, with the
     #    assignment and centroids that produced this step's kernel.
@@ -233,31 +298,29 @@ def _compression(
       g_w, g_c = ternary.map_gradient(g, a, c, reference_parity=reference_parity, prune=prune)
       return g_w.astype(w.dtype), g_c
 
-    mapped = mapper(map_gradient, updates, state.assignment, state.centroids, state.latent)
-    latent_grads, centroid_grads = _unzip(mapped, 2)
+    mapped = [
+      jax.vmap(map_gradient)(g, s.assignment, s.centroids, s.latent)
+      for g, s in zip(layout.stack(updates), groups, strict=True)
+    ]
+    latent_grads = tuple(m[0] for m in mapped)
+    centroid_grads = tuple(m[1] for m in mapped)
 
     # 2. Latent weights: their own optimizer; frozen in phase 2.
     lat_updates, lat_opt_state = latent_optimizer.update(
-      latent_grads, state.latent_opt_state, state.latent
+      latent_grads, state.latent_opt_state, latent
     )
-    stepped = optax.apply_updates(state.latent, lat_updates)
-    latent = _map(lambda new, old: jnp.where(frozen, old, new), stepped, state.latent)
-    lat_opt_state = jax.tree.map(
-      lambda new, old: jnp.where(frozen, old, new), lat_opt_state, state.latent_opt_state
-    )
+    keep = lambda new, old: jnp.where(frozen, old, new)
+    latent = jax.tree.map(keep, optax.apply_updates(latent, lat_updates), latent)
+    lat_opt_state = jax.tree.map(keep, lat_opt_state, state.latent_opt_state)
 
     # 3. Centroids: their own optimizer (restarted at the switch if asked).
     c_opt_state = state.centroid_opt_state
     if freeze_assignment_at is not None and reset_centroid_optimizer_at_freeze:
       at_switch = count == jnp.asarray(freeze_assignment_at, jnp.int32)
-      fresh = centroid_optimizer.init(state.centroid_latent)
+      fresh = centroid_optimizer.init(centroid_latent)
       c_opt_state = jax.tree.map(lambda f, o: jnp.where(at_switch, f, o), fresh, c_opt_state)
-    c_updates, c_opt_state = centroid_optimizer.update(
-      centroid_grads, c_opt_state, state.centroid_latent
-    )
-    stepped_centroids = optax.apply_updates(state.centroid_latent, c_updates)
-
-    max_size = max([leaf.size for leaf in _leaves(params)], default=1)
+    c_updates, c_opt_state = centroid_optimizer.update(centroid_grads, c_opt_state, centroid_latent)
+    stepped_centroids = optax.apply_updates(centroid_latent, c_updates)
 
     def finish(p, w, c_latent, a_old):
       # 4. Centroid floor from the latent weights (the phase-1 ones when frozen).
@@ -268,7 +331,7 @@ def _compression(
         w,
         c,
         gamma=gamma,
-        delta=ternary.layer_weight(w.size, max_size, sustain),
+        delta=ternary.layer_weight(w.size, layout.max_size, sustain),
         p0_min=p0_min,
         reference_parity=reference_parity,
       )
@@ -284,22 +347,26 @@ def _compression(
       a = jnp.where(miss, ternary.ZERO, a).astype(a_old.dtype)
       if prune:  # Kept weights hold exactly what `p + u` produces; store that as latent.
         w = jnp.where(a == ternary.ZERO, w, (p + u).astype(w.dtype))
-      return u, w, c_latent, c, a, result.pmf, result.lam
+      return u, LayerGroup(w, c, c_latent, a, result.pmf, result.lam)
 
-    finished = mapper(finish, params, latent, stepped_centroids, state.assignment)
-    new_updates, latent, centroid_latent, centroids, assignment, pmf, lam = _unzip(finished, 7)
+    finished = [
+      jax.vmap(finish)(p, w, c, s.assignment)
+      for p, w, c, s in zip(layout.stack(params), latent, stepped_centroids, groups, strict=True)
+    ]
     new_state = state_cls(
       count=optax.safe_increment(count),
-      latent=latent,
-      centroids=centroids,
-      centroid_latent=centroid_latent,
-      assignment=assignment,
-      pmf=pmf,
-      lam=lam,
+      groups=tuple(f[1] for f in finished),
       latent_opt_state=lat_opt_state,
       centroid_opt_state=c_opt_state,
+      layout=layout,
     )
-    return new_updates, new_state
+    stacked_updates = [f[0] for f in finished]
+    if _FENCE_UPDATES:
+      # Keeps XLA:GPU from fusing a group's whole update math into each layer's
+      # slice of it (as many large kernels as layers, instead of one per group).
+      # XLA:CPU removes the barrier before fusion.
+      stacked_updates = jax.lax.optimization_barrier(stacked_updates)
+    return layout.unstack(stacked_updates), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -349,11 +416,15 @@ def ternary_training(
       at the switch, as the original does.
     reference_parity: reproduce the original's quirks (the `w_n` gradient sign
       and the probability-floor arithmetic) instead of the correct math.
-    group_layers: run the per-layer math of all leaves with the same shape and
-      dtype as one `jax.vmap`-ed computation (default): fewer, larger kernels
-      and less to compile when many layers share shapes (MicroNet's 138 ternary
-      layers have 5 shapes). False maps layer by layer. Results agree to float
-      rounding either way; `bench/performance.py compile` measures both.
+    group_layers: store and update all leaves with the same shape and dtype
+      as one stacked array per state field (default): a few large kernels and
+      buffers instead of about ten per layer, which keeps compile time and GPU
+      kernel launches flat in the number of layers (MicroNet's 138 ternary
+      layers have 5 shapes). False keeps one group per leaf. Results agree to
+      float rounding either way. The inner optimizers see one array per group,
+      so an element-wise optimizer (Adam, SGD, weight decay, global-norm
+      clipping) behaves identically; one that normalizes per leaf (LARS/LAMB
+      trust ratios) should run with `group_layers=False`.
   Returns:
     An `optax.GradientTransformation` whose state is a `TernaryTrainingState`.
 

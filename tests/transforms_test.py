@@ -384,7 +384,8 @@ def test_end_to_end_with_flax_model_and_summary():
     assert f'body/kernel/{key}' in summary
   assert 0.0 <= summary['total_sparsity'] <= 1.0
   assert summary['num_compressed'] == 3 * 3 * 4 * 4 * 2
-  assert optax.tree.get(opt_state, 'centroids')['body']['kernel'].shape == (2,)
+  (state,) = ec2t_jax.compression_states(opt_state)
+  assert state.centroids['body']['kernel'].shape == (2,)
 
 
 @pytest.mark.parametrize(
@@ -487,3 +488,45 @@ def test_grouped_layers_match_layer_by_layer():
       )
   # Three shapes: the grouped update traces far fewer operations than six leaves one by one.
   assert runs[True][2] < 0.75 * runs[False][2], (runs[True][2], runs[False][2])
+
+
+def test_state_stores_same_shaped_layers_stacked():
+  """One `LayerGroup` per shape and dtype; the properties give params-shaped trees."""
+  shapes = {'a': (3, 3, 4, 8), 'b': (3, 3, 4, 8), 'c': (32, 10), 'd': (5, 3), 'e': (3, 3, 4, 8)}
+  w0 = {k: jnp.asarray(v) for k, v in _weights(5, shapes).items()}
+  w0['d'] = w0['d'].astype(jnp.bfloat16)
+  state = ec2t_jax.ternary_training().init(w0)
+  assert state.layout.groups == ((0, 1, 4), (2,), (3,))  # Flat order a, b, c, d, e.
+  assert [g.latent.shape for g in state.groups] == [(3, 3, 3, 4, 8), (1, 32, 10), (1, 5, 3)]
+  assert state.groups[2].latent.dtype == jnp.bfloat16
+  assert [g.assignment.dtype for g in state.groups] == [jnp.int8] * 3
+  assert [g.centroids.shape for g in state.groups] == [(3, 2), (1, 2), (1, 2)]
+  np.testing.assert_array_equal(state.latent['e'], w0['e'])
+  assert jax.tree.structure(state.assignment) == jax.tree.structure(w0)
+  for k, leaf in state.pmf.items():
+    assert leaf.shape == (3,), k
+  # The inner optimizers see one array per group.
+  (adam, _) = state.latent_opt_state
+  assert [m.shape for m in adam.mu] == [g.latent.shape for g in state.groups]
+  # Layer by layer: one group per leaf, still stacked on a leading axis of 1.
+  single = ec2t_jax.ternary_training(group_layers=False).init(w0)
+  assert single.layout.groups == tuple((i,) for i in range(5))
+  assert all(g.latent.shape[0] == 1 for g in single.groups)
+
+
+def test_stacked_state_keeps_other_leaves_as_placeholders_and_checkpoints():
+  """Under `optax.partition` the views hold MaskedNode placeholders; the layout is static."""
+  w0 = {k: jnp.asarray(v) for k, v in _weights(6).items()}
+  mask = lambda p: {k: k != 'dense' for k in p}
+  tx = ec2t_jax.ec2t(mask)
+  opt_state = tx.init(w0)
+  (state,) = ec2t_jax.compression_states(opt_state)
+  assert isinstance(state.assignment['dense'], optax.MaskedNode)
+  assert not isinstance(state.assignment['conv'], optax.MaskedNode)
+  # The layout holds no arrays: flattening and rebuilding the state round-trips it.
+  leaves, treedef = jax.tree.flatten(opt_state)
+  assert all(isinstance(x, jax.Array) for x in leaves)
+  rebuilt = jax.tree.unflatten(treedef, [np.asarray(x) for x in leaves])
+  (again,) = ec2t_jax.compression_states(rebuilt)
+  assert again.layout == state.layout
+  np.testing.assert_array_equal(again.assignment['conv'], state.assignment['conv'])
