@@ -27,7 +27,7 @@ test: lint
 	$(PY) -m pytest -n 2 -q tests
 
 bench: $(VENV)/.installed
-	$(PY) bench/step_overhead.py
+	$(PY) bench/performance.py step --models resnet20 --dtypes float32
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

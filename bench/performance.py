@@ -37,10 +37,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ec2t_jax  # noqa: E402
 from ec2t_jax import models, transforms  # noqa: E402
 
-try:
-  from step_overhead import make_step  # noqa: E402
-except ImportError:  # Imported as bench.performance.
-  from bench.step_overhead import make_step  # noqa: E402
+
+def make_step(model, tx):
+  """A jitted train step (forward, backward, optimizer update) for `tx`, state donated."""
+
+  def step(params, batch_stats, opt_state, images, labels):
+    def loss_fn(p):
+      logits, updates = model.apply(
+        {'params': p, 'batch_stats': batch_stats},
+        images,
+        train=True,
+        mutable=['batch_stats'],
+        rngs={'dropout': jax.random.key(1)},
+      )
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, updates['batch_stats']
+
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
 def _num_classes(name: str) -> int:

@@ -81,7 +81,10 @@ class LayerLayout:
     leaves: list[Any] = [optax.MaskedNode()] * self.treedef.num_leaves
     for members, stacked in zip(self.groups, stacks, strict=True):
       for k, i in enumerate(members):
-        leaves[i] = stacked[k]
+        if isinstance(stacked, jax.ShapeDtypeStruct):  # An abstract state (`jax.eval_shape`).
+          leaves[i] = jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype)
+        else:
+          leaves[i] = stacked[k]
     return jax.tree.unflatten(self.treedef, leaves)
 
 

@@ -512,6 +512,10 @@ def test_state_stores_same_shaped_layers_stacked():
   single = ec2t_jax.ternary_training(group_layers=False).init(w0)
   assert single.layout.groups == tuple((i,) for i in range(5))
   assert all(g.latent.shape[0] == 1 for g in single.groups)
+  # An abstract state (as for checkpoint targets) has abstract views.
+  abstract = jax.eval_shape(ec2t_jax.ternary_training().init, w0)
+  assert abstract.assignment['b'] == jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.int8)
+  assert abstract.latent['d'] == jax.ShapeDtypeStruct((5, 3), jnp.bfloat16)
 
 
 def test_stacked_state_keeps_other_leaves_as_placeholders_and_checkpoints():

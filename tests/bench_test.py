@@ -1,0 +1,50 @@
+"""Smoke tests of `bench/performance.py`: every timing subcommand runs on a tiny model."""
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'bench'))
+
+import performance  # noqa: E402
+
+from ec2t_jax import transforms  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_fence():
+  yield
+  transforms._FENCE_UPDATES = True
+
+
+def test_step_writes_ratios(tmp_path, capsys):
+  out = tmp_path / 'step.json'
+  args = ['step', '--models', 'lenet5', '--dtypes', 'float32', '--batch', '8', '--steps', '2']
+  performance.main([*args, '--fence_updates', '0', '--json', str(out)])
+  (row,) = json.loads(out.read_text())['result']
+  assert row['model'] == 'lenet5' and row['fence_updates'] is False
+  assert row['adam_ms'] > 0 and row['ec2t_ms'] > 0
+  assert row['ratio'] == pytest.approx(row['ec2t_ms'] / row['adam_ms'])
+  assert '| lenet5 | float32 |' in capsys.readouterr().out
+
+
+def test_update_and_compile_measure_both_optimizers(tmp_path):
+  (update,) = performance.main(['update', '--models', 'lenet5', '--repeats', '1'])
+  assert update['ternary_layers'] == 3 and update['adam_ms'] > 0 and update['ec2t_ms'] > 0
+  out = tmp_path / 'compile.json'
+  args = ['compile', '--models', 'lenet5', '--batch', '4', '--part', 'update']
+  performance.main([*args, '--json', str(out)])
+  (row,) = json.loads(out.read_text())['result']
+  for key in ('adam_s', 'ec2t_grouped_s', 'ec2t_per_layer_s'):
+    assert row[key] > 0, key
+  assert row['distinct_shapes'] <= row['ternary_layers'] == 3
+
+
+def test_step_overhead_runs_performance_step():
+  sys.path.insert(0, os.path.dirname(performance.__file__))
+  import step_overhead
+
+  row = step_overhead.main(['--model', 'lenet5', '--batch', '4', '--steps', '1'])
+  assert row['model'] == 'lenet5' and row['batch'] == 4 and row['ratio'] > 0
