@@ -77,4 +77,7 @@ def get_config():
   config.checkpoint_every_steps = 1000
   config.max_to_keep = 3
   config.overwrite = False  # True: reuse a workdir that holds a run of another config.
+  # JAX's persistent compilation cache: a resumed or repeated run loads its compiled
+  # steps instead of compiling again. '' = off; $JAX_COMPILATION_CACHE_DIR wins if set.
+  config.compilation_cache_dir = '~/.cache/ec2t_jax/xla'
   return config

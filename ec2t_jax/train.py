@@ -115,7 +115,35 @@ _RESUMABLE_FIELDS = (
   'worker_count',
   'process_id',
   'coordinator_address',
+  'compilation_cache_dir',
 )
+
+# Size limit of the persistent compilation cache when `config.compilation_cache_dir`
+# turns it on; the least recently used executables are evicted beyond it.
+COMPILATION_CACHE_BYTES = 2 << 30
+
+
+def enable_compilation_cache(path: str) -> str | None:
+  """Points JAX's persistent compilation cache at `path` (`~` expanded), before any compile.
+
+  A cache the user chose already (`$JAX_COMPILATION_CACHE_DIR` or
+  `jax.config.update('jax_compilation_cache_dir', ...)`) is left as it is. Only
+  compilations that take at least a second are stored, so a restart of a large
+  model skips most of its compile time (`docs/benchmarks.md`, section 3).
+
+  Args:
+    path: the cache directory, or '' to leave the cache off.
+
+  Returns:
+    The cache directory in use, or None when there is none.
+  """
+  current = jax.config.jax_compilation_cache_dir
+  if current or not path:
+    return current or None
+  path = os.path.expanduser(path)
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_compilation_cache_max_size', COMPILATION_CACHE_BYTES)
+  return path
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -635,6 +663,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     'JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(), jax.process_count()
   )
   validate_config(config)
+  cache = enable_compilation_cache(config.get('compilation_cache_dir', ''))
+  logging.info('persistent compilation cache: %s', cache or 'off')
   run = _Run(config, workdir)
   run.open_data()  # Missing datasets fail here, before the workdir is touched.
   run.build()  # Bad masks, init_from or hyperparameters fail here too.

@@ -88,6 +88,26 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise_identical(tmp_path, unin
       resumed = json.load(f)
     assert resumed['params_sha256'] == uninterrupted['params_sha256'], f'kill at {kill_after}'
     assert resumed['test_accuracy'] == uninterrupted['test_accuracy']
+  # The restarts loaded their executables from the persistent compilation cache.
+  cache = os.environ['JAX_COMPILATION_CACHE_DIR']
+  assert f'persistent compilation cache: {cache}' in err
+  assert any(name.endswith('-cache') for name in os.listdir(cache))
+
+
+def test_compilation_cache_is_enabled_unless_chosen_already(tmp_path):
+  before = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
+  try:
+    assert train.enable_compilation_cache(str(tmp_path / 'other')) == before[0]  # Kept.
+    jax.config.update('jax_compilation_cache_dir', None)
+    assert train.enable_compilation_cache('') is None
+    assert jax.config.jax_compilation_cache_dir is None
+    home = os.path.expanduser('~')
+    assert train.enable_compilation_cache('~/ec2t_cache') == os.path.join(home, 'ec2t_cache')
+    assert jax.config.jax_compilation_cache_dir == os.path.join(home, 'ec2t_cache')
+    assert jax.config.jax_compilation_cache_max_size == train.COMPILATION_CACHE_BYTES
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before[0])
+    jax.config.update('jax_compilation_cache_max_size', before[1])
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_an_intact_one(tmp_path, uninterrupted, caplog):
