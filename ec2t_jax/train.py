@@ -678,6 +678,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
 
   step, tree, extra = ckpt.restore_latest(lambda s: _state_tree(run.target_for_step(s)))
+  on_disk = ckpt.steps()
+  if step is None and on_disk and not config.get('overwrite', False):
+    # Starting over would overwrite them: refuse instead of losing a run silently.
+    raise ValueError(
+      f'workdir {workdir!r} holds checkpoints (steps {on_disk}) but none can be restored '
+      'into this train state (written by a different model, or by an older ec2t_jax whose '
+      'EC2T state stored layers one by one; see the warnings above); use another '
+      '--workdir, or --config.overwrite=True to start over there'
+    )
   meta: dict[str, Any] = {}
   train_iter = run.train_iterator()
   if step is None:

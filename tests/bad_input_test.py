@@ -131,3 +131,16 @@ def test_cli_exits_nonzero_with_one_line_error(tmp_path, flag, message):
   assert message in proc.stderr
   assert 'Traceback' not in proc.stderr
   assert not workdir.exists()
+
+
+def test_checkpoints_that_cannot_be_restored_are_not_overwritten(tmp_path):
+  """A workdir whose checkpoints do not fit this train state is refused, not restarted."""
+  workdir = str(tmp_path / 'work')
+  config = tiny_mnist()
+  train._claim_workdir(config, workdir)  # Same config: only the checkpoint is foreign.
+  ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=2)
+  ckpt.save(2, {'w': jnp.ones(3)}, {'phase': 'ec2t'})
+  ckpt.close()
+  with pytest.raises(ValueError, match=r'holds checkpoints \(steps \[2\]\) but none can be'):
+    train.train_and_evaluate(config, workdir)
+  assert checkpoint_lib.Checkpointer(workdir, max_to_keep=2).steps() == [2]
