@@ -41,7 +41,7 @@ class LayerLayout:
   A compression state keeps all leaves of one shape and dtype as one stacked
   array per field (`LayerGroup`), so one step runs a few batched computations
   and writes a few buffers instead of about ten small ones per layer: that is
-  what keeps compile time and kernel launches flat in the number of layers
+  what keeps compile time and kernel launches nearly flat in the number of layers
   (`bench/performance.py compile`). The layout is static pytree metadata (it
   holds no arrays); `stack` and `unstack` convert between params-shaped trees
   and the stacked arrays.
