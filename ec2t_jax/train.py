@@ -678,8 +678,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
 
   step, tree, extra = ckpt.restore_latest(lambda s: _state_tree(run.target_for_step(s)))
-  on_disk = ckpt.steps()
-  if step is None and on_disk and not config.get('overwrite', False):
+  on_disk = ckpt.steps() if step is None and not config.get('overwrite', False) else []
+  if on_disk:
     # Starting over would overwrite them: refuse instead of losing a run silently.
     raise ValueError(
       f'workdir {workdir!r} holds checkpoints (steps {on_disk}) but none can be restored '

@@ -111,6 +111,15 @@ class LayerGroup(NamedTuple):
   lam: jax.Array
 
 
+def _per_leaf(field: str, doc: str) -> property:
+  """A read-only property: `LayerGroup` field `field` of every group, as a params-shaped tree."""
+
+  def get(state):
+    return state.layout.unstack([getattr(g, field) for g in state.groups])
+
+  return property(get, doc=doc)
+
+
 class _CompressionFields(NamedTuple):
   """Fields shared by both compression states (see `TernaryTrainingState`)."""
 
@@ -120,38 +129,12 @@ class _CompressionFields(NamedTuple):
   centroid_opt_state: optax.OptState
   layout: LayerLayout
 
-  def _view(self, field: str) -> Any:
-    return self.layout.unstack([getattr(g, field) for g in self.groups])
-
-  @property
-  def latent(self) -> optax.Params:
-    """Latent weights `W`, params-shaped."""
-    return self._view('latent')
-
-  @property
-  def centroids(self) -> optax.Params:
-    """float32 `(2,)` per leaf, `[w_p, w_n]` exactly as placed in the network."""
-    return self._view('centroids')
-
-  @property
-  def centroid_latent(self) -> optax.Params:
-    """float32 `(2,)` per leaf, the trained (unrounded) centroids."""
-    return self._view('centroid_latent')
-
-  @property
-  def assignment(self) -> optax.Params:
-    """int8 per leaf, 0 → `-w_n`, 1 → `0`, 2 → `+w_p`."""
-    return self._view('assignment')
-
-  @property
-  def pmf(self) -> optax.Params:
-    """float32 `(3,)` per leaf, cluster probabilities of the last assignment."""
-    return self._view('pmf')
-
-  @property
-  def lam(self) -> optax.Params:
-    """float32 scalar per leaf, the λ of the last assignment."""
-    return self._view('lam')
+  latent = _per_leaf('latent', 'Latent weights `W`, params-shaped.')
+  centroids = _per_leaf('centroids', 'float32 `(2,)` per leaf, `[w_p, w_n]` as in the network.')
+  centroid_latent = _per_leaf('centroid_latent', 'float32 `(2,)` per leaf, the trained centroids.')
+  assignment = _per_leaf('assignment', 'int8 per leaf, 0 → `-w_n`, 1 → `0`, 2 → `+w_p`.')
+  pmf = _per_leaf('pmf', 'float32 `(3,)` per leaf, cluster probabilities of the last assignment.')
+  lam = _per_leaf('lam', 'float32 scalar per leaf, the λ of the last assignment.')
 
 
 class TernaryTrainingState(_CompressionFields):
