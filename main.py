@@ -12,7 +12,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from ec2t_jax import datasets, train
+from ec2t_jax.training import datasets, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and summary.json.')

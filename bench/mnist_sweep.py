@@ -32,7 +32,7 @@ NPZ = os.path.join(
 
 
 def load(validation_size: int = 5000):
-  """Normalized train/val/test arrays as in `ec2t_jax.input_pipeline` (mean .1307, std .3081)."""
+  """Normalized train/val/test arrays as the input pipeline makes them (mean .1307, std .3081)."""
   with np.load(NPZ) as npz:
 
     def norm(x):

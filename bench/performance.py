@@ -361,7 +361,7 @@ def bench_pipeline(args) -> dict[str, Any]:
   """Images/s of the recipe's training pipeline (with augmentation) and of the train step."""
   from absl import flags as absl_flags
 
-  from ec2t_jax import datasets, input_pipeline  # tfds and grain: only this benchmark.
+  from ec2t_jax.training import datasets, input_pipeline  # tfds and grain: only this benchmark.
 
   if not absl_flags.FLAGS.is_parsed():  # grain's worker processes read absl flags.
     absl_flags.FLAGS.mark_as_parsed()

@@ -11,7 +11,7 @@ def _common(config):
   config.dataset = 'cifar10'
   config.batch_size = 128
   config.eval_batch_size = 500
-  # Full-precision recipe of SPEC §8: SGD Nesterov, lr 0.1, momentum 0.9, wd 5e-4, cosine.
+  # Full-precision recipe (docs/algorithm.md §8): SGD Nesterov 0.1, momentum 0.9, wd 5e-4, cosine.
   config.fp.optimizer = 'sgd'
   config.fp.learning_rate = 0.1
   config.fp.momentum = 0.9

@@ -49,7 +49,7 @@ def get_config():
   config.fp.nesterov = True
   config.fp.weight_decay = 0.0  # Coupled L2 added to the gradient.
 
-  # --- phases 1 and 2: EC2T, then frozen assignment (SPEC §3–5) ------------------------
+  # --- phases 1 and 2: EC2T, then frozen assignment (docs/algorithm.md §3–5) -------------
   config.ec2t = ml_collections.ConfigDict()
   config.ec2t.num_epochs = 20
   config.ec2t.frozen_epochs = 15
@@ -70,7 +70,7 @@ def get_config():
   config.ec2t.keep_pattern = '(shortcut|downsample)'
   config.ec2t.ternary_pattern = ''
   config.ec2t.ternary_exclude = ''
-  config.ec2t.prune_pattern = ''  # Kernels that get entropy-constrained pruning (SPEC §6).
+  config.ec2t.prune_pattern = ''  # Kernels to prune with ECP (docs/algorithm.md §6).
 
   # --- logging and checkpoints ---------------------------------------------------------
   config.log_every_steps = 100

@@ -25,7 +25,7 @@ def get_config(variant: str = 'efficientnet_b1'):
   if variant == 'efficientnet_b1':
     config.model = 'efficientnet_b1'
     config.image_size = 240
-    # SPEC §1: 1x1 expand, project and head convs are ternary; depthwise, SE and the
+    # docs/algorithm.md §1: 1x1 expand, project and head convs are ternary; depthwise, SE and the
     # classifier get entropy-constrained pruning instead.
     config.ec2t.ternary_pattern = r'(expand_conv|project_conv|conv_head)/kernel$'
     config.ec2t.prune_pattern = r'(depthwise_conv|se_reduce|se_expand|fc)/kernel$'

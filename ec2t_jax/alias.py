@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from ec2t_jax import masks as masks_lib
-from ec2t_jax import transforms
+from ec2t_jax import transforms, tree_util
 
 TERNARY, PRUNE, FULL_PRECISION = 'ternary', 'prune', 'full_precision'
 
@@ -37,7 +37,7 @@ def param_labels(
   prune = masks_lib.resolve(prune_mask, params)
   problems = []
   for (path, leaf), t, p in zip(
-    masks_lib.named_leaves(params), jax.tree.leaves(tern), jax.tree.leaves(prune), strict=True
+    tree_util.named_leaves(params), jax.tree.leaves(tern), jax.tree.leaves(prune), strict=True
   ):
     if t and p:
       problems.append(f'{path} is selected by both ternary_mask and prune_mask')
@@ -49,7 +49,7 @@ def param_labels(
   if problems:
     raise ValueError('invalid EC2T masks: ' + '; '.join(problems[:5]))
   if not any(jax.tree.leaves(tern)):
-    names = [name for name, _ in masks_lib.named_leaves(params)]
+    names = [name for name, _ in tree_util.named_leaves(params)]
     raise ValueError(
       f'ternary_mask selects no parameter; params leaves are {names[:8]}'
       + (' ...' if len(names) > 8 else '')
@@ -83,7 +83,7 @@ def ec2t(
   params pytree *is* the ternary network and stays exactly ternary under
   `optax.apply_updates`.
 
-  Defaults reproduce the original recipe (SPEC §3.4): latent weights Adam 1e-4,
+  Defaults reproduce the original recipe (docs/algorithm.md §3.4): latent weights Adam 1e-4,
   centroids Adam 1e-5, everything else coupled L2 5e-6 then Adam 1e-4, and
   fresh optimizer states for centroids and full-precision params at the
   switch to the frozen phase.
@@ -99,11 +99,11 @@ def ec2t(
     latent_optimizer: optimizer of the latent weights.
     centroid_optimizer: optimizer of the centroids.
     fp_optimizer: optimizer of all other params.
-    prune_mask: leaves that get entropy-constrained pruning instead (SPEC §6).
+    prune_mask: leaves that get entropy-constrained pruning instead (docs/algorithm.md §6).
     freeze_assignment_at: first step of the frozen-assignment phase, or None.
     reset_optimizers_at_freeze: restart the centroid and full-precision
       optimizer states at that step, as the original does.
-    reference_parity: reproduce the original's quirks (SPEC §3–4).
+    reference_parity: reproduce the original's quirks (docs/algorithm.md §3–4).
     group_layers: batch the per-layer math of same-shaped leaves with
       `jax.vmap` (see `ternary_training`).
 
@@ -162,14 +162,14 @@ def _cached_labels(ternary_mask, prune_mask):
   cache = {}
 
   def labels(params):
-    named = masks_lib.named_leaves(params)
+    named = tree_util.named_leaves(params)
     key = tuple(sorted((n, tuple(jnp.shape(x)), str(jnp.asarray(x).dtype)) for n, x in named))
     if key not in cache:
       resolved = param_labels(params, ternary_mask, prune_mask)
       cache[key] = dict(zip([n for n, _ in named], jax.tree.leaves(resolved), strict=True))
     by_path = cache[key]
     return jax.tree_util.tree_map_with_path(
-      lambda path, _: by_path[masks_lib.path_str(path)], params
+      lambda path, _: by_path[tree_util.path_str(path)], params
     )
 
   return labels

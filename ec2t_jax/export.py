@@ -1,7 +1,7 @@
 """A compact, self-describing file format for trained EC2T networks.
 
 EC2T (Marban, Becking, Wiedemann & Samek, CVPR Workshops 2020, arXiv
-2004.01077, §3 and SPEC §11) stores a ternary layer as one sparsity mask, one
+2004.01077, §3 and docs/algorithm.md §11) stores a ternary layer as one sparsity mask, one
 sign bit per non-zero weight and its two centroid values, and notes that
 entropy coding shrinks it further towards ``N·H(P)`` bits, ``H(P)`` being the
 entropy of the layer's cluster probabilities ``P = (P_n, P_0, P_p)``. This
@@ -565,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   parser.add_argument('--best', action='store_true', help='the best-by-validation checkpoint')
   args = parser.parse_args(argv)
-  from ec2t_jax import train  # Local: keeps `--help` fast.
+  from ec2t_jax.training import train  # Local: keeps `--help` fast.
 
   try:
     run = train.load_workdir(args.workdir, best=args.best)

@@ -35,8 +35,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from ec2t_jax import masks as masks_lib
-from ec2t_jax import scoring
+from ec2t_jax import scoring, tree_util
 
 __all__ = [
   'TernaryKernel',
@@ -238,11 +237,11 @@ def ternary_forward(
     ValueError: if a masked leaf is not ternary.
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(variables)
-  names = [masks_lib.path_str(p) for p, _ in flat]
+  names = [tree_util.path_str(p) for p, _ in flat]
   leaves = [leaf for _, leaf in flat]
   marked = set()
   if ternary_mask is not None:
-    marked = {f'params/{n}' for n, flag in masks_lib.named_leaves(ternary_mask) if bool(flag)}
+    marked = {f'params/{n}' for n, flag in tree_util.named_leaves(ternary_mask) if bool(flag)}
   kernels = {}
   for name, leaf in zip(names, leaves, strict=True):
     value = np.asarray(jax.device_get(leaf))

@@ -15,30 +15,9 @@ from typing import Any
 import jax
 import optax
 
+from ec2t_jax import tree_util
+
 MaskOrFn = Any  # A pytree of bools, or a callable `params -> pytree of bools`.
-
-
-def path_str(path: tuple[Any, ...]) -> str:
-  """Joins a JAX key path into `'a/b/c'` (dict keys, attribute names and indices)."""
-  parts = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      parts.append(str(key.key))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      parts.append(key.name)
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      parts.append(str(key.idx))
-    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(key.key))
-    else:
-      parts.append(str(key))
-  return '/'.join(parts)
-
-
-def named_leaves(params: optax.Params) -> list[tuple[str, Any]]:
-  """All `(path, leaf)` pairs of `params` in JAX flattening order."""
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return [(path_str(p), leaf) for p, leaf in flat]
 
 
 def _kernels_in_creation_order(params: Mapping[str, Any], prefix: str = '') -> list[str]:
@@ -97,14 +76,14 @@ def from_paths(params: optax.Params, selected: Iterable[str]) -> optax.Params:
     ValueError: if a path is not a leaf of `params`.
   """
   selected = set(selected)
-  names = {name for name, _ in named_leaves(params)}
+  names = {name for name, _ in tree_util.named_leaves(params)}
   unknown = sorted(selected - names)
   if unknown:
     raise ValueError(
       f'unknown parameter paths {unknown[:5]}; valid ones include {sorted(names)[:8]}'
     )
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  return jax.tree_util.tree_unflatten(treedef, [path_str(p) in selected for p, _ in flat])
+  return jax.tree_util.tree_unflatten(treedef, [tree_util.path_str(p) in selected for p, _ in flat])
 
 
 def from_regex(params: optax.Params, include: str, exclude: str | None = None) -> optax.Params:
@@ -118,7 +97,7 @@ def from_regex(params: optax.Params, include: str, exclude: str | None = None) -
   exc = re.compile(exclude) if exclude else None
 
   def pick(path, _):
-    name = path_str(path)
+    name = tree_util.path_str(path)
     return bool(inc.search(name)) and not (exc is not None and exc.search(name))
 
   return jax.tree_util.tree_map_with_path(pick, params)
@@ -132,7 +111,7 @@ def default_ternary_mask(
   keep_last: bool = True,
   keep_pattern: str | None = r'(shortcut|downsample)',
 ) -> optax.Params:
-  """The reference selection (SPEC §1): every conv/dense kernel except the first and last.
+  """The reference selection (docs/algorithm.md §1): every kernel except the first and last.
 
   The first and last kernels are found in the order Flax created the layers
   (the params dict's insertion order), i.e. the stem convolution and the

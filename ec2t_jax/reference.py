@@ -1,4 +1,4 @@
-"""A plain NumPy reference of the original EC2T step, written from SPEC §2–5.
+"""A plain NumPy reference of the original EC2T step, written from docs/algorithm.md §2–5.
 
 It mirrors what the original PyTorch implementation does, layer by layer in a
 Python loop, in float32, with PyTorch-style Adam. It exists to check the jitted
@@ -95,11 +95,11 @@ def kernel(a: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 
 class ReferenceEC2T:
-  """The original step order for a dict of ternary layers (SPEC §2–5).
+  """The original step order for a dict of ternary layers (docs/algorithm.md §2–5).
 
   Args:
     weights: `{name: pretrained kernel}` (float32 arrays).
-    gamma, init_scale, sustain, p0_min, floor_std: SPEC hyperparameters.
+    gamma, init_scale, sustain, p0_min, floor_std: hyperparameters of docs/algorithm.md §3–4.
     latent_lr, centroid_lr: Adam learning rates.
     parity: reproduce the original's quirks.
   """

@@ -1,6 +1,6 @@
 """A Markdown report with figures of one or more EC2T runs.
 
-For each workdir written by `ec2t_jax.train.train_and_evaluate` this reads
+For each workdir written by `ec2t_jax.training.train.train_and_evaluate` this reads
 ``summary.json``, ``metrics.jsonl`` and the newest (or best) checkpoint, and
 draws (matplotlib, headless: no pyplot, no display):
 
@@ -159,7 +159,7 @@ def _label(workdir: str, taken: set[str]) -> str:
 
 
 def _layer_states(run: Any) -> list[LayerState]:
-  from ec2t_jax import masks, state_utils, ternary, transforms
+  from ec2t_jax import masks, state_utils, ternary, transforms, tree_util
 
   x = jax.ShapeDtypeStruct((1, *run.image_shape), jnp.float32)
   order = masks.call_order(run.model, x, train=False)
@@ -168,11 +168,11 @@ def _layer_states(run: Any) -> list[LayerState]:
   for state in state_utils.compression_states(run.opt_state):
     if not isinstance(state, transforms.TernaryTrainingState):
       continue
-    latent = dict(masks.named_leaves(state.latent))
-    cent = dict(masks.named_leaves(state.centroids))
-    pmf = dict(masks.named_leaves(state.pmf))
-    lam = dict(masks.named_leaves(state.lam))
-    for name, a in masks.named_leaves(state.assignment):
+    latent = dict(tree_util.named_leaves(state.latent))
+    cent = dict(tree_util.named_leaves(state.centroids))
+    pmf = dict(tree_util.named_leaves(state.pmf))
+    lam = dict(tree_util.named_leaves(state.lam))
+    for name, a in tree_util.named_leaves(state.assignment):
       a = np.asarray(a).ravel()
       counts = np.bincount(a.astype(np.int64), minlength=3)
       p = counts / max(a.size, 1)
@@ -195,7 +195,8 @@ def _layer_states(run: Any) -> list[LayerState]:
 
 def load_run(workdir: str, label: str, *, best: bool = False) -> RunData:
   """Reads one workdir: summary, metrics, final EC2T state, cost and export sizes."""
-  from ec2t_jax import export, metric_writers, scoring, train
+  from ec2t_jax import export, scoring
+  from ec2t_jax.training import metric_writers, train
 
   path = os.path.join(workdir, 'summary.json')
   if not os.path.exists(path):
@@ -466,7 +467,7 @@ def _markdown(runs: Sequence[RunData], images: Mapping[str, list[tuple[str, str]
     '',
     '32-bit equivalents (`ec2t_jax.scoring`, 16-bit storage and multiplications, 32-bit '
     'additions, tree adder). `corrected` counts every operation; `reference` reproduces the '
-    'published counter with its quirks (SCORING.md).',
+    'published counter with its quirks (docs/scoring.md).',
     '',
     '| run | mode | params | mults | adds | FLOPs | score |',
     '|---|---|---|---|---|---|---|',
@@ -528,7 +529,7 @@ def write_report(workdirs: Sequence[str], out: str, *, best: bool = False) -> st
   """Writes ``out/report.md`` and its PNG figures for one or more workdirs.
 
   Args:
-    workdirs: directories written by `ec2t_jax.train.train_and_evaluate` (finished runs).
+    workdirs: directories written by `ec2t_jax.training.train.train_and_evaluate` (finished runs).
     out: the output directory (created).
     best: use the best-by-validation checkpoints instead of the newest.
 

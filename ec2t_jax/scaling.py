@@ -1,4 +1,4 @@
-"""Compound-scaling candidates for the MicroNet super-network (SPEC §8).
+"""Compound-scaling candidates for the MicroNet super-network (docs/algorithm.md §8).
 
 EC2T (Marban et al., CVPR-W 2020, arXiv 2004.01077, §3.4) scales its CIFAR
 MicroNet like EfficientNet (Tan & Le, ICML 2019): at φ = 1 a grid search over
@@ -30,7 +30,7 @@ from ec2t_jax import models
 
 __all__ = ['GRID', 'Candidate', 'candidates', 'count_macs', 'format_table', 'main']
 
-# (d, w) at φ = 1: the baseline, then the SPEC §8 grid under d·w² ≈ 2.
+# (d, w) at φ = 1: the baseline, then the docs/algorithm.md §8 grid under d·w² ≈ 2.
 GRID = (
   (1.0, 1.0),
   (1.0, 1.4),

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ec2t_jax import masks as masks_lib
-from ec2t_jax import ternary, transforms
+from ec2t_jax import ternary, transforms, tree_util
 
 
 def compression_states(opt_state: optax.OptState) -> list[transforms.CompressionState]:
@@ -23,12 +22,12 @@ def _named(tree: Any) -> dict[str, Any]:
   """`{path: leaf}` of a state field, skipping `optax.MaskedNode` placeholders."""
   is_masked = lambda x: isinstance(x, optax.MaskedNode)
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)[0]
-  return {masks_lib.path_str(p): leaf for p, leaf in flat if not is_masked(leaf)}
+  return {tree_util.path_str(p): leaf for p, leaf in flat if not is_masked(leaf)}
 
 
 def compressed_kernels(opt_state: optax.OptState, params: optax.Params) -> dict[str, jax.Array]:
   """`{path: kernel}` of every compressed leaf, as the state defines it, in the params' dtype."""
-  dtypes = {name: jnp.asarray(leaf).dtype for name, leaf in masks_lib.named_leaves(params)}
+  dtypes = {name: jnp.asarray(leaf).dtype for name, leaf in tree_util.named_leaves(params)}
   out = {}
   for state in compression_states(opt_state):
     prune = isinstance(state, transforms.EntropyConstrainedPruningState)
@@ -66,7 +65,7 @@ def ternarize(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
     raise ValueError('opt_state holds no EC2T state; was it created by ec2t_jax.ec2t?')
 
   def place(path, leaf):
-    return kernels.get(masks_lib.path_str(path), leaf)
+    return kernels.get(tree_util.path_str(path), leaf)
 
   return jax.tree_util.tree_map_with_path(place, params)
 

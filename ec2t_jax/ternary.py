@@ -5,7 +5,7 @@ Every function here works on one kernel (any shape) and its scalars, uses only
 run under `jit`, `vmap`, `grad` and `optax.inject_hyperparams`. The optimizer in
 `ec2t_jax.transforms` maps these functions over the leaves of a params pytree.
 
-Conventions (SPEC §0): an assignment `a` is an int8 array with values
+Conventions (docs/algorithm.md §0): an assignment `a` is an int8 array with values
 0 → `-w_n`, 1 → `0`, 2 → `+w_p`. Centroids are carried as a float32 vector
 `c = [w_p, w_n]` of magnitudes (both >= 0).
 
@@ -81,7 +81,7 @@ def argmin3(costs: jax.Array) -> jax.Array:
 
 
 def nearest(w: jax.typing.ArrayLike, centroids: jax.typing.ArrayLike) -> jax.Array:
-  """Plain nearest-neighbour assignment (SPEC §2.3, and `γ = 0`).
+  """Plain nearest-neighbour assignment (docs/algorithm.md §2.3, and `γ = 0`).
 
   Example:
     >>> nearest(jnp.array([-0.3, 0.01, 0.2]), jnp.array([0.2, 0.3]))
@@ -101,7 +101,7 @@ def cluster_pmf(
   p0_min: jax.typing.ArrayLike = 0.5,
   reference_parity: bool = False,
 ) -> jax.Array:
-  """Cluster probabilities with the sparsity floor (SPEC §4.3–4.4).
+  """Cluster probabilities with the sparsity floor (docs/algorithm.md §4.3–4.4).
 
   An empty cluster counts as one element. If `P_0 < p0_min`, with
   `D = p0_min - P_0` the missing mass is taken from the other two clusters in
@@ -151,7 +151,7 @@ def information(pmf: jax.Array) -> jax.Array:
 def lambda_max(
   w: jax.typing.ArrayLike, centroids: jax.typing.ArrayLike, info: jax.Array
 ) -> jax.Array:
-  """The λ at which the most extreme weight of one side would move to zero (SPEC §4.6).
+  """The λ at which the most extreme weight of one side would move to zero (docs/algorithm.md §4.6).
 
     Λ_n = w_n (2 m_n - w_n) / (I_n - I_0),   Λ_p = w_p (2 m_p - w_p) / (I_p - I_0),
     Λ_max = min(Λ_n, Λ_p),  m_n = |min W|, m_p = |max W|.
@@ -183,7 +183,7 @@ def lambda_max(
 def layer_weight(
   size: int, max_size: int, sustain: jax.typing.ArrayLike = 0.05
 ) -> jax.typing.ArrayLike:
-  """Per-layer scaling `δ_l = (N_l / N_max + ς) / (1 + ς)` (SPEC §4.7).
+  """Per-layer scaling `δ_l = (N_l / N_max + ς) / (1 + ς)` (docs/algorithm.md §4.7).
 
   `size` and `max_size` are static element counts; `sustain` may be traced.
   """
@@ -199,7 +199,7 @@ def assign(
   p0_min: jax.typing.ArrayLike = 0.5,
   reference_parity: bool = False,
 ) -> Assignment:
-  """Entropy-constrained assignment of one kernel (SPEC §4).
+  """Entropy-constrained assignment of one kernel (docs/algorithm.md §4).
 
     a = argmin_c (W - c)^2 + λ_l · I_c,   λ_l = γ · δ_l · Λ_max
 
@@ -217,7 +217,7 @@ def assign(
   Returns:
     An `Assignment`. Never NaN or inf, whatever the inputs' degeneracy.
 
-  Example (SPEC §7):
+  Example (docs/algorithm.md §7):
     >>> w = jnp.array([-.9, -.5, -.31, -.2, -.05, 0., .02, .1, .18, .3, .45, 1.2])
     >>> assign(w, jnp.array([.36, .27]), gamma=.15, reference_parity=True).assignment
     Array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 2, 2], dtype=int8)
@@ -255,7 +255,7 @@ def map_gradient(
   reference_parity: bool = False,
   prune: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-  """Maps `G = ∂L/∂q` to the latent weights and the two centroids (SPEC §3.3).
+  """Maps `G = ∂L/∂q` to the latent weights and the two centroids (docs/algorithm.md §3.3).
 
     ∂W   = w_p·A·G + w_n·B·G + Z·G      (TTQ-style scaled straight-through)
     g_wp = Σ A·G
@@ -277,7 +277,7 @@ def map_gradient(
     `(latent_grad, centroid_grad)`: latent_grad in float32 with `grad`'s shape,
     centroid_grad float32 `(2,)` = `[g_wp, g_wn]`.
 
-  Example (SPEC §7):
+  Example (docs/algorithm.md §7):
     >>> g = jnp.array([.1, -.2, .3, -.05, -.4, .02])
     >>> a = jnp.array([0, 1, 2, 2, 0, 1], jnp.int8)
     >>> map_gradient(g, a, jnp.array([.36, .27]))[1]
@@ -312,7 +312,7 @@ def centroid_floor(w: jax.typing.ArrayLike, factor: jax.typing.ArrayLike = 0.675
 
 
 def initial_centroids(w: jax.typing.ArrayLike, scale: jax.typing.ArrayLike) -> jax.Array:
-  """`[w_p, w_n] = s·[|max W|, |min W|]` (SPEC §2.2), float32."""
+  """`[w_p, w_n] = s·[|max W|, |min W|]` (docs/algorithm.md §2.2), float32."""
   w = _f32(w)
   s = _f32(scale)
   return jnp.stack([s * jnp.abs(jnp.max(w)), s * jnp.abs(jnp.min(w))])

@@ -3,9 +3,9 @@
 Two factories share one implementation:
 
 * `ternary_training` — every leaf it sees becomes a ternary kernel
-  `{-w_n, 0, +w_p}` (SPEC §2–5);
+  `{-w_n, 0, +w_p}` (docs/algorithm.md §2–5);
 * `entropy_constrained_pruning` — every leaf it sees keeps full-precision values
-  where it is not pruned (ECP, SPEC §6).
+  where it is not pruned (ECP, docs/algorithm.md §6).
 
 Both expect to see only their own leaves (use them under `optax.partition`, as
 `ec2t_jax.ec2t` does) and receive `∂L/∂q`, the gradient w.r.t. the kernel of
@@ -373,17 +373,17 @@ def ternary_training(
 ) -> optax.GradientTransformation:
   """Trains every leaf it is given into a ternary kernel `{-w_n, 0, +w_p}` (EC2T).
 
-  One update (SPEC §3) maps `G = ∂L/∂q` to the latent weights
+  One update (docs/algorithm.md §3) maps `G = ∂L/∂q` to the latent weights
   (`w_p·A·G + w_n·B·G + Z·G`) and the centroids (`Σ A·G`, `−Σ B·G`), steps
   both with their optimizers, raises both centroids to at least
   `centroid_floor_std · std(W)`, re-assigns every weight with
 
-    a = argmin_c (W − c)² + γ·δ_l·Λ_max·I_c      (SPEC §4)
+    a = argmin_c (W − c)² + γ·δ_l·Λ_max·I_c      (docs/algorithm.md §4)
 
   and returns the update that turns each params leaf into the new ternary
   kernel *exactly* under `optax.apply_updates`. From step
   `freeze_assignment_at` on, the assignment and latent weights stay fixed and
-  only the centroids train (SPEC §5).
+  only the centroids train (docs/algorithm.md §5).
 
   Use it under `optax.partition` so that it sees only the leaves to ternarize,
   or call `ec2t_jax.ec2t`, which does that.
@@ -451,7 +451,7 @@ def entropy_constrained_pruning(
   reference_parity: bool = False,
   group_layers: bool = True,
 ) -> optax.GradientTransformation:
-  """Entropy-constrained pruning (ECP, SPEC §6) of every leaf it is given.
+  """Entropy-constrained pruning (ECP, docs/algorithm.md §6) of every leaf it is given.
 
   The centroids, probabilities, λ and argmin are those of `ternary_training`,
   but kept weights stay full precision: `q = (A + B)·W`, exact zeros where the

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import pytest
 from train_test import tiny_mnist
 
-from ec2t_jax import checkpoint as checkpoint_lib
-from ec2t_jax import datasets, train
+from ec2t_jax.training import checkpoint as checkpoint_lib
+from ec2t_jax.training import datasets, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""Tests for ec2t_jax.convert: PyTorch parity, round trips, mismatch errors."""
+"""Tests for ec2t_jax.models.pytorch: PyTorch parity, round trips, mismatch errors."""
 
 import sys
 
@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ec2t_jax import convert, models
+from ec2t_jax import models
+from ec2t_jax.models import pytorch as convert
 
 try:
   import torch

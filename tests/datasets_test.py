@@ -1,4 +1,4 @@
-"""Tests of ec2t_jax.datasets: the embedded MNIST, its tfds builder, the registry."""
+"""Tests of ec2t_jax.training.datasets: the embedded MNIST, its tfds builder, the registry."""
 
 import hashlib
 import os
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ec2t_jax import datasets
+from ec2t_jax.training import datasets
 
 MOCK = tfds.testing.MockPolicy.USE_CODE
 

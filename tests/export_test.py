@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from scoring_test import _body_conv, _shapes, _synthetic, trained_workdir
 
-from ec2t_jax import export, masks, train
+from ec2t_jax import export, tree_util
+from ec2t_jax.training import train
 
 
 @pytest.fixture(scope='module')
@@ -19,7 +20,7 @@ def run(tmp_path_factory):
 
 
 def _leaves(tree):
-  return {name: np.asarray(v) for name, v in masks.named_leaves(tree)}
+  return {name: np.asarray(v) for name, v in tree_util.named_leaves(tree)}
 
 
 def _bits(a):

@@ -1,11 +1,12 @@
-"""Tests for ec2t_jax.grow: function-preserving depth and width growth."""
+"""Tests for ec2t_jax.models.grow: function-preserving depth and width growth."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ec2t_jax import grow, models
+from ec2t_jax import models
+from ec2t_jax.models import grow
 
 
 def _trained_like(model, seed=0):

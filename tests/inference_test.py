@@ -7,7 +7,8 @@ import pytest
 from jax import lax
 from scoring_test import _body_conv, _shapes, _synthetic, trained_workdir
 
-from ec2t_jax import inference, models, train
+from ec2t_jax import inference, models
+from ec2t_jax.training import train
 
 
 def _ternary(rng, shape, sparsity=0.5, w_p=0.37, w_n=0.21):

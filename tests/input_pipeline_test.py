@@ -1,11 +1,11 @@
-"""Tests of ec2t_jax.input_pipeline: recipes, determinism, sharding, padding, state."""
+"""Tests of ec2t_jax.training.input_pipeline: recipes, determinism, sharding, padding, state."""
 
 import numpy as np
 import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
-from ec2t_jax import datasets, input_pipeline
+from ec2t_jax.training import datasets, input_pipeline
 
 MOCK = tfds.testing.MockPolicy.USE_CODE
 RNG = np.random.default_rng(0)

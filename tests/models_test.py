@@ -22,7 +22,7 @@ EXPECTED = {
   'resnet56': (10, 853_018),
   'resnet110': (10, 1_727_962),
   'micronet': (10, 662_810),  # d = w = 1: 7 blocks of 16/32/64.
-  # The published φ=3.5 super-net (SPEC §8, ≈8.05M for CIFAR-100).
+  # The published φ=3.5 super-net (docs/algorithm.md §8, ≈8.05M for CIFAR-100).
   'micronet_c10': (10, 8_044_234),
   'micronet_c100': (100, 8_055_124),
   # torchvision.
@@ -178,7 +178,7 @@ def test_micronet_param_names_and_scaling():
   assert _keys(p['layer3_22']) == identity
   assert p['layer3_0']['shortcut_conv']['kernel'].shape == (1, 1, 64, 120)
   assert p['layer3_0']['bn1']['scale'].shape == (64,)
-  # 3 stages x 23 blocks x 2 convs = 138 ternary 3x3 convs (SPEC §8).
+  # 3 stages x 23 blocks x 2 convs = 138 ternary 3x3 convs (docs/algorithm.md §8).
   n3x3 = sum(
     1
     for path, leaf in jax.tree_util.tree_leaves_with_path(p)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from train_test import _sigterm_at, tiny_mnist
 
-from ec2t_jax import checkpoint as checkpoint_lib
-from ec2t_jax import metric_writers, train
+from ec2t_jax.training import checkpoint as checkpoint_lib
+from ec2t_jax.training import metric_writers, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from ec2t_jax import masks, models, scaling, score, scoring
+from ec2t_jax import models, scaling, scoring, tree_util
+from ec2t_jax.scoring import __main__ as score
 
 _WORKDIR: dict[str, str] = {}
 
@@ -19,7 +20,7 @@ def trained_workdir(tmp_path_factory) -> str:
   if 'path' not in _WORKDIR:
     from train_test import tiny_mnist
 
-    from ec2t_jax import train
+    from ec2t_jax.training import train
 
     path = str(tmp_path_factory.getbasetemp() / 'tiny_mnist_workdir')
     if not os.path.exists(os.path.join(path, 'summary.json')):
@@ -40,7 +41,7 @@ def _synthetic(shapes, sparsity, is_ternary, seed=0):
   rng = np.random.default_rng(seed)
 
   def make(path, leaf):
-    name = masks.path_str(path)
+    name = tree_util.path_str(path)
     n = math.prod(leaf.shape)
     if is_ternary(name):
       a = np.zeros(n)
@@ -62,7 +63,7 @@ def _m(x, digits=1):
   return round(x / 1e6, digits)
 
 
-# --- the published numbers (SCORING.md) ------------------------------------------------------
+# --- the published numbers (docs/scoring.md) ------------------------------------------------------
 
 
 def test_reference_fp_resnet20_matches_published():

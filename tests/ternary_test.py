@@ -1,4 +1,4 @@
-"""Tests of the per-array EC2T math: golden numbers (SPEC §7) and robust numerics."""
+"""Tests of the per-array EC2T math: golden numbers (docs/algorithm.md §7) and robust numerics."""
 
 import functools
 

@@ -7,7 +7,7 @@ published PyTorch implementation, written from the papers' descriptions:
   maxpool → fc 120 → fc 84 → fc classes (the EC2T MNIST model).
 * ``CifarResNet``: He et al. 2016 CIFAR ResNets (6n+2 layers) with the
   parameter-free option-A shortcut (subsample by 2, zero-pad channels).
-* ``MicroNet``: the pyramidal-order residual net of SPEC §8.
+* ``MicroNet``: the pyramidal-order residual net of docs/algorithm.md §8.
 * ``ResNet``: the torchvision ImageNet ResNets (v1.5: stride on the 3x3 conv).
 * ``EfficientNet``: the ``efficientnet_pytorch`` parameter layout (``_conv_stem``,
   ``_blocks.{i}._depthwise_conv``, ...), symmetric or TF-"SAME" padding.
@@ -96,11 +96,11 @@ class CifarResNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------
-# MicroNet (SPEC §8)
+# MicroNet (docs/algorithm.md §8)
 
 
 def round_filters(filters: int, width_mult: float, divisor: int = 8) -> int:
-  """EfficientNet channel rounding (SPEC §8)."""
+  """EfficientNet channel rounding (docs/algorithm.md §8)."""
   scaled = filters * width_mult
   new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
   if new < 0.9 * scaled:

@@ -11,8 +11,9 @@ import tensorflow_datasets as tfds
 
 import ec2t_jax
 from configs import cifar10, imagenet, mnist
-from ec2t_jax import checkpoint as checkpoint_lib
-from ec2t_jax import metric_writers, train
+from ec2t_jax import tree_util
+from ec2t_jax.training import checkpoint as checkpoint_lib
+from ec2t_jax.training import metric_writers, train
 
 MOCK = tfds.testing.MockPolicy.USE_CODE
 
@@ -47,7 +48,7 @@ def _exactly_ternary(workdir_summary, config, workdir):
   run.build()
   tree, _ = ckpt.restore(step, train._state_tree(run.target_for_step(step)))
   expected = ec2t_jax.compressed_kernels(tree['opt_state'], tree['params'])
-  flat = dict(ec2t_jax.masks.named_leaves(tree['params']))
+  flat = dict(tree_util.named_leaves(tree['params']))
   for name, q in expected.items():
     np.testing.assert_array_equal(np.asarray(flat[name]), np.asarray(q), err_msg=name)
   ckpt.close()

@@ -10,7 +10,7 @@ import pytest
 from flax import linen as nn
 
 import ec2t_jax
-from ec2t_jax import reference, ternary, transforms
+from ec2t_jax import reference, ternary, transforms, tree_util
 
 SHAPES = {'conv': (3, 3, 4, 8), 'dense': (32, 10), 'small': (5, 3)}
 
@@ -32,7 +32,7 @@ def _state(opt_state):
 def _assert_exactly_ternary(params, opt_state):
   """Every compressed leaf holds, bit for bit, only the state's levels at the state's places."""
   expected = ec2t_jax.compressed_kernels(opt_state, params)
-  flat = dict(ec2t_jax.masks.named_leaves(params))
+  flat = dict(tree_util.named_leaves(params))
   for name, q in expected.items():
     np.testing.assert_array_equal(np.asarray(flat[name]), np.asarray(q), err_msg=name)
 
@@ -346,7 +346,7 @@ def test_default_ternary_mask_skips_first_last_and_shortcuts():
   x = jnp.zeros((1, 8, 8, 2))
   params = _TinyCNN().init(jax.random.key(0), x)['params']
   mask = ec2t_jax.default_ternary_mask(params)
-  chosen = sorted(n for n, m in ec2t_jax.masks.named_leaves(mask) if m)
+  chosen = sorted(n for n, m in tree_util.named_leaves(mask) if m)
   assert chosen == ['body/kernel', 'body2/kernel']
   # After jit the dict is sorted ('body' first); the traced call order still finds the stem.
   order = ec2t_jax.masks.call_order(_TinyCNN(), x)
@@ -354,7 +354,7 @@ def test_default_ternary_mask_skips_first_last_and_shortcuts():
   rebuilt = jax.jit(lambda p: p)(params)
   assert next(iter(rebuilt)) == 'body'
   mask = ec2t_jax.default_ternary_mask(rebuilt, order=order)
-  assert sorted(n for n, m in ec2t_jax.masks.named_leaves(mask) if m) == chosen
+  assert sorted(n for n, m in tree_util.named_leaves(mask) if m) == chosen
 
 
 def test_end_to_end_with_flax_model_and_summary():

@@ -21,7 +21,7 @@ What this script does
 4. Writes a zip of `.npy` members readable by `np.load` (the format of
    `np.savez_compressed`), with fixed timestamps and maximum deflate, so that
    the output is byte-for-byte reproducible for a given zlib, and prints its
-   sha256, which must match `ec2t_jax.datasets.EMBEDDED_MNIST_SHA256`.
+   sha256, which must match `ec2t_jax.training.datasets.EMBEDDED_MNIST_SHA256`.
 
 Members: `train_images` (60000, 28, 28) uint8, `train_labels` (60000,) uint8,
 `test_images` (10000, 28, 28) uint8, `test_labels` (10000,) uint8.

@@ -52,7 +52,7 @@ __all__ = [
   'scaling',
 ]
 
-# The published EC2T super-net (SPEC §8): d=1.4, w=1.2, φ=3.5.
+# The published EC2T super-net (docs/algorithm.md §8): d=1.4, w=1.2, φ=3.5.
 MICRONET_PHI35 = dict(d=1.4, w=1.2, phi=3.5)
 
 _MNIST = (28, 28, 1)

@@ -2,7 +2,7 @@
 
 Marban, Becking, Wiedemann & Samek, "Learning Sparse & Ternary Neural Networks
 with Entropy-Constrained Trained Ternarization (EC2T)", CVPR-W 2020
-(arXiv 2004.01077), §3.4 and SPEC §8: a ResNet-44-like CIFAR net with pyramidal
+(arXiv 2004.01077), §3.4 and docs/algorithm.md §8: a ResNet-44-like CIFAR net with pyramidal
 blocks (Han et al., "Deep Pyramidal Residual Networks", CVPR 2017), scaled in
 depth and width with the EfficientNet rules (Tan & Le, ICML 2019).
 

@@ -2,7 +2,7 @@
 
 Tan & Le, "EfficientNet: Rethinking Model Scaling for Convolutional Neural
 Networks", ICML 2019 (arXiv 1905.11946). EC2T (Marban et al., CVPR-W 2020,
-arXiv 2004.01077) scales its CIFAR MicroNet with the same rules (SPEC §8).
+arXiv 2004.01077) scales its CIFAR MicroNet with the same rules (docs/algorithm.md §8).
 """
 
 import math

@@ -4,8 +4,8 @@
 
 1. optional full-precision training (`config.fp.num_epochs`, e.g. a
    compound-scaled super-network from scratch), or weights from
-   `config.init_from` (an orbax directory written by `ec2t_jax.checkpoint.
-   save_variables`, or a PyTorch `.pt`/`.pth` through `ec2t_jax.convert`);
+   `config.init_from` (an orbax directory written by `ec2t_jax.training.checkpoint.
+   save_variables`, or a PyTorch `.pt`/`.pth` through `ec2t_jax.models.pytorch`);
 2. the EC2T phase (`config.ec2t.num_epochs`), ternarizing with `ec2t_jax.ec2t`;
 3. the frozen-assignment phase (`config.ec2t.frozen_epochs`).
 
@@ -40,9 +40,10 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 
 import ec2t_jax
-from ec2t_jax import checkpoint as checkpoint_lib
-from ec2t_jax import datasets, input_pipeline, metric_writers, models
 from ec2t_jax import masks as masks_lib
+from ec2t_jax import models, tree_util
+from ec2t_jax.training import checkpoint as checkpoint_lib
+from ec2t_jax.training import datasets, input_pipeline, metric_writers
 
 FP, EC2T = 'fp', 'ec2t'
 
@@ -273,8 +274,8 @@ def create_ec2t_optimizer(
 
 def _check_variables(loaded: Any, expected: Any, source: str) -> None:
   """Raises one ValueError listing missing, extra and mis-shaped leaves."""
-  got = {n: np.shape(x) for n, x in masks_lib.named_leaves(loaded)}
-  want = {n: np.shape(x) for n, x in masks_lib.named_leaves(expected)}
+  got = {n: np.shape(x) for n, x in tree_util.named_leaves(loaded)}
+  want = {n: np.shape(x) for n, x in tree_util.named_leaves(expected)}
   problems = [f'missing {n} {want[n]}' for n in sorted(set(want) - set(got))]
   problems += [f'unexpected {n} {got[n]}' for n in sorted(set(got) - set(want))]
   problems += [
@@ -293,7 +294,7 @@ def load_init_from(config: ml_collections.ConfigDict, expected: dict[str, Any]) 
   """Pretrained variables from `config.init_from` (orbax directory or PyTorch file)."""
   source = config.init_from
   if source.endswith(('.pt', '.pth')):
-    from ec2t_jax import convert
+    from ec2t_jax.models import pytorch as convert
 
     kwargs = dict(config.get('model_kwargs') or {})
     loaded = convert.from_pytorch(source, config.model, num_classes=config.num_classes, **kwargs)
@@ -425,7 +426,7 @@ class _Preemption:
 def params_sha256(params: Any) -> str:
   """A hash of the params' bytes in a fixed leaf order (sorted paths), to compare runs."""
   h = hashlib.sha256()
-  for name, leaf in sorted(masks_lib.named_leaves(jax.device_get(params))):
+  for name, leaf in sorted(tree_util.named_leaves(jax.device_get(params))):
     arr = np.ascontiguousarray(np.asarray(leaf))
     h.update(f'{name}:{arr.dtype}:{arr.shape};'.encode())
     h.update(arr.tobytes())
@@ -623,7 +624,7 @@ def _sparsity_by_layer(params: Any, mask: Any) -> tuple[dict[str, float], float,
   per_layer = {}
   zeros = size = all_zeros = all_size = 0
   for (name, leaf), selected in zip(
-    masks_lib.named_leaves(params), jax.tree.leaves(mask), strict=True
+    tree_util.named_leaves(params), jax.tree.leaves(mask), strict=True
   ):
     arr = np.asarray(leaf)
     z = int(np.sum(arr == 0))

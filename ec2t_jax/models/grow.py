@@ -4,7 +4,7 @@ Chen, Goodfellow & Shlens, "Net2Net: Accelerating Learning via Knowledge
 Transfer", ICLR 2016 (arXiv 1511.05641). A trained small network initialises a
 deeper and/or wider one that computes exactly the same function, so the big
 network starts from the small one's accuracy instead of from scratch — e.g. to
-reach a compound-scaled MicroNet (SPEC §8) through intermediate sizes.
+reach a compound-scaled MicroNet (docs/algorithm.md §8) through intermediate sizes.
 
 **Deeper.** Stage ``i`` of the small net has blocks ``layer{i}_0 …
 layer{i}_{n-1}``; the big net's extra blocks ``layer{i}_{n} …`` are appended at

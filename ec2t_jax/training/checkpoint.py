@@ -21,14 +21,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from ec2t_jax import masks as masks_lib
+from ec2t_jax import tree_util
 
 
 def _flat(tree: Any) -> tuple[dict[str, Any], list[str]]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return (
     {f'{i:05d}': leaf for i, (_, leaf) in enumerate(flat)},
-    [masks_lib.path_str(p) for p, _ in flat],
+    [tree_util.path_str(p) for p, _ in flat],
   )
 
 

@@ -1,6 +1,6 @@
 """grain input pipelines: per-recipe augmentation, sharding, padding, checkpointable.
 
-`create_split` turns a random-access source (`ec2t_jax.datasets.get_data_source`)
+`create_split` turns a random-access source (`ec2t_jax.training.datasets.get_data_source`)
 into an iterator of numpy batches
 
   {'image': float32 (B, H, W, C), normalized, 'label': int32 (B,)}
@@ -24,7 +24,7 @@ into an iterator of numpy batches
 Augmentations are numpy (and PIL for ImageNet) grain transforms, per recipe:
 
 * mnist: none; normalize with mean 0.1307, std 0.3081.
-* cifar10 / cifar100 (SPEC §8): random crop of the 4-pixel zero-padded image,
+* cifar10 / cifar100 (docs/algorithm.md §8): random crop of the 4-pixel zero-padded image,
   horizontal flip, colour jitter (brightness, contrast, saturation 0.3, hue
   0.075, in a random order as torchvision does), Cutout of one 16x16 hole
   (DeVries & Taylor 2017, arXiv:1708.04552), per-channel normalization.
@@ -55,7 +55,7 @@ import jax
 import numpy as np
 import PIL.Image
 
-from ec2t_jax import datasets
+from ec2t_jax.training import datasets
 
 # Per-channel mean and std of pixel values scaled to [0, 1].
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -482,7 +482,7 @@ def preprocess_ops(
   """The per-example transforms of a dataset's recipe (before batching).
 
   Args:
-    dataset: a registered dataset name (see `ec2t_jax.datasets.DATASETS`).
+    dataset: a registered dataset name (see `ec2t_jax.training.datasets.DATASETS`).
     train: training (`True`) or evaluation transforms.
     augment: apply the random augmentations; defaults to `train`.
     image_size: output side for ImageNet (default 224); for the fixed-size

@@ -2,7 +2,7 @@
 
 Every dataset is read through `tfds.data_source`, which gives a random-access
 source (`len(source)`, `source[i] -> {'image': uint8 HWC, 'label': int}`) for
-the grain pipelines of `ec2t_jax.input_pipeline`. Nothing here needs
+the grain pipelines of `ec2t_jax.training.input_pipeline`. Nothing here needs
 TensorFlow or the network:
 
 * `mnist` is the full MNIST (60,000 train / 10,000 test) shipped inside this
@@ -58,7 +58,7 @@ class DatasetSpec:
     test_split: the split used as the held-out test set.
     validation_size: default number of training examples held out as the
       validation set (the last ones of the 'train' split, see
-      `ec2t_jax.input_pipeline.split_indices`).
+      `ec2t_jax.training.input_pipeline.split_indices`).
     embedded: shipped inside this package (built locally, no download).
   """
 

@@ -1,6 +1,6 @@
 """Import PyTorch checkpoints into the Flax model zoo, and export them back.
 
-EC2T starts from a trained full-precision model (SPEC §2: ``W ← pretrained
+EC2T starts from a trained full-precision model (docs/algorithm.md §2: ``W ← pretrained
 kernel``); the published checkpoints are PyTorch ``state_dict``s. This module
 maps them, name by name and layout by layout, onto the variables of the models
 in :mod:`ec2t_jax.models`:

@@ -4,8 +4,8 @@ EC2T (Marban et al., CVPR-W 2020, arXiv 2004.01077) reports scoring
 parameters, multiplications, additions and the MicroNet score; this command
 computes them for the newest (or best) checkpoint of a workdir::
 
-    python -m ec2t_jax.score --workdir /tmp/wd_mnist
-    python -m ec2t_jax.score --workdir /tmp/wd_mnist --mode reference --best --json cost.json
+    python -m ec2t_jax.scoring --workdir /tmp/wd_mnist
+    python -m ec2t_jax.scoring --workdir /tmp/wd_mnist --mode reference --best --json cost.json
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def score_workdir(
   """`scoring.count` of a workdir's newest (or best-by-validation) checkpoint.
 
   Args:
-    workdir: a directory written by `ec2t_jax.train.train_and_evaluate`.
+    workdir: a directory written by `ec2t_jax.training.train.train_and_evaluate`.
     mode: ``'corrected'`` or ``'reference'``.
     best: score the best-by-validation checkpoint.
     **kwargs: further `scoring.count` options (``mul_bits``, ``half_precision``, ...).
@@ -36,7 +36,7 @@ def score_workdir(
   Returns:
     The `scoring.Report`.
   """
-  from ec2t_jax import train  # Local: keeps `--help` fast.
+  from ec2t_jax.training import train  # Local: keeps `--help` fast.
 
   run = train.load_workdir(workdir, best=best)
   return scoring.count(
@@ -51,9 +51,9 @@ def score_workdir(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Command line entry point (``python -m ec2t_jax.score --help``)."""
+  """Command line entry point (``python -m ec2t_jax.scoring --help``)."""
   parser = argparse.ArgumentParser(
-    prog='python -m ec2t_jax.score', description=__doc__.split('\n\n')[0]
+    prog='python -m ec2t_jax.scoring', description=__doc__.split('\n\n')[0]
   )
   parser.add_argument('--workdir', required=True, help='a workdir of main.py / train_and_evaluate')
   parser.add_argument('--mode', default='corrected', choices=scoring.MODES)

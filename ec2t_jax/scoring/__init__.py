@@ -2,14 +2,14 @@
 
 EC2T (Marban, Becking, Wiedemann & Samek, "Learning Sparse & Ternary Neural
 Networks with Entropy-Constrained Trained Ternarization", CVPR Workshops 2020,
-arXiv 2004.01077, §4 and SPEC §10) reports every network's cost in the units
+arXiv 2004.01077, §4 and docs/algorithm.md §10) reports every network's cost in the units
 of the NeurIPS 2019 MicroNet challenge: parameters and operations in "32-bit
 equivalents" (an item of ``b`` bits counts ``b/32``), and the score
 
     score = params / P_ref + flops / F_ref
 
 with WRN-28-10 as the CIFAR reference (36.5M, 10.49G) and MobileNetV2-1.4 as
-the ImageNet reference (6.9M, 1170M). ``/work/shared/SCORING.md`` gives the
+the ImageNet reference (6.9M, 1170M). ``docs/scoring.md`` gives the
 rules in full.
 
 Nothing here is tabulated per architecture. `trace` turns one eval-mode
@@ -66,8 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from ec2t_jax import masks as masks_lib
-from ec2t_jax import models
+from ec2t_jax import models, tree_util
 
 __all__ = [
   'MODES',
@@ -85,7 +84,7 @@ __all__ = [
 
 MODES = ('corrected', 'reference')
 
-# (P_ref, F_ref): WRN-28-10 for CIFAR-10/100, MobileNetV2-1.4 for ImageNet (SCORING.md).
+# (P_ref, F_ref): WRN-28-10 for CIFAR-10/100, MobileNetV2-1.4 for ImageNet (docs/scoring.md).
 REFERENCE_NETWORKS = {
   'cifar': (36.5e6, 10.49e9),
   'imagenet': (6.9e6, 1170e6),
@@ -292,7 +291,7 @@ def _size(aval: Any) -> int:
 
 def _leaf_values(tree: Any) -> dict[str, np.ndarray | None]:
   out = {}
-  for name, leaf in masks_lib.named_leaves(tree):
+  for name, leaf in tree_util.named_leaves(tree):
     if isinstance(leaf, jax.ShapeDtypeStruct) or not hasattr(leaf, '__array__'):
       out[name] = None
     else:
@@ -653,7 +652,7 @@ def trace(model: Any, variables: Any, input_shape: Sequence[int]) -> Graph:
   """
   shape = _batch_one(input_shape)
   flat, _ = jax.tree_util.tree_flatten_with_path(variables)
-  names = [masks_lib.path_str(p) for p, _ in flat]
+  names = [tree_util.path_str(p) for p, _ in flat]
   values = _leaf_values(variables)
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
   abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), v.dtype), variables)
@@ -850,7 +849,7 @@ def _tree_bits(n: float, width: int, stop: float) -> float:
 
 
 def _formats(N: float, nnz: float, c_out: int, b: int, ternary: bool, n_cent: int) -> dict:
-  """Scoring params of every applicable storage format (SCORING.md, rule 3)."""
+  """Scoring params of every applicable storage format (docs/scoring.md, rule 3)."""
   sparse = nnz * b / 32 + (N / 32 if nnz < N else 0.0)
   out = {'sparse-fp' if nnz < N else 'dense-fp': sparse}
   if ternary:
@@ -871,7 +870,7 @@ def _variables_dict(variables: Any) -> dict[str, Any]:
 def _ternary_names(ternary_mask: Any) -> set[str]:
   if ternary_mask is None:
     return set()
-  return {name for name, flag in masks_lib.named_leaves(ternary_mask) if bool(flag)}
+  return {name for name, flag in tree_util.named_leaves(ternary_mask) if bool(flag)}
 
 
 def _infer_num_classes(name: str, params: Any, shape: tuple[int, ...]) -> int:
@@ -879,8 +878,8 @@ def _infer_num_classes(name: str, params: Any, shape: tuple[int, ...]) -> int:
   probe = models.create(name, num_classes=1)
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
   ref = jax.eval_shape(lambda x: probe.init(jax.random.key(0), x, train=False), x)['params']
-  got = dict(masks_lib.named_leaves(params))
-  for leaf_name, leaf in masks_lib.named_leaves(ref):
+  got = dict(tree_util.named_leaves(params))
+  for leaf_name, leaf in tree_util.named_leaves(ref):
     mine = got.get(leaf_name)
     if mine is not None and np.shape(mine) != leaf.shape:
       diff = [a for a, b in zip(np.shape(mine), leaf.shape, strict=False) if a != b]
@@ -903,7 +902,7 @@ def count(
   ternary_mask: Any = None,
   dataset: str | None = None,
 ) -> Report:
-  """Counts scoring parameters, multiplications and additions of a network (SCORING.md).
+  """Counts scoring parameters, multiplications and additions of a network (docs/scoring.md).
 
   Args:
     model_name_or_module: a registered model name (``models.names()``) or a
