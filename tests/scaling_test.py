@@ -1,10 +1,12 @@
-"""Tests for ec2t_jax.scaling: the compound-scaling candidate table."""
+"""Tests for ec2t_jax.models.scaling: the compound-scaling candidate table."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from ec2t_jax import models, scaling
+from ec2t_jax import models
+from ec2t_jax.models import scaling
+from ec2t_jax.scoring import jaxprs
 
 
 def test_published_supernet_row():
@@ -37,15 +39,15 @@ def test_count_macs_lenet5_by_hand():
   conv1 = 28 * 28 * 6 * (5 * 5 * 1)
   conv2 = 10 * 10 * 16 * (5 * 5 * 6)
   dense = 400 * 120 + 120 * 84 + 84 * 10
-  assert scaling.count_macs(model, shapes, x.shape) == conv1 + conv2 + dense
+  assert jaxprs.count_macs(model, shapes, x.shape) == conv1 + conv2 + dense
 
 
 def test_count_macs_counts_groups_and_batch():
   model = models.create('resnet20', num_classes=10)
   x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   shapes = jax.eval_shape(model.init, jax.random.key(0), x)
-  one = scaling.count_macs(model, shapes, (1, 32, 32, 3))
-  assert scaling.count_macs(model, shapes, (2, 32, 32, 3)) == 2 * one
+  one = jaxprs.count_macs(model, shapes, (1, 32, 32, 3))
+  assert jaxprs.count_macs(model, shapes, (2, 32, 32, 3)) == 2 * one
   # The commonly quoted ~41M MACs of ResNet-20 at 32x32.
   assert one == 40_551_040
 
