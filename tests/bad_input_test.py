@@ -11,6 +11,7 @@ from train_test import tiny_mnist
 
 from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import datasets, train
+from ec2t_jax.training import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,7 +83,7 @@ def test_workdir_of_another_config_is_refused_unless_overwrite(tmp_path):
   config = tiny_mnist()
   os.makedirs(workdir)
   # A finished claim of another run: only config.json is needed for the check.
-  train._claim_workdir(tiny_mnist(**{'ec2t.gamma': 0.5}), workdir)
+  workdir_lib.claim_workdir(tiny_mnist(**{'ec2t.gamma': 0.5}), workdir)
   before = open(os.path.join(workdir, 'config.json')).read()
   with pytest.raises(ValueError, match=r'different config \(ec2t.gamma: 0.5 -> 0.15\)'):
     train.train_and_evaluate(config, workdir)
@@ -93,16 +94,16 @@ def test_processes_and_resumes_of_one_run_share_a_workdir(tmp_path):
   """Fields that differ between the processes of one run (or its restarts) are not a new run."""
   workdir = str(tmp_path / 'work')
   first = {'process_id': 0, 'coordinator_address': '127.0.0.1:1234', 'worker_count': 0}
-  train._claim_workdir(tiny_mnist(distributed=True, num_processes=2, **first), workdir)
+  workdir_lib.claim_workdir(tiny_mnist(distributed=True, num_processes=2, **first), workdir)
   other = {'process_id': 1, 'coordinator_address': '127.0.0.1:5678', 'worker_count': 2}
-  train._claim_workdir(tiny_mnist(distributed=True, num_processes=2, **other), workdir)
+  workdir_lib.claim_workdir(tiny_mnist(distributed=True, num_processes=2, **other), workdir)
   with open(os.path.join(workdir, 'config.json')) as f:
     written = json.load(f)
   assert not os.path.exists(os.path.join(workdir, 'config.json.tmp'))
   # Process 0 of this one-process test rewrote it; a different run is still refused.
   assert written['coordinator_address'] == '127.0.0.1:5678'
   with pytest.raises(ValueError, match='num_processes: 2 -> 1'):
-    train._claim_workdir(tiny_mnist(distributed=True, num_processes=1, **other), workdir)
+    workdir_lib.claim_workdir(tiny_mnist(distributed=True, num_processes=1, **other), workdir)
 
 
 def test_missing_dataset_error_names_the_command(tmp_path):
@@ -137,7 +138,7 @@ def test_checkpoints_that_cannot_be_restored_are_not_overwritten(tmp_path):
   """A workdir whose checkpoints do not fit this train state is refused, not restarted."""
   workdir = str(tmp_path / 'work')
   config = tiny_mnist()
-  train._claim_workdir(config, workdir)  # Same config: only the checkpoint is foreign.
+  workdir_lib.claim_workdir(config, workdir)  # Same config: only the checkpoint is foreign.
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=2)
   ckpt.save(2, {'w': jnp.ones(3)}, {'phase': 'ec2t'})
   ckpt.close()

@@ -14,6 +14,7 @@ from train_test import _sigterm_at, tiny_mnist
 
 from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import metric_writers, train
+from ec2t_jax.training import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,28 +135,22 @@ def test_corrupted_latest_checkpoint_falls_back_to_an_intact_one(tmp_path, unint
 def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path, monkeypatch):
   config = tiny_mnist()
   workdir = str(tmp_path / 'nan')
-  original = train._Run.to_global
+  original = train.to_global
   calls = {'n': 0}
 
-  def poisoned(self, batch):
+  def poisoned(batch, sharding):
     if 'mask' not in batch:
       calls['n'] += 1
       if calls['n'] == 5:  # The 5th training batch holds a NaN.
         batch = dict(batch, image=np.full_like(batch['image'], np.nan))
-    return original(self, batch)
+    return original(batch, sharding)
 
-  monkeypatch.setattr(train._Run, 'to_global', poisoned)
+  monkeypatch.setattr(train, 'to_global', poisoned)
   with pytest.raises(train.NonFiniteError, match='at step 5'):
     train.train_and_evaluate(config, workdir)
-  ckpt = checkpoint_lib.Checkpointer(workdir)
-  steps = ckpt.steps()
-  assert steps and max(steps) <= 4
-  run = train._Run(config, workdir)
-  run.open_data()
-  run.build()
-  tree, _ = ckpt.restore(steps[-1], train._state_tree(run.target_for_step(steps[-1])))
-  ckpt.close()
-  leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
+  run = workdir_lib.load_workdir(workdir)
+  assert run.step <= 4
+  leaves = [np.asarray(x) for x in jax.tree.leaves((run.variables, run.opt_state))]
   assert all(np.all(np.isfinite(x)) for x in leaves if np.issubdtype(x.dtype, np.floating))
 
   calls['n'] = 0

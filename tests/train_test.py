@@ -12,8 +12,8 @@ import tensorflow_datasets as tfds
 import ec2t_jax
 from configs import cifar10, imagenet, mnist
 from ec2t_jax import tree_util
-from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import metric_writers, train
+from ec2t_jax.training import workdir as workdir_lib
 
 MOCK = tfds.testing.MockPolicy.USE_CODE
 
@@ -41,18 +41,14 @@ def tiny_mnist(**overrides):
 
 def _exactly_ternary(workdir_summary, config, workdir):
   del workdir_summary
-  ckpt = checkpoint_lib.Checkpointer(workdir)
-  step = ckpt.steps()[-1]
-  run = train._Run(config, workdir)
-  run.open_data()
-  run.build()
-  tree, _ = ckpt.restore(step, train._state_tree(run.target_for_step(step)))
-  expected = ec2t_jax.compressed_kernels(tree['opt_state'], tree['params'])
-  flat = dict(tree_util.named_leaves(tree['params']))
+  del config
+  run = workdir_lib.load_workdir(workdir)
+  params = run.variables['params']
+  expected = ec2t_jax.compressed_kernels(run.opt_state, params)
+  flat = tree_util.flat_dict(params)
   for name, q in expected.items():
     np.testing.assert_array_equal(np.asarray(flat[name]), np.asarray(q), err_msg=name)
-  ckpt.close()
-  return tree
+  return run
 
 
 def test_mnist_end_to_end_and_resume_is_a_noop(tmp_path):
@@ -96,17 +92,17 @@ def test_mnist_end_to_end_and_resume_is_a_noop(tmp_path):
 
 
 def _sigterm_at(monkeypatch, at_call):
-  original = train._Run.to_global
+  original = train.to_global
   calls = {'n': 0}
 
-  def to_global(self, batch):
+  def to_global(batch, sharding):
     if 'mask' not in batch:  # Training batches only; evaluation batches carry a mask.
       calls['n'] += 1
       if calls['n'] == at_call:
         os.kill(os.getpid(), signal.SIGTERM)
-    return original(self, batch)
+    return original(batch, sharding)
 
-  monkeypatch.setattr(train._Run, 'to_global', to_global)
+  monkeypatch.setattr(train, 'to_global', to_global)
 
 
 @pytest.mark.parametrize('stop_at', [2, 4, 7])  # inside FP, right after the boundary, frozen

@@ -129,6 +129,19 @@ def get_spec(name: str) -> DatasetSpec:
     raise ValueError(f'unknown dataset {name!r}; valid names: {sorted(DATASETS)}') from None
 
 
+def classes_and_shape(config) -> tuple[int, tuple[int, ...]]:
+  """`(num_classes, image_shape)` of a run: the config's settings, else the dataset's.
+
+  `config.num_classes` (0 = the dataset's), `config.image_shape` if present,
+  else the dataset's fixed image shape, else square `config.image_size` RGB
+  images (ImageNet, whose images vary in size).
+  """
+  spec = get_spec(config.dataset)
+  num_classes = config.get('num_classes') or spec.num_classes
+  image_shape = config.get('image_shape') or spec.image_shape or (config.image_size,) * 2 + (3,)
+  return int(num_classes), tuple(image_shape)
+
+
 def default_data_dir(data_dir: str | os.PathLike | None = None) -> str:
   """Resolves the tfds data dir: `data_dir`, else `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`."""
   if data_dir is None:

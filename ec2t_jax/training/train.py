@@ -4,31 +4,33 @@
 
 1. optional full-precision training (`config.fp.num_epochs`, e.g. a
    compound-scaled super-network from scratch), or weights from
-   `config.init_from` (an orbax directory written by `ec2t_jax.training.checkpoint.
-   save_variables`, or a PyTorch `.pt`/`.pth` through `ec2t_jax.models.pytorch`);
-2. the EC2T phase (`config.ec2t.num_epochs`), ternarizing with `ec2t_jax.ec2t`;
-3. the frozen-assignment phase (`config.ec2t.frozen_epochs`).
+   `config.init_from` (an orbax directory written by
+   `ec2t_jax.training.checkpoint.save_variables`, or a PyTorch `.pt`/`.pth`);
+2. the EC2T stage (`config.ec2t.num_epochs`), ternarizing with `ec2t_jax.ec2t`;
+3. the frozen-assignment stage (`config.ec2t.frozen_epochs`).
 
-One global step counter spans the phases; every phase boundary is an ordinary,
-checkpointed step, so an interrupted run resumes exactly where it stopped.
-Data parallelism uses a `jax.sharding.Mesh` over every device: batches are
-sharded on their leading axis, params and EC2T state are replicated, and
-BatchNorm statistics are computed over the global batch.
+The stages and their steps are one value, the run's `Schedule`
+(`ec2t_jax.training.schedule`); one global step counter spans them, and every
+stage boundary is an ordinary, checkpointed step, so an interrupted run
+resumes exactly where it stopped. Data parallelism uses a `jax.sharding.Mesh`
+over every device: batches are sharded on their leading axis, params and EC2T
+state are replicated, and BatchNorm statistics are computed over the global
+batch. The shape of this file follows flax's `examples/imagenet/train.py`:
+small functions (`open_data`, `create_input_iter`, `train_step`, `eval_step`,
+`evaluate`) and one loop in `train_and_evaluate`.
 """
 
 from __future__ import annotations
 
 import base64
 import functools
-import hashlib
-import json
 import logging
 import os
 import queue
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -36,22 +38,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax.training import train_state
 from jax.experimental import multihost_utils
 
 import ec2t_jax
-from ec2t_jax import masks as masks_lib
 from ec2t_jax import models, tree_util
 from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import datasets, input_pipeline, metric_writers
+from ec2t_jax.training import schedule as schedule_lib
+from ec2t_jax.training import state as state_lib
+from ec2t_jax.training import workdir as workdir_lib
+from ec2t_jax.training.schedule import EC2T, FP
 
-FP, EC2T = 'fp', 'ec2t'
-
-
-class TrainState(train_state.TrainState):
-  """A Flax `TrainState` with BatchNorm statistics; EC2T lives in `opt_state`."""
-
-  batch_stats: Any = None
+# Size limit of the persistent compilation cache when `config.compilation_cache_dir`
+# turns it on; the least recently used executables are evicted beyond it.
+COMPILATION_CACHE_BYTES = 2 << 30
 
 
 class NonFiniteError(FloatingPointError):
@@ -67,7 +67,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   Raises:
     ValueError: naming the bad value and what would be valid.
   """
-  models.names()  # Fail early if the registry is broken.
   if config.model not in models.names():
     raise ValueError(f'unknown model {config.model!r}; valid names: {", ".join(models.names())}')
   datasets.get_spec(config.dataset)  # Raises a ValueError listing the valid names.
@@ -77,51 +76,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   n = config.get('num_devices') or jax.device_count()
   if config.batch_size % n:
     raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the {n} devices')
-  for phase in ('fp', 'ec2t'):
+  for stage in ('fp', 'ec2t'):
     for key in ('num_epochs', 'frozen_epochs'):
-      value = config[phase].get(key)
+      value = config[stage].get(key)
       if value is not None and value < 0:
-        raise ValueError(f'config.{phase}.{key} must be >= 0, got {value}')
-  for key in ('learning_rate', 'latent_learning_rate', 'centroid_learning_rate'):
-    for phase in ('fp', 'ec2t'):
-      value = config[phase].get(key)
+        raise ValueError(f'config.{stage}.{key} must be >= 0, got {value}')
+    for key in ('learning_rate', 'latent_learning_rate', 'centroid_learning_rate'):
+      value = config[stage].get(key)
       if value is not None and value <= 0:
-        raise ValueError(f'config.{phase}.{key} must be > 0, got {value}')
+        raise ValueError(f'config.{stage}.{key} must be > 0, got {value}')
   if config.fp.num_epochs == 0 and not config.init_from:
     logging.warning('config.fp.num_epochs=0 and no config.init_from: EC2T starts from random init.')
-
-
-def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  out = {}
-
-  def walk(prefix, node):
-    for key, value in node.items():
-      name = f'{prefix}{key}'
-      if isinstance(value, (ml_collections.ConfigDict, Mapping)):
-        walk(name + '.', value)
-      else:
-        out[name] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
-
-  walk('', config)
-  return out
-
-
-# Fields that may differ between the first run and a resume of the same job (and,
-# for process_id, between the processes of one multi-process run).
-_RESUMABLE_FIELDS = (
-  'overwrite',
-  'log_every_steps',
-  'checkpoint_every_steps',
-  'data_dir',
-  'worker_count',
-  'process_id',
-  'coordinator_address',
-  'compilation_cache_dir',
-)
-
-# Size limit of the persistent compilation cache when `config.compilation_cache_dir`
-# turns it on; the least recently used executables are evicted beyond it.
-COMPILATION_CACHE_BYTES = 2 << 30
 
 
 def enable_compilation_cache(path: str) -> str | None:
@@ -147,162 +112,153 @@ def enable_compilation_cache(path: str) -> str | None:
   return path
 
 
-def _write_json(path: str, value: Any) -> None:
-  """Writes JSON through a temporary file: never a half-written file, even after SIGKILL."""
-  with open(f'{path}.tmp', 'w') as f:
-    json.dump(value, f, indent=1, sort_keys=True)
-  os.replace(f'{path}.tmp', path)
-
-
-def _claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Checks the workdir is writable and holds no run of a different config."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f'workdir {workdir!r} cannot be created: {e.strerror}') from e
-  if not os.access(workdir, os.W_OK):
-    raise ValueError(f'workdir {workdir!r} is not writable; pass a --workdir you can write to')
-  path = os.path.join(workdir, 'config.json')
-  mine = {k: v for k, v in _flat_config(config).items() if k not in _RESUMABLE_FIELDS}
-  if os.path.exists(path) and not config.get('overwrite', False):
-    with open(path) as f:
-      theirs = {k: v for k, v in json.load(f).items() if k not in _RESUMABLE_FIELDS}
-    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-    if diff:
-      shown = ', '.join(f'{k}: {theirs.get(k)!r} -> {mine.get(k)!r}' for k in diff[:5])
-      raise ValueError(
-        f'workdir {workdir!r} holds a run of a different config ({shown}); use another '
-        '--workdir, or --config.overwrite=True to start over there'
-      )
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """`jax.distributed.initialize` for `config.distributed` runs (multi-host), once."""
+  if not config.get('distributed') or jax.distributed.is_initialized():
+    return
+  # On TPU pods and SLURM everything is detected; elsewhere name the coordinator.
+  jax.distributed.initialize(
+    coordinator_address=config.get('coordinator_address') or None,
+    num_processes=config.get('num_processes') or None,
+    process_id=config.process_id if config.get('process_id', -1) >= 0 else None,
+  )
   if jax.process_count() > 1:
-    # Every process has read the workdir as it was; only now may process 0 change it.
-    # (A process that read process 0's fresh config.json could decide differently.)
-    multihost_utils.sync_global_devices('ec2t_jax:workdir_checked')
-  if jax.process_index() == 0:
-    _write_json(path, _flat_config(config))
+    # Set up the collectives now, while all processes are in step: the first
+    # collective otherwise comes after compilation, and a process that lags
+    # there by more than the handshake timeout (30 s with gloo) fails the run.
+    multihost_utils.sync_global_devices('ec2t_jax:start')
 
 
-# --- model, optimizers, state ----------------------------------------------------------------
+def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """A one-axis (`'data'`) mesh over every device, or the first `config.num_devices`."""
+  devices = jax.devices()
+  if config.get('num_devices'):
+    if jax.process_count() > 1 or not 0 < config.num_devices <= len(devices):
+      raise ValueError(
+        f'config.num_devices must be in [1, {len(devices)}] on one host, got {config.num_devices}'
+      )
+    devices = devices[: config.num_devices]
+  return jax.sharding.Mesh(np.array(devices), ('data',))
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int):
-  """The registered linen module of `config.model`, in bfloat16 if `config.half_precision`."""
-  dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-  kwargs = dict(config.get('model_kwargs') or {})
-  return models.create(config.model, num_classes=num_classes, dtype=dtype, **kwargs)
+# --- data ------------------------------------------------------------------------------------
 
 
-def initial_variables(model, image_shape: tuple[int, ...], seed: int) -> dict[str, Any]:
-  """`model.init` on a dummy batch: `{'params': ..., 'batch_stats': ...}` (float32)."""
-  rng = jax.random.key(seed)
+class Data(NamedTuple):
+  """A run's data: sources, the train/validation split and the batch sizes of this process.
 
-  @jax.jit
-  def init(rng):
-    return model.init({'params': rng, 'dropout': rng}, jnp.zeros((1, *image_shape)), train=False)
+  Attributes:
+    train_source: random-access source of the 'train' split.
+    test_source: the test split's source.
+    train_indices: records of `train_source` used for training.
+    val_indices: records of `train_source` held out for validation.
+    steps_per_epoch: training batches per epoch.
+    num_classes: classifier outputs.
+    image_shape: one input image, `(height, width, channels)`.
+    batch_size: training batch size of this process.
+    eval_batch_size: evaluation batch size of this process.
+  """
 
-  variables = dict(init(rng))
-  variables.setdefault('batch_stats', {})
-  return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
-
-
-def _schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-  lr = cfg.learning_rate
-  name = cfg.get('schedule', 'constant')
-  if name == 'constant':
-    return optax.constant_schedule(lr)
-  if name == 'cosine':
-    return optax.cosine_decay_schedule(lr, max(num_steps, 1))
-  raise ValueError(f"unknown schedule {name!r}; valid: 'constant', 'cosine'")
-
-
-def create_fp_optimizer(cfg: ml_collections.ConfigDict, num_steps: int):
-  """The full-precision phase's optimizer (`cfg` = `config.fp`)."""
-  schedule = _schedule(cfg, num_steps)
-  decay = optax.add_decayed_weights(cfg.weight_decay) if cfg.weight_decay else optax.identity()
-  if cfg.optimizer == 'sgd':
-    opt = optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov)
-  elif cfg.optimizer == 'adam':
-    opt = optax.adam(schedule)
-  else:
-    raise ValueError(f"unknown config.fp.optimizer {cfg.optimizer!r}; valid: 'sgd', 'adam'")
-  return optax.chain(decay, opt)
+  train_source: Any
+  test_source: Any
+  train_indices: np.ndarray
+  val_indices: np.ndarray
+  steps_per_epoch: int
+  num_classes: int
+  image_shape: tuple[int, ...]
+  batch_size: int
+  eval_batch_size: int
 
 
-def compression_masks(
-  cfg: ml_collections.ConfigDict, model, params: Any, image_shape: tuple[int, ...]
-) -> tuple[Any, Any]:
-  """The ternary and prune masks of `config.ec2t` for `params`."""
-  if cfg.get('ternary_pattern'):
-    ternary_mask = masks_lib.from_regex(params, cfg.ternary_pattern, cfg.get('ternary_exclude'))
-  else:
-    order = masks_lib.call_order(
-      model, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32), train=False
+def open_data(config: ml_collections.ConfigDict) -> Data:
+  """Opens the config's dataset and splits off the validation records.
+
+  Raises:
+    datasets.DatasetNotPreparedError: for a stock dataset not prepared yet.
+    ValueError: for a validation size or batch size the data cannot satisfy.
+  """
+  spec = datasets.get_spec(config.dataset)
+  in_memory = config.get('in_memory', spec.name != 'imagenet2012')
+  open_split = functools.partial(
+    datasets.get_data_source, config.dataset, data_dir=config.data_dir or None, in_memory=in_memory
+  )
+  train_source, test_source = open_split('train'), open_split(spec.test_split)
+  num_train = config.get('num_train_examples') or len(train_source)
+  val_size = config.validation_size
+  val_size = spec.validation_size if val_size is None or val_size < 0 else val_size
+  if not 0 <= val_size < num_train:
+    raise ValueError(f'config.validation_size must be in [0, {num_train}), got {val_size}')
+  train_indices, val_indices = input_pipeline.split_indices(num_train, val_size)
+  batch_size = config.batch_size // jax.process_count()
+  steps_per_epoch = input_pipeline.num_batches(
+    len(train_indices), batch_size=batch_size, train=True
+  )
+  if config.get('steps_per_epoch'):
+    steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
+  if steps_per_epoch <= 0:
+    raise ValueError(
+      f'{len(train_indices)} training examples make no batch of {config.batch_size}; '
+      'lower config.batch_size'
     )
-    ternary_mask = masks_lib.default_ternary_mask(
-      params,
-      order=order,
-      keep_first=cfg.keep_first,
-      keep_last=cfg.keep_last,
-      keep_pattern=cfg.get('keep_pattern') or None,
-    )
-  prune_mask = None
-  if cfg.get('prune_pattern'):
-    prune_mask = masks_lib.from_regex(params, cfg.prune_pattern)
-    prune_mask = jax.tree.map(lambda p, t: p and not t, prune_mask, ternary_mask)
-  return ternary_mask, prune_mask
-
-
-def create_ec2t_optimizer(
-  cfg: ml_collections.ConfigDict, ternary_mask: Any, prune_mask: Any, freeze_at: int
-):
-  """`ec2t_jax.ec2t` configured by `config.ec2t`; the frozen phase starts at `freeze_at`."""
-  return ec2t_jax.ec2t(
-    ternary_mask,
-    gamma=cfg.gamma,
-    init_scale=cfg.init_scale,
-    sustain=cfg.sustain,
-    p0_min=cfg.p0_min,
-    centroid_floor_std=cfg.centroid_floor_std,
-    latent_optimizer=optax.adam(cfg.latent_learning_rate),
-    centroid_optimizer=optax.adam(cfg.centroid_learning_rate),
-    fp_optimizer=ec2t_jax.default_fp_optimizer(cfg.learning_rate, cfg.weight_decay),
-    prune_mask=prune_mask,
-    freeze_assignment_at=freeze_at,
-    reference_parity=cfg.reference_parity,
+  num_classes, image_shape = datasets.classes_and_shape(config)
+  return Data(
+    train_source=train_source,
+    test_source=test_source,
+    train_indices=train_indices,
+    val_indices=val_indices,
+    steps_per_epoch=steps_per_epoch,
+    num_classes=num_classes,
+    image_shape=image_shape,
+    batch_size=batch_size,
+    eval_batch_size=(config.eval_batch_size or config.batch_size) // jax.process_count(),
   )
 
 
-def _check_variables(loaded: Any, expected: Any, source: str) -> None:
-  """Raises one ValueError listing missing, extra and mis-shaped leaves."""
-  got = {n: np.shape(x) for n, x in tree_util.named_leaves(loaded)}
-  want = {n: np.shape(x) for n, x in tree_util.named_leaves(expected)}
-  problems = [f'missing {n} {want[n]}' for n in sorted(set(want) - set(got))]
-  problems += [f'unexpected {n} {got[n]}' for n in sorted(set(got) - set(want))]
-  problems += [
-    f'{n}: expected {want[n]}, found {got[n]}'
-    for n in sorted(set(want) & set(got))
-    if want[n] != got[n]
-  ]
-  if problems:
-    raise ValueError(
-      f'config.init_from={source!r} does not fit the model ({len(problems)} problems): '
-      + '; '.join(problems[:6])
-    )
+def create_input_iter(config: ml_collections.ConfigDict, data: Data) -> Prefetch:
+  """The endless, checkpointable iterator of training batches, prefetched in a thread."""
+  split = input_pipeline.create_split(
+    data.train_source,
+    batch_size=data.batch_size,
+    train=True,
+    seed=config.seed,
+    dataset=config.dataset,
+    image_size=data.image_shape[0],
+    indices=data.train_indices,
+    worker_count=config.get('worker_count', 0),
+  )
+  return Prefetch(split)
 
 
-def load_init_from(config: ml_collections.ConfigDict, expected: dict[str, Any]) -> dict[str, Any]:
-  """Pretrained variables from `config.init_from` (orbax directory or PyTorch file)."""
-  source = config.init_from
-  if source.endswith(('.pt', '.pth')):
-    from ec2t_jax.models import pytorch as convert
-
-    kwargs = dict(config.get('model_kwargs') or {})
-    loaded = convert.from_pytorch(source, config.model, num_classes=config.num_classes, **kwargs)
+def eval_batches(
+  config: ml_collections.ConfigDict, data: Data, split: str
+) -> Iterator[dict[str, Any]]:
+  """One pass over the `'val'` or `'test'` split (at most `config.num_eval_examples`)."""
+  if split == 'val':
+    source, indices = data.train_source, data.val_indices
+    if len(indices) == 0:
+      return iter(())
   else:
-    loaded = checkpoint_lib.load_variables(source)
-  loaded = {'params': loaded['params'], 'batch_stats': loaded.get('batch_stats') or {}}
-  _check_variables(loaded, expected, source)
-  return jax.tree.map(lambda x, e: jnp.asarray(x, e.dtype), loaded, expected)
+    source, indices = data.test_source, None
+  limit = config.get('num_eval_examples')
+  if limit:
+    indices = np.arange(min(limit, len(source))) if indices is None else indices[:limit]
+  return input_pipeline.create_split(
+    source,
+    batch_size=data.eval_batch_size,
+    train=False,
+    seed=config.seed,
+    dataset=config.dataset,
+    image_size=data.image_shape[0],
+    indices=indices,
+    num_epochs=1,
+  )
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, Any]:
+  """This process's part of a batch as global arrays sharded on the leading axis."""
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+  }
 
 
 # --- steps -----------------------------------------------------------------------------------
@@ -315,8 +271,12 @@ def _loss_and_accuracy(logits, labels):
 
 
 def train_step(
-  state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *, skip_nonfinite: bool
-) -> tuple[TrainState, dict[str, jax.Array]]:
+  state: state_lib.TrainState,
+  batch: dict[str, jax.Array],
+  rng: jax.Array,
+  *,
+  skip_nonfinite: bool,
+) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
   """One optimization step; returns the new state and this step's metrics."""
 
   def loss_fn(params):
@@ -338,7 +298,7 @@ def train_step(
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def eval_step(state: state_lib.TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Sums of loss, correct predictions and real examples over one (padded) batch."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   logits = state.apply_fn(variables, batch['image'], train=False)
@@ -351,10 +311,22 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.A
   }
 
 
-# --- the run ---------------------------------------------------------------------------------
+def evaluate(p_eval_step, state, batches, sharding) -> dict[str, float]:
+  """Mean accuracy and loss over `batches` (`{}` when there are none)."""
+  totals = None
+  for batch in batches:
+    out = jax.device_get(p_eval_step(state, to_global(batch, sharding)))
+    totals = out if totals is None else {k: totals[k] + out[k] for k in totals}
+  if totals is None:
+    return {}
+  count = max(float(totals['count']), 1.0)
+  return {'accuracy': float(totals['correct']) / count, 'loss': float(totals['loss']) / count}
 
 
-class _Prefetch:
+# --- the loop's helpers ----------------------------------------------------------------------
+
+
+class Prefetch:
   """Produces the next batches in a background thread while the device computes.
 
   `get_state()` is the wrapped iterator's state right after the last batch that
@@ -399,7 +371,7 @@ class _Prefetch:
     return batch
 
 
-class _Preemption:
+class Preemption:
   """Turns SIGTERM into a flag the training loop checks after each step."""
 
   def __init__(self):
@@ -423,262 +395,164 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def params_sha256(params: Any) -> str:
-  """A hash of the params' bytes in a fixed leaf order (sorted paths), to compare runs."""
-  h = hashlib.sha256()
-  for name, leaf in sorted(tree_util.named_leaves(jax.device_get(params))):
-    arr = np.ascontiguousarray(np.asarray(leaf))
-    h.update(f'{name}:{arr.dtype}:{arr.shape};'.encode())
-    h.update(arr.tobytes())
-  return h.hexdigest()
-
-
 def _format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-class _Run:
-  """Everything one `train_and_evaluate` call sets up, kept together."""
+_STAGE_NAMES = {FP: 'full precision', EC2T: 'EC2T', schedule_lib.FROZEN: 'frozen-assignment'}
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    self.config = config
-    self.workdir = workdir
-    self.spec = datasets.get_spec(config.dataset)
-    self.num_classes = config.get('num_classes') or self.spec.num_classes
-    self.image_shape = tuple(
-      config.get('image_shape') or self.spec.image_shape or (config.image_size,) * 2 + (3,)
-    )
-    devices = jax.devices()
-    if config.get('num_devices'):
-      if jax.process_count() > 1 or not 0 < config.num_devices <= len(devices):
-        raise ValueError(
-          f'config.num_devices must be in [1, {len(devices)}] on one host, got {config.num_devices}'
-        )
-      devices = devices[: config.num_devices]
-    self.devices = devices
-    self.mesh = jax.sharding.Mesh(np.array(devices), ('data',))
-    self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    self.data_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec('data'))
-    self.local_batch = config.batch_size // jax.process_count()
-    self.local_eval_batch = (config.eval_batch_size or config.batch_size) // jax.process_count()
 
-  # Data ---------------------------------------------------------------------------------------
+class TrainMetrics:
+  """Keeps the training steps' metrics on device and writes their means now and then.
 
-  def open_data(self) -> None:
-    c = self.config
-    in_memory = c.get('in_memory', self.spec.name != 'imagenet2012')
-    self.train_source = datasets.get_data_source(
-      c.dataset, 'train', data_dir=c.data_dir or None, in_memory=in_memory
-    )
-    self.test_source = datasets.get_data_source(
-      c.dataset, self.spec.test_split, data_dir=c.data_dir or None, in_memory=in_memory
-    )
-    num_train = c.get('num_train_examples') or len(self.train_source)
-    val_size = c.validation_size
-    val_size = self.spec.validation_size if val_size is None or val_size < 0 else val_size
-    if not 0 <= val_size < num_train:
-      raise ValueError(f'config.validation_size must be in [0, {num_train}), got {val_size}')
-    self.train_idx, self.val_idx = input_pipeline.split_indices(num_train, val_size)
-    self.steps_per_epoch = input_pipeline.num_batches(
-      len(self.train_idx), batch_size=self.local_batch, train=True
-    )
-    if c.get('steps_per_epoch'):
-      self.steps_per_epoch = min(self.steps_per_epoch, c.steps_per_epoch)
-    if self.steps_per_epoch <= 0:
-      raise ValueError(
-        f'{len(self.train_idx)} training examples make no batch of {c.batch_size}; '
-        'lower config.batch_size'
+  Reading metrics back from the device every step would stall the pipeline,
+  so `add` only queues them; `flush(step, state)` reads the queue at once,
+  stops the run on a NaN/inf step (unless `skip_nonfinite`), and writes the
+  means, the EC2T statistics of `state` and a progress line with an ETA.
+  """
+
+  def __init__(self, config, schedule, writer, statistics_fn, step: int):
+    self._config = config
+    self._schedule = schedule
+    self._writer = writer
+    self._statistics = statistics_fn
+    self._pending: list[tuple[int, dict[str, jax.Array]]] = []
+    self._last = (time.time(), step)
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    """Queues the metrics of the step that ended at `step`."""
+    self._pending.append((step, metrics))
+
+  def flush(self, step: int, state: state_lib.TrainState) -> None:
+    """Writes the queued metrics (no-op if none); raises `NonFiniteError` on a bad step."""
+    if not self._pending:
+      return
+    host = jax.device_get([m for _, m in self._pending])
+    bad = [s for (s, _), m in zip(self._pending, host, strict=True) if m['nonfinite'] > 0]
+    if bad and not self._config.get('skip_nonfinite', False):
+      raise NonFiniteError(
+        f'the loss or a gradient became NaN/inf at step {bad[0]}; the run stopped and the last '
+        'good checkpoint is kept. Lower the learning rate, or set --config.skip_nonfinite=True.'
       )
-
-  def train_iterator(self):
-    return _Prefetch(self._train_split())
-
-  def _train_split(self):
-    return input_pipeline.create_split(
-      self.train_source,
-      batch_size=self.local_batch,
-      train=True,
-      seed=self.config.seed,
-      dataset=self.config.dataset,
-      image_size=self.image_shape[0],
-      indices=self.train_idx,
-      worker_count=self.config.get('worker_count', 0),
-    )
-
-  def eval_batches(self, split: str) -> Iterator[dict[str, Any]]:
-    source, indices = (
-      (self.train_source, self.val_idx) if split == 'val' else (self.test_source, None)
-    )
-    if indices is not None and len(indices) == 0:
-      return iter(())
-    limit = self.config.get('num_eval_examples')
-    if limit:
-      indices = np.arange(min(limit, len(source))) if indices is None else indices[:limit]
-    return input_pipeline.create_split(
-      source,
-      batch_size=self.local_eval_batch,
-      train=False,
-      seed=self.config.seed,
-      dataset=self.config.dataset,
-      image_size=self.image_shape[0],
-      indices=indices,
-      num_epochs=1,
-    )
-
-  def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return {
-      k: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(v))
-      for k, v in batch.items()
+    now, total = time.time(), self._schedule.total_steps
+    rate = (step - self._last[1]) / max(now - self._last[0], 1e-9)
+    stage = self._schedule.stage_at(step - 1)
+    scalars = {
+      'train/loss': np.mean([m['loss'] for m in host]),
+      'train/accuracy': np.mean([m['accuracy'] for m in host]),
+      'train/skipped_nonfinite': float(sum(m['nonfinite'] for m in host)),
+      'progress/steps_per_second': rate,
+      'progress/fraction': step / max(total, 1),
     }
-
-  # State --------------------------------------------------------------------------------------
-
-  def build(self) -> None:
-    c = self.config
-    self.model = create_model(c, self.num_classes)
-    self.variables = initial_variables(self.model, self.image_shape, c.seed)
-    if c.init_from:
-      self.variables = load_init_from(c, self.variables)
-    spe = self.steps_per_epoch
-    self.fp_steps = c.fp.num_epochs * spe
-    self.ec2t_steps = c.ec2t.num_epochs * spe
-    self.frozen_steps = c.ec2t.frozen_epochs * spe
-    self.total_steps = self.fp_steps + self.ec2t_steps + self.frozen_steps
-    self.fp_tx = create_fp_optimizer(c.fp, self.fp_steps)
-    self.ternary_mask, self.prune_mask = compression_masks(
-      c.ec2t, self.model, self.variables['params'], self.image_shape
+    if stage.kind == FP:
+      lr = state_lib.learning_rate_schedule(self._config.fp, stage.num_steps)
+      scalars['train/learning_rate'] = float(lr(step))
+    else:
+      stats = jax.device_get(self._statistics(state.opt_state))
+      scalars.update({f'ec2t/{k}': float(v) for k, v in stats.items()})
+    self._writer.write_scalars(step, scalars)
+    logging.info(
+      '%s stage, step %d/%d (%.1f%%), %.1f steps/s, ETA %s',
+      _STAGE_NAMES[stage.kind],
+      step,
+      total,
+      100.0 * step / max(total, 1),
+      rate,
+      _format_eta((total - step) / max(rate, 1e-9)),
     )
-    self.ec2t_tx = create_ec2t_optimizer(
-      c.ec2t, self.ternary_mask, self.prune_mask, freeze_at=self.ec2t_steps
-    )
-    # Validates the masks (selects something, floating leaves) before any step.
-    ec2t_jax.param_labels(self.variables['params'], self.ternary_mask, self.prune_mask)
-    step_fn = functools.partial(train_step, skip_nonfinite=c.get('skip_nonfinite', False))
-    self.p_train_step = jax.jit(
-      step_fn, donate_argnums=(0,), out_shardings=(self.replicated, self.replicated)
-    )
-    self.p_eval_step = jax.jit(eval_step, out_shardings=self.replicated)
-    self.p_statistics = jax.jit(ec2t_jax.statistics)
-    self._state_fns = {}
-
-  def _make_state(self, phase: str, variables: dict[str, Any]) -> TrainState:
-    tx = self.fp_tx if phase == FP else self.ec2t_tx
-    state = TrainState.create(
-      apply_fn=self.model.apply,
-      params=variables['params'],
-      tx=tx,
-      batch_stats=variables['batch_stats'],
-    )
-    if phase == EC2T:
-      state = state.replace(params=ec2t_jax.ternarize(state.params, state.opt_state))
-    return state
-
-  def new_state(self, phase: str, variables: dict[str, Any]) -> TrainState:
-    """A fresh train state of `phase` (EC2T: initialized and ternarized), replicated."""
-    if phase not in self._state_fns:  # One compiled program instead of many eager ops.
-      self._state_fns[phase] = jax.jit(
-        functools.partial(self._make_state, phase), out_shardings=self.replicated
-      )
-    return self._state_fns[phase](variables)
-
-  def phase_of(self, step: int) -> str:
-    return FP if step < self.fp_steps else EC2T
-
-  def target_for_step(self, step: int) -> TrainState:
-    return jax.eval_shape(functools.partial(self._make_state, self.phase_of(step)), self.variables)
-
-  # Evaluation ---------------------------------------------------------------------------------
-
-  def evaluate(self, state: TrainState, split: str) -> dict[str, float]:
-    totals = None
-    for batch in self.eval_batches(split):
-      out = jax.device_get(self.p_eval_step(state, self.to_global(batch)))
-      totals = out if totals is None else {k: totals[k] + out[k] for k in totals}
-    if totals is None:
-      return {}
-    count = max(float(totals['count']), 1.0)
-    return {'accuracy': float(totals['correct']) / count, 'loss': float(totals['loss']) / count}
+    self._pending = []
+    self._last = (now, step)
 
 
-def _state_tree(state: TrainState) -> dict[str, Any]:
+def _checkpoint_extra(step, schedule, data, train_iter, meta) -> dict[str, Any]:
+  """What a checkpoint stores besides the arrays: the data position, metadata, the schedule."""
   return {
-    'step': state.step,
-    'params': state.params,
-    'batch_stats': state.batch_stats,
-    'opt_state': state.opt_state,
+    'data_iterator': base64.b64encode(train_iter.get_state()).decode('ascii'),
+    'meta': meta,
+    'phase': schedule.optimizer_at(step),
+    'steps_per_epoch': schedule.steps_per_epoch,
+    'schedule': schedule.to_dict(),
+    'num_classes': data.num_classes,
+    'image_shape': list(data.image_shape),
   }
 
 
-def _with_tree(state: TrainState, tree: dict[str, Any]) -> TrainState:
-  return state.replace(
-    step=tree['step'],
-    params=tree['params'],
-    batch_stats=tree['batch_stats'],
-    opt_state=tree['opt_state'],
-  )
+def _evaluate_fp(evaluate_split, state, writer, step: int) -> dict[str, float]:
+  """Validation and test accuracy of the full-precision network (before EC2T)."""
+  val, test = evaluate_split(state, 'val'), evaluate_split(state, 'test')
+  out = {'fp_test_accuracy': test.get('accuracy', float('nan'))}
+  if val:
+    out['fp_val_accuracy'] = val['accuracy']
+  writer.write_scalars(step, {f'fp/{k}': v for k, v in out.items()})
+  return out
 
 
-def _sparsity_by_layer(params: Any, mask: Any) -> tuple[dict[str, float], float, float, int]:
-  """Per-layer zero fractions of the selected leaves, their total, all params' total, count."""
-  per_layer = {}
-  zeros = size = all_zeros = all_size = 0
-  for (name, leaf), selected in zip(
-    tree_util.named_leaves(params), jax.tree.leaves(mask), strict=True
-  ):
-    arr = np.asarray(leaf)
-    z = int(np.sum(arr == 0))
-    all_zeros += z
-    all_size += arr.size
-    if selected:
-      per_layer[name] = z / arr.size
-      zeros += z
-      size += arr.size
-  return per_layer, zeros / max(size, 1), all_zeros / max(all_size, 1), all_size
+# --- the run ---------------------------------------------------------------------------------
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the configured job in `workdir` (resuming if it holds checkpoints).
 
   Args:
-    config: a config from `configs/` (see `configs/mnist.py` for every field).
+    config: a config from `configs/` (see `configs/default.py` for every field).
     workdir: where checkpoints, metrics, TensorBoard files and `summary.json` go.
 
   Returns:
-    The summary dict also written to `workdir/summary.json`.
+    The summary dict also written to `workdir/summary.json`, or
+    `{'preempted': True, 'step': step}` after SIGTERM.
   """
   start_time = time.time()
-  if config.get('distributed') and not jax.distributed.is_initialized():
-    # On TPU pods and SLURM everything is detected; elsewhere name the coordinator.
-    jax.distributed.initialize(
-      coordinator_address=config.get('coordinator_address') or None,
-      num_processes=config.get('num_processes') or None,
-      process_id=config.process_id if config.get('process_id', -1) >= 0 else None,
-    )
-    if jax.process_count() > 1:
-      # Set up the collectives now, while all processes are in step: the first
-      # collective otherwise comes after compilation, and a process that lags
-      # there by more than the handshake timeout (30 s with gloo) fails the run.
-      multihost_utils.sync_global_devices('ec2t_jax:start')
+  initialize_distributed(config)
   logging.info(
     'JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(), jax.process_count()
   )
   validate_config(config)
-  cache = enable_compilation_cache(config.get('compilation_cache_dir', ''))
-  logging.info('persistent compilation cache: %s', cache or 'off')
-  run = _Run(config, workdir)
-  run.open_data()  # Missing datasets fail here, before the workdir is touched.
-  run.build()  # Bad masks, init_from or hyperparameters fail here too.
-  _claim_workdir(config, workdir)
+  logging.info(
+    'persistent compilation cache: %s',
+    enable_compilation_cache(config.get('compilation_cache_dir', '')) or 'off',
+  )
+  # Everything that can refuse the config (data, masks, init_from) runs before the
+  # workdir is touched.
+  mesh = create_mesh(config)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  data = open_data(config)
+  schedule = schedule_lib.create_schedule(config, data.steps_per_epoch)
+  setup = state_lib.create_setup(
+    config, schedule, num_classes=data.num_classes, image_shape=data.image_shape
+  )
+  workdir_lib.claim_workdir(config, workdir)
+
+  p_train_step = jax.jit(
+    functools.partial(train_step, skip_nonfinite=config.get('skip_nonfinite', False)),
+    donate_argnums=(0,),
+    out_shardings=(replicated, replicated),
+  )
+  p_eval_step = jax.jit(eval_step, out_shardings=replicated)
+  p_statistics = jax.jit(ec2t_jax.statistics)
+  new_state = {  # One compiled program per optimizer instead of many eager ops.
+    name: jax.jit(
+      functools.partial(state_lib.create_train_state, setup, name), out_shardings=replicated
+    )
+    for name in (FP, EC2T)
+  }
+
+  def evaluate_split(state, split):
+    return evaluate(p_eval_step, state, eval_batches(config, data, split), data_sharding)
+
   writer = metric_writers.MetricWriter(
     workdir,
     write_files=jax.process_index() == 0,
     console_keys=('train/', 'val/', 'test/', 'fp/', 'ec2t/total', 'ec2t/entropy', 'progress/'),
   )
-  writer.write_hparams(_flat_config(config))
+  writer.write_hparams(workdir_lib.flat_config(config))
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
 
-  step, tree, extra = ckpt.restore_latest(lambda s: _state_tree(run.target_for_step(s)))
+  # Resume from the newest checkpoint, or start at step 0.
+  step, tree, extra = ckpt.restore_latest(
+    lambda s: state_lib.state_tree(state_lib.abstract_train_state(setup, s))
+  )
   on_disk = ckpt.steps() if step is None and not config.get('overwrite', False) else []
   if on_disk:
     # Starting over would overwrite them: refuse instead of losing a run silently.
@@ -688,113 +562,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'EC2T state stored layers one by one; see the warnings above); use another '
       '--workdir, or --config.overwrite=True to start over there'
     )
+  train_iter = create_input_iter(config, data)
   meta: dict[str, Any] = {}
-  train_iter = run.train_iterator()
   if step is None:
     step = 0
-    if run.fp_steps > 0:
-      state = run.new_state(FP, run.variables)
+    if schedule.stage(FP).num_steps > 0:
+      state = new_state[FP](setup.variables)
     else:
-      meta.update(_evaluate_fp(run, run.new_state(FP, run.variables), writer, 0))
-      state = run.new_state(EC2T, run.variables)
+      meta.update(_evaluate_fp(evaluate_split, new_state[FP](setup.variables), writer, 0))
+      state = new_state[EC2T](setup.variables)
   else:
-    logging.info('Resuming %s from step %d (%s phase).', workdir, step, run.phase_of(step))
-    state = jax.device_put(
-      _with_tree(run.new_state(run.phase_of(step), run.variables), tree), run.replicated
+    logging.info(
+      'Resuming %s from step %d (%s stage).', workdir, step, schedule.stage_at(step).kind
     )
+    restored = state_lib.with_state_tree(
+      new_state[schedule.optimizer_at(step)](setup.variables), tree
+    )
+    state = jax.device_put(restored, replicated)
     train_iter.set_state(base64.b64decode(extra['data_iterator']))
     meta = dict(extra.get('meta', {}))
 
-  def save(step, state):
-    extra = {
-      'data_iterator': base64.b64encode(train_iter.get_state()).decode('ascii'),
-      'meta': meta,
-      'phase': run.phase_of(step),
-      'steps_per_epoch': run.steps_per_epoch,
-    }
-    ckpt.save(step, _state_tree(state), extra)
-    return extra
-
+  fp_end = schedule.stage(FP).end
   base_rng = jax.random.key(config.seed + 1)
-  pending: list[tuple[int, dict[str, jax.Array]]] = []
-  last_log = (time.time(), step)
-  phase_names = {FP: 'full precision', EC2T: 'EC2T'}
-
-  def flush_metrics(step):
-    nonlocal pending, last_log
-    if not pending:
-      return
-    host = jax.device_get([m for _, m in pending])
-    bad = [s for (s, _), m in zip(pending, host, strict=True) if m['nonfinite'] > 0]
-    if bad and not config.get('skip_nonfinite', False):
-      raise NonFiniteError(
-        f'the loss or a gradient became NaN/inf at step {bad[0]}; the run stopped and the last '
-        'good checkpoint is kept. Lower the learning rate, or set --config.skip_nonfinite=True.'
-      )
-    now = time.time()
-    rate = (step - last_log[1]) / max(now - last_log[0], 1e-9)
-    phase = 'frozen' if step > run.fp_steps + run.ec2t_steps else run.phase_of(step - 1)
-    scalars = {
-      'train/loss': np.mean([m['loss'] for m in host]),
-      'train/accuracy': np.mean([m['accuracy'] for m in host]),
-      'train/skipped_nonfinite': float(sum(m['nonfinite'] for m in host)),
-      'progress/steps_per_second': rate,
-      'progress/fraction': step / max(run.total_steps, 1),
-    }
-    if phase == FP:
-      scalars['train/learning_rate'] = float(_schedule(config.fp, run.fp_steps)(step))
-    else:
-      stats = jax.device_get(run.p_statistics(state.opt_state))
-      scalars.update({f'ec2t/{k}': float(v) for k, v in stats.items()})
-    writer.write_scalars(step, scalars)
-    logging.info(
-      '%s phase, step %d/%d (%.1f%%), %.1f steps/s, ETA %s',
-      phase_names.get(phase, 'frozen-assignment'),
-      step,
-      run.total_steps,
-      100.0 * step / max(run.total_steps, 1),
-      rate,
-      _format_eta((run.total_steps - step) / max(rate, 1e-9)),
-    )
-    pending = []
-    last_log = (now, step)
-
+  log = TrainMetrics(config, schedule, writer, p_statistics, step)
   best_val = float(meta.get('best_val_accuracy', -1.0))
-  with _Preemption() as preemption:
-    while step < run.total_steps:
-      batch = run.to_global(next(train_iter))
-      state, metrics = run.p_train_step(state, batch, jax.random.fold_in(base_rng, step))
+  with Preemption() as preemption:
+    while step < schedule.total_steps:
+      batch = to_global(next(train_iter), data_sharding)
+      state, metrics = p_train_step(state, batch, jax.random.fold_in(base_rng, step))
       step += 1
-      pending.append((step, metrics))
-      end_of_epoch = step % run.steps_per_epoch == 0
-      if step % config.log_every_steps == 0 or end_of_epoch or step == run.total_steps:
-        flush_metrics(step)
-      if step == run.fp_steps:  # Phase boundary: evaluate the FP network, start EC2T.
-        flush_metrics(step)
-        meta.update(_evaluate_fp(run, state, writer, step))
+      log.add(step, metrics)
+      end_of_epoch = step % schedule.steps_per_epoch == 0
+      if step % config.log_every_steps == 0 or end_of_epoch or step == schedule.total_steps:
+        log.flush(step, state)
+      if step == fp_end:  # Full precision ends: evaluate it, keep it, start EC2T.
+        log.flush(step, state)
+        meta.update(_evaluate_fp(evaluate_split, state, writer, step))
         variables = {'params': state.params, 'batch_stats': state.batch_stats}
         # Every process takes part in an orbax save (it synchronizes them).
         checkpoint_lib.save_variables(os.path.join(workdir, 'fp_variables'), variables)
-        state = run.new_state(EC2T, variables)
-      if end_of_epoch and step > run.fp_steps:
-        val = run.evaluate(state, 'val')
+        state = new_state[EC2T](variables)
+      if end_of_epoch and step > fp_end:
+        val = evaluate_split(state, 'val')
         if val:
           writer.write_scalars(step, {'val/accuracy': val['accuracy'], 'val/loss': val['loss']})
           if val['accuracy'] > best_val:
             best_val = val['accuracy']
-            meta['best_val_accuracy'] = best_val
-            meta['best_step'] = step
-            flush_metrics(step)
-            ckpt.save_best(step, _state_tree(state), {'meta': meta}, best_val)
+            meta.update(best_val_accuracy=best_val, best_step=step)
+            log.flush(step, state)
+            ckpt.save_best(step, state_lib.state_tree(state), {'meta': meta}, best_val)
       if (
         step % config.checkpoint_every_steps == 0
-        or step == run.fp_steps
-        or step == run.fp_steps + run.ec2t_steps
-        or step == run.total_steps
+        or schedule.is_boundary(step)
         or preemption.requested
       ):
-        flush_metrics(step)  # Never save a state that went NaN.
-        save(step, state)
+        log.flush(step, state)  # Never save a state that went NaN.
+        extra = _checkpoint_extra(step, schedule, data, train_iter, meta)
+        ckpt.save(step, state_lib.state_tree(state), extra)
         writer.flush()
       if preemption.requested:
         writer.close()
@@ -802,116 +626,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.warning('Stopped at step %d after SIGTERM; rerun the same command to resume.', step)
         return {'preempted': True, 'step': step}
 
-  summary = _summarize_run(run, state, meta, ckpt, step, start_time)
+  val, test = evaluate_split(state, 'val'), evaluate_split(state, 'test')
+  summary = summarize_run(config, setup, state, meta, val=val, test=test, steps=step)
+  summary['wall_time_s'] = time.time() - start_time
+  summary.update(
+    {
+      f'ec2t/{k}': float(v)
+      for k, v in jax.device_get(p_statistics(state.opt_state)).items()
+      if '/' not in k
+    }
+  )
   writer.write_scalars(
     step, {f'final/{k}': v for k, v in summary.items() if isinstance(v, (int, float))}
   )
   writer.close()
   ckpt.close()
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, 'summary.json'), summary)
-  _print_summary(summary)
+    workdir_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
+  print_summary(summary)
   return summary
 
 
-class Workdir(NamedTuple):
-  """A trained run read back from its workdir (see `load_workdir`)."""
-
-  config: ml_collections.ConfigDict
-  model: Any
-  variables: dict[str, Any]
-  opt_state: Any
-  step: int
-  ternary_mask: Any
-  prune_mask: Any
-  image_shape: tuple[int, ...]
-
-
-def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was started with (`workdir/config.json`)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{workdir!r} holds no config.json: is it a workdir of main.py?')
-  with open(path) as f:
-    flat = json.load(f)
-  nested: dict[str, Any] = {}
-  for key, value in flat.items():
-    node = nested
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  nested.setdefault('model_kwargs', {})
-  return ml_collections.ConfigDict(nested)
-
-
-def load_workdir(workdir: str, *, best: bool = False) -> Workdir:
-  """Reads the newest (or the best-by-validation) checkpoint of a run, without its dataset.
-
-  Args:
-    workdir: a directory written by `train_and_evaluate`.
-    best: read the best-by-validation checkpoint instead of the newest.
-
-  Returns:
-    A `Workdir` with the config, the linen module, `{'params', 'batch_stats'}`,
-    the optimizer state (EC2T state after the full-precision phase), the step,
-    and the compression masks.
-  """
-  config = config_from_workdir(workdir)
-  shapes_only = ml_collections.ConfigDict(config.to_dict())
-  shapes_only.init_from = ''  # The checkpoint holds the weights; skip the pretrained file.
-  run = _Run(shapes_only, workdir)
-  ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.get('max_to_keep', 3))
-  try:
-    if best:
-      step = ckpt.best_step()
-      if step is None:
-        raise FileNotFoundError(f'{workdir!r} has no best-by-validation checkpoint')
-    else:
-      steps = ckpt.steps()
-      if not steps:
-        raise FileNotFoundError(f'{workdir!r} has no checkpoint')
-      step = steps[-1]
-    extra = ckpt.read_extra(ckpt.steps()[-1])
-    if 'steps_per_epoch' in extra:
-      run.steps_per_epoch = int(extra['steps_per_epoch'])
-    else:  # Checkpoints of older versions: count from the dataset.
-      run.open_data()
-    run.build()
-    tree, _ = ckpt.restore(step, _state_tree(run.target_for_step(step)), best=best)
-  finally:
-    ckpt.close()
-  return Workdir(
-    config=config,
-    model=run.model,
-    variables={'params': tree['params'], 'batch_stats': tree['batch_stats']},
-    opt_state=tree['opt_state'],
-    step=int(step),
-    ternary_mask=run.ternary_mask,
-    prune_mask=run.prune_mask,
-    image_shape=run.image_shape,
-  )
-
-
-def _evaluate_fp(run: _Run, state: TrainState, writer, step: int) -> dict[str, float]:
-  """Validation and test accuracy of the full-precision network (before EC2T)."""
-  val, test = run.evaluate(state, 'val'), run.evaluate(state, 'test')
-  out = {'fp_test_accuracy': test.get('accuracy', float('nan'))}
-  if val:
-    out['fp_val_accuracy'] = val['accuracy']
-  writer.write_scalars(step, {f'fp/{k}': v for k, v in out.items()})
-  return out
-
-
-def _summarize_run(run, state, meta, ckpt, step, start_time) -> dict[str, Any]:
-  val = run.evaluate(state, 'val')
-  test = run.evaluate(state, 'test')
-  per_layer, sparsity, total_sparsity, num_params = _sparsity_by_layer(
-    state.params, run.ternary_mask
-  )
-  summary = {
-    'model': run.config.model,
-    'dataset': run.config.dataset,
+def summarize_run(config, setup, state, meta, *, val, test, steps) -> dict[str, Any]:
+  """The run's summary: accuracies, sparsity, parameter counts, the params' hash, the schedule."""
+  params = jax.device_get(state.params)
+  per_layer, sparsity = tree_util.zero_fractions(params, setup.ternary_mask)
+  _, total_sparsity = tree_util.zero_fractions(params)
+  sizes = [np.size(x) for x in jax.tree.leaves(params)]
+  selected = [bool(m) for m in jax.tree.leaves(setup.ternary_mask)]
+  return {
+    'model': config.model,
+    'dataset': config.dataset,
     'fp_test_accuracy': meta.get('fp_test_accuracy'),
     'fp_val_accuracy': meta.get('fp_val_accuracy'),
     'test_accuracy': test.get('accuracy'),
@@ -921,34 +666,19 @@ def _summarize_run(run, state, meta, ckpt, step, start_time) -> dict[str, Any]:
     'best_step': meta.get('best_step'),
     'sparsity': sparsity,
     'total_sparsity': total_sparsity,
-    'num_params': num_params,
-    'num_ternary_params': int(
-      sum(
-        np.size(x)
-        for x, m in zip(
-          jax.tree.leaves(state.params), jax.tree.leaves(run.ternary_mask), strict=True
-        )
-        if m
-      )
-    ),
-    'wall_time_s': time.time() - start_time,
-    'steps': step,
-    'params_sha256': params_sha256(state.params),
+    'num_params': int(sum(sizes)),
+    'num_ternary_params': int(sum(n for n, m in zip(sizes, selected, strict=True) if m)),
+    'steps': steps,
+    'params_sha256': state_lib.params_sha256(params),
     'per_layer_sparsity': per_layer,
-    'gamma': run.config.ec2t.gamma,
-    'init_scale': run.config.ec2t.init_scale,
+    'gamma': config.ec2t.gamma,
+    'init_scale': config.ec2t.init_scale,
+    'schedule': setup.schedule.to_dict(),
   }
-  summary.update(
-    {
-      f'ec2t/{k}': float(v)
-      for k, v in jax.device_get(run.p_statistics(state.opt_state)).items()
-      if '/' not in k
-    }
-  )
-  return summary
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def print_summary(summary: dict[str, Any]) -> None:
+  """Prints the summary's main numbers as a small table."""
   rows = [
     ('full-precision test accuracy', summary.get('fp_test_accuracy')),
     ('ternary test accuracy (final)', summary.get('test_accuracy')),
