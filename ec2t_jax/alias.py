@@ -58,22 +58,16 @@ def param_labels(
   return jax.tree.map(lambda t, p: TERNARY if t else (PRUNE if p else FULL_PRECISION), tern, prune)
 
 
+@transforms.with_arguments_of(
+  transforms.ternary_training, exclude=('reset_centroid_optimizer_at_freeze',)
+)
 def ec2t(
   ternary_mask: masks_lib.MaskOrFn,
   *,
-  gamma: jax.typing.ArrayLike = 0.15,
-  init_scale: jax.typing.ArrayLike = 0.3,
-  sustain: jax.typing.ArrayLike = 0.05,
-  p0_min: jax.typing.ArrayLike = 0.5,
-  centroid_floor_std: jax.typing.ArrayLike = 0.675,
-  latent_optimizer: optax.GradientTransformation | None = None,
-  centroid_optimizer: optax.GradientTransformation | None = None,
   fp_optimizer: optax.GradientTransformation | None = None,
   prune_mask: masks_lib.MaskOrFn | None = None,
-  freeze_assignment_at: jax.typing.ArrayLike | None = None,
   reset_optimizers_at_freeze: bool = True,
-  reference_parity: bool = False,
-  group_layers: bool = True,
+  **hyperparams,
 ) -> optax.GradientTransformation:
   """Entropy-Constrained Trained Ternarization as one optax optimizer.
 
@@ -121,33 +115,15 @@ def ec2t(
     >>> len(set(params['dense']['kernel'].ravel().tolist())) <= 3
     True
   """
-  freeze = freeze_assignment_at
-  if isinstance(freeze, (int, float)) and freeze < 0:
-    raise ValueError(f'freeze_assignment_at must be >= 0 or None, got {freeze}')
-  shared = dict(
-    gamma=gamma,
-    init_scale=init_scale,
-    sustain=sustain,
-    p0_min=p0_min,
-    centroid_floor_std=centroid_floor_std,
-    freeze_assignment_at=freeze,
-    reset_centroid_optimizer_at_freeze=reset_optimizers_at_freeze,
-    reference_parity=reference_parity,
-    group_layers=group_layers,
-  )
+  hyperparams['reset_centroid_optimizer_at_freeze'] = reset_optimizers_at_freeze
+  ternary_tx = transforms.ternary_training(**hyperparams)  # Validates them all.
   fp = fp_optimizer or default_fp_optimizer()
+  freeze = hyperparams['freeze_assignment_at']
   if reset_optimizers_at_freeze and freeze is not None:
     fp = transforms.reset_at_step(fp, freeze)
-  parts = {
-    TERNARY: transforms.ternary_training(
-      latent_optimizer=latent_optimizer, centroid_optimizer=centroid_optimizer, **shared
-    ),
-    FULL_PRECISION: fp,
-  }
+  parts = {TERNARY: ternary_tx, FULL_PRECISION: fp}
   if prune_mask is not None:
-    parts[PRUNE] = transforms.entropy_constrained_pruning(
-      latent_optimizer=latent_optimizer, centroid_optimizer=centroid_optimizer, **shared
-    )
+    parts[PRUNE] = transforms.entropy_constrained_pruning(**hyperparams)
   return optax.partition(parts, _cached_labels(ternary_mask, prune_mask))
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,22 +16,15 @@ def compression_states(opt_state: optax.OptState) -> list[transforms.Compression
   return [x for x in leaves if transforms.is_compression_state(x)]
 
 
-def _named(tree: Any) -> dict[str, Any]:
-  """`{path: leaf}` of a state field, skipping `optax.MaskedNode` placeholders."""
-  is_masked = lambda x: isinstance(x, optax.MaskedNode)
-  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)[0]
-  return {tree_util.path_str(p): leaf for p, leaf in flat if not is_masked(leaf)}
-
-
 def compressed_kernels(opt_state: optax.OptState, params: optax.Params) -> dict[str, jax.Array]:
   """`{path: kernel}` of every compressed leaf, as the state defines it, in the params' dtype."""
   dtypes = {name: jnp.asarray(leaf).dtype for name, leaf in tree_util.named_leaves(params)}
   out = {}
   for state in compression_states(opt_state):
     prune = isinstance(state, transforms.EntropyConstrainedPruningState)
-    latent = _named(state.latent)
-    centroids = _named(state.centroids)
-    for name, a in _named(state.assignment).items():
+    latent = tree_util.flat_dict(state.latent, skip_masked=True)
+    centroids = tree_util.flat_dict(state.centroids, skip_masked=True)
+    for name, a in tree_util.flat_dict(state.assignment, skip_masked=True).items():
       if name not in dtypes:
         raise ValueError(f'opt_state holds {name!r}, which is not a leaf of params')
       if prune:
@@ -83,9 +74,9 @@ def statistics(opt_state: optax.OptState) -> dict[str, jax.Array]:
   total = 0
   weighted_bits = jnp.zeros((), jnp.float32)
   for state in compression_states(opt_state):
-    centroids = _named(state.centroids)
-    lam = _named(state.lam)
-    for name, a in _named(state.assignment).items():
+    centroids = tree_util.flat_dict(state.centroids, skip_masked=True)
+    lam = tree_util.flat_dict(state.lam, skip_masked=True)
+    for name, a in tree_util.flat_dict(state.assignment, skip_masked=True).items():
       cnt = ternary.counts(a)
       pmf = cnt / a.size
       bits = ternary.entropy_bits(pmf)

@@ -23,7 +23,9 @@ original builds fresh Adam states at the switch to the frozen phase).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+import inspect
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ec2t_jax import ternary
+from ec2t_jax import ternary, tree_util
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +62,11 @@ class LayerLayout:
   @classmethod
   def of(cls, params: optax.Params, *, group_layers: bool) -> LayerLayout:
     """The layout for `params`: same shape and dtype share a group if `group_layers`."""
-    leaves, treedef = jax.tree.flatten(params, is_leaf=_is_masked)
+    leaves, treedef = jax.tree.flatten(params, is_leaf=tree_util.is_masked)
     groups: dict[Any, list[int]] = {}
     sizes = [1]
     for i, leaf in enumerate(leaves):
-      if _is_masked(leaf):
+      if tree_util.is_masked(leaf):
         continue
       sizes.append(int(np.prod(jnp.shape(leaf), dtype=np.int64)))
       key = (jnp.shape(leaf), jnp.result_type(leaf)) if group_layers else i
@@ -185,13 +187,9 @@ def is_compression_state(x: Any) -> bool:
   return isinstance(x, _STATE_TYPES)
 
 
-def _is_masked(x: Any) -> bool:
-  return isinstance(x, optax.MaskedNode)
-
-
 def _check_floating(params: optax.Params, what: str) -> None:
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_masked)[0]:
-    if _is_masked(leaf):
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=tree_util.is_masked)[0]:
+    if tree_util.is_masked(leaf):
       continue
     if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
       raise ValueError(
@@ -210,271 +208,266 @@ def _check_scalar(name: str, value: Any, *, minimum: float, strict: bool) -> Non
     raise ValueError(f'{name} must be {relation} {minimum:g}, got {value}')
 
 
-def _compression(
-  *,
-  prune: bool,
-  gamma: jax.typing.ArrayLike,
-  init_scale: jax.typing.ArrayLike,
-  sustain: jax.typing.ArrayLike,
-  p0_min: jax.typing.ArrayLike,
-  centroid_floor_std: jax.typing.ArrayLike,
-  latent_optimizer: optax.GradientTransformation,
-  centroid_optimizer: optax.GradientTransformation,
-  freeze_assignment_at: jax.typing.ArrayLike | None,
-  reset_centroid_optimizer_at_freeze: bool,
-  reference_parity: bool,
-  group_layers: bool,
-) -> optax.GradientTransformation:
-  """Shared implementation of `ternary_training` and `entropy_constrained_pruning`."""
-  _check_scalar('gamma', gamma, minimum=0.0, strict=False)
-  _check_scalar('init_scale', init_scale, minimum=0.0, strict=True)
-  _check_scalar('sustain', sustain, minimum=0.0, strict=False)
-  _check_scalar('centroid_floor_std', centroid_floor_std, minimum=0.0, strict=False)
-  if isinstance(p0_min, (int, float)) and not 0.0 <= p0_min < 1.0:
-    raise ValueError(f'p0_min must be in [0, 1), got {p0_min}')
-  if isinstance(freeze_assignment_at, (int, float)) and freeze_assignment_at < 0:
-    raise ValueError(f'freeze_assignment_at must be >= 0 or None, got {freeze_assignment_at}')
-  state_cls = EntropyConstrainedPruningState if prune else TernaryTrainingState
-  what = 'entropy_constrained_pruning' if prune else 'ternary_training'
+def check_step(name: str, value: Any) -> None:
+  """Refuses a negative step (a concrete Python number; arrays pass unchecked)."""
+  if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+    raise ValueError(f'{name} must be >= 0 or None, got {value}')
 
-  def kernel(assignment, centroids, latent, dtype):
-    if prune:
-      return ternary.pruned_kernel(assignment, latent, dtype)
-    return ternary.ternary_kernel(assignment, centroids, dtype)
 
-  def init_group(p):  # One leaf; `jax.vmap`-ed over a group.
-    centroid_latent = ternary.initial_centroids(p, init_scale)
-    centroids = ternary.snap_centroids(centroid_latent, p.dtype)
-    assignment = ternary.nearest(p, centroids)
-    return LayerGroup(
-      latent=jnp.array(p, copy=True),
-      centroids=centroids,
-      centroid_latent=centroid_latent,
-      assignment=assignment,
-      pmf=ternary.counts(assignment) / assignment.size,
-      lam=jnp.zeros((), jnp.float32),
-    )
+def _compression_factory(prune: bool):
+  """`ternary_training` (prune=False) or `entropy_constrained_pruning` (prune=True).
 
-  def init_fn(params):
-    _check_floating(params, what)
-    layout = LayerLayout.of(params, group_layers=group_layers)
-    groups = tuple(jax.vmap(init_group)(p) for p in layout.stack(params))
-    return state_cls(
-      count=jnp.zeros((), jnp.int32),
-      groups=groups,
-      latent_opt_state=latent_optimizer.init(tuple(g.latent for g in groups)),
-      centroid_opt_state=centroid_optimizer.init(tuple(g.centroid_latent for g in groups)),
-      layout=layout,
-    )
+  Both share one signature, declared here once; `ec2t_jax.ec2t` takes the same
+  keyword arguments (see `with_arguments_of`).
+  """
 
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError(f'{what} needs the current params: call update(grads, state, params).')
-    count, layout, groups = state.count, state.layout, state.groups
-    if freeze_assignment_at is None:
-      frozen = jnp.zeros((), bool)
-    else:
-      frozen = count >= jnp.asarray(freeze_assignment_at, jnp.int32)
-    latent = tuple(g.latent for g in groups)
-    centroid_latent = tuple(g.centroid_latent for g in groups)
+  def factory(
+    *,
+    gamma: jax.typing.ArrayLike = 0.15,
+    init_scale: jax.typing.ArrayLike = 0.3,
+    sustain: jax.typing.ArrayLike = 0.05,
+    p0_min: jax.typing.ArrayLike = 0.5,
+    centroid_floor_std: jax.typing.ArrayLike = 0.675,
+    latent_optimizer: optax.GradientTransformation | None = None,
+    centroid_optimizer: optax.GradientTransformation | None = None,
+    freeze_assignment_at: jax.typing.ArrayLike | None = None,
+    reset_centroid_optimizer_at_freeze: bool = True,
+    reference_parity: bool = False,
+    group_layers: bool = True,
+  ) -> optax.GradientTransformation:
+    _check_scalar('gamma', gamma, minimum=0.0, strict=False)
+    _check_scalar('init_scale', init_scale, minimum=0.0, strict=True)
+    _check_scalar('sustain', sustain, minimum=0.0, strict=False)
+    _check_scalar('centroid_floor_std', centroid_floor_std, minimum=0.0, strict=False)
+    if isinstance(p0_min, (int, float)) and not 0.0 <= p0_min < 1.0:
+      raise ValueError(f'p0_min must be in [0, 1), got {p0_min}')
+    check_step('freeze_assignment_at', freeze_assignment_at)
+    latent_optimizer = latent_optimizer or optax.adam(1e-4)
+    centroid_optimizer = centroid_optimizer or optax.adam(1e-5)
+    state_cls = EntropyConstrainedPruningState if prune else TernaryTrainingState
+    what = 'entropy_constrained_pruning' if prune else 'ternary_training'
 
-    # 1. Map ∂L/∂q to the latent weights and the centroids, with the
-    #    assignment and centroids that produced this step's kernel.
-    def map_gradient(g, a, c, w):
-      g_w, g_c = ternary.map_gradient(g, a, c, reference_parity=reference_parity, prune=prune)
-      return g_w.astype(w.dtype), g_c
+    def kernel(assignment, centroids, latent, dtype):
+      if prune:
+        return ternary.pruned_kernel(assignment, latent, dtype)
+      return ternary.ternary_kernel(assignment, centroids, dtype)
 
-    mapped = [
-      jax.vmap(map_gradient)(g, s.assignment, s.centroids, s.latent)
-      for g, s in zip(layout.stack(updates), groups, strict=True)
-    ]
-    latent_grads = tuple(m[0] for m in mapped)
-    centroid_grads = tuple(m[1] for m in mapped)
-
-    # 2. Latent weights: their own optimizer; frozen in phase 2.
-    lat_updates, lat_opt_state = latent_optimizer.update(
-      latent_grads, state.latent_opt_state, latent
-    )
-    keep = lambda new, old: jnp.where(frozen, old, new)
-    latent = jax.tree.map(keep, optax.apply_updates(latent, lat_updates), latent)
-    lat_opt_state = jax.tree.map(keep, lat_opt_state, state.latent_opt_state)
-
-    # 3. Centroids: their own optimizer (restarted at the switch if asked).
-    c_opt_state = state.centroid_opt_state
-    if freeze_assignment_at is not None and reset_centroid_optimizer_at_freeze:
-      at_switch = count == jnp.asarray(freeze_assignment_at, jnp.int32)
-      fresh = centroid_optimizer.init(centroid_latent)
-      c_opt_state = jax.tree.map(lambda f, o: jnp.where(at_switch, f, o), fresh, c_opt_state)
-    c_updates, c_opt_state = centroid_optimizer.update(centroid_grads, c_opt_state, centroid_latent)
-    stepped_centroids = optax.apply_updates(centroid_latent, c_updates)
-
-    def finish(p, w, c_latent, a_old):
-      # 4. Centroid floor from the latent weights (the phase-1 ones when frozen).
-      c_latent = jnp.maximum(c_latent, ternary.centroid_floor(w, centroid_floor_std))
-      c = ternary.snap_centroids(c_latent, p.dtype)
-      # 5. Entropy-constrained re-assignment; kept as it is when frozen.
-      result = ternary.assign(
-        w,
-        c,
-        gamma=gamma,
-        delta=ternary.layer_weight(w.size, layout.max_size, sustain),
-        p0_min=p0_min,
-        reference_parity=reference_parity,
+    def init_group(p):  # One leaf; `jax.vmap`-ed over a group.
+      centroid_latent = ternary.initial_centroids(p, init_scale)
+      centroids = ternary.snap_centroids(centroid_latent, p.dtype)
+      assignment = ternary.nearest(p, centroids)
+      return LayerGroup(
+        latent=jnp.array(p, copy=True),
+        centroids=centroids,
+        centroid_latent=centroid_latent,
+        assignment=assignment,
+        pmf=ternary.counts(assignment) / assignment.size,
+        lam=jnp.zeros((), jnp.float32),
       )
-      a = jnp.where(frozen, a_old, result.assignment)
-      # 6. The new kernel, reached exactly by `optax.apply_updates`.
-      q = kernel(a, c, w, p.dtype)
-      u = ternary.exact_update(p, q)
-      # A move that no float `u` can make exact (possible only when a centroid
-      # changes several-fold in one step) goes to zero instead: `p + (-p)` is
-      # exactly 0, and the assignment records it.
-      miss = (p + u) != q
-      u = jnp.where(miss, -p, u)
-      a = jnp.where(miss, ternary.ZERO, a).astype(a_old.dtype)
-      if prune:  # Kept weights hold exactly what `p + u` produces; store that as latent.
-        w = jnp.where(a == ternary.ZERO, w, (p + u).astype(w.dtype))
-      return u, LayerGroup(w, c, c_latent, a, result.pmf, result.lam)
 
-    finished = [
-      jax.vmap(finish)(p, w, c, s.assignment)
-      for p, w, c, s in zip(layout.stack(params), latent, stepped_centroids, groups, strict=True)
-    ]
-    new_state = state_cls(
-      count=optax.safe_increment(count),
-      groups=tuple(f[1] for f in finished),
-      latent_opt_state=lat_opt_state,
-      centroid_opt_state=c_opt_state,
-      layout=layout,
-    )
-    stacked_updates = [f[0] for f in finished]
-    if _FENCE_UPDATES:
-      # Keeps XLA:GPU from fusing a group's whole update math into each layer's
-      # slice of it (as many large kernels as layers, instead of one per group).
-      # XLA:CPU removes the barrier before fusion.
-      stacked_updates = jax.lax.optimization_barrier(stacked_updates)
-    return layout.unstack(stacked_updates), new_state
+    def init_fn(params):
+      _check_floating(params, what)
+      layout = LayerLayout.of(params, group_layers=group_layers)
+      groups = tuple(jax.vmap(init_group)(p) for p in layout.stack(params))
+      return state_cls(
+        count=jnp.zeros((), jnp.int32),
+        groups=groups,
+        latent_opt_state=latent_optimizer.init(tuple(g.latent for g in groups)),
+        centroid_opt_state=centroid_optimizer.init(tuple(g.centroid_latent for g in groups)),
+        layout=layout,
+      )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+    def update_fn(updates, state, params=None):
+      if params is None:
+        raise ValueError(f'{what} needs the current params: call update(grads, state, params).')
+      count, layout, groups = state.count, state.layout, state.groups
+      if freeze_assignment_at is None:
+        frozen = jnp.zeros((), bool)
+      else:
+        frozen = count >= jnp.asarray(freeze_assignment_at, jnp.int32)
+      latent = tuple(g.latent for g in groups)
+      centroid_latent = tuple(g.centroid_latent for g in groups)
+
+      # 1. Map ∂L/∂q to the latent weights and the centroids, with the
+      #    assignment and centroids that produced this step's kernel.
+      def map_gradient(g, a, c, w):
+        g_w, g_c = ternary.map_gradient(g, a, c, reference_parity=reference_parity, prune=prune)
+        return g_w.astype(w.dtype), g_c
+
+      mapped = [
+        jax.vmap(map_gradient)(g, s.assignment, s.centroids, s.latent)
+        for g, s in zip(layout.stack(updates), groups, strict=True)
+      ]
+      latent_grads = tuple(m[0] for m in mapped)
+      centroid_grads = tuple(m[1] for m in mapped)
+
+      # 2. Latent weights: their own optimizer; frozen in phase 2.
+      lat_updates, lat_opt_state = latent_optimizer.update(
+        latent_grads, state.latent_opt_state, latent
+      )
+      keep = lambda new, old: jnp.where(frozen, old, new)
+      latent = jax.tree.map(keep, optax.apply_updates(latent, lat_updates), latent)
+      lat_opt_state = jax.tree.map(keep, lat_opt_state, state.latent_opt_state)
+
+      # 3. Centroids: their own optimizer (restarted at the switch if asked).
+      c_opt_state = state.centroid_opt_state
+      if freeze_assignment_at is not None and reset_centroid_optimizer_at_freeze:
+        at_switch = count == jnp.asarray(freeze_assignment_at, jnp.int32)
+        fresh = centroid_optimizer.init(centroid_latent)
+        c_opt_state = jax.tree.map(lambda f, o: jnp.where(at_switch, f, o), fresh, c_opt_state)
+      c_updates, c_opt_state = centroid_optimizer.update(
+        centroid_grads, c_opt_state, centroid_latent
+      )
+      stepped_centroids = optax.apply_updates(centroid_latent, c_updates)
+
+      def finish(p, w, c_latent, a_old):
+        # 4. Centroid floor from the latent weights (the phase-1 ones when frozen).
+        c_latent = jnp.maximum(c_latent, ternary.centroid_floor(w, centroid_floor_std))
+        c = ternary.snap_centroids(c_latent, p.dtype)
+        # 5. Entropy-constrained re-assignment; kept as it is when frozen.
+        result = ternary.assign(
+          w,
+          c,
+          gamma=gamma,
+          delta=ternary.layer_weight(w.size, layout.max_size, sustain),
+          p0_min=p0_min,
+          reference_parity=reference_parity,
+        )
+        a = jnp.where(frozen, a_old, result.assignment)
+        # 6. The new kernel, reached exactly by `optax.apply_updates`.
+        q = kernel(a, c, w, p.dtype)
+        u = ternary.exact_update(p, q)
+        # A move that no float `u` can make exact (possible only when a centroid
+        # changes several-fold in one step) goes to zero instead: `p + (-p)` is
+        # exactly 0, and the assignment records it.
+        miss = (p + u) != q
+        u = jnp.where(miss, -p, u)
+        a = jnp.where(miss, ternary.ZERO, a).astype(a_old.dtype)
+        if prune:  # Kept weights hold exactly what `p + u` produces; store that as latent.
+          w = jnp.where(a == ternary.ZERO, w, (p + u).astype(w.dtype))
+        return u, LayerGroup(w, c, c_latent, a, result.pmf, result.lam)
+
+      finished = [
+        jax.vmap(finish)(p, w, c, s.assignment)
+        for p, w, c, s in zip(layout.stack(params), latent, stepped_centroids, groups, strict=True)
+      ]
+      new_state = state_cls(
+        count=optax.safe_increment(count),
+        groups=tuple(f[1] for f in finished),
+        latent_opt_state=lat_opt_state,
+        centroid_opt_state=c_opt_state,
+        layout=layout,
+      )
+      stacked_updates = [f[0] for f in finished]
+      if _FENCE_UPDATES:
+        # Keeps XLA:GPU from fusing a group's whole update math into each layer's
+        # slice of it (as many large kernels as layers, instead of one per group).
+        # XLA:CPU removes the barrier before fusion.
+        stacked_updates = jax.lax.optimization_barrier(stacked_updates)
+      return layout.unstack(stacked_updates), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+  return factory
 
 
-def ternary_training(
-  *,
-  gamma: jax.typing.ArrayLike = 0.15,
-  init_scale: jax.typing.ArrayLike = 0.3,
-  sustain: jax.typing.ArrayLike = 0.05,
-  p0_min: jax.typing.ArrayLike = 0.5,
-  centroid_floor_std: jax.typing.ArrayLike = 0.675,
-  latent_optimizer: optax.GradientTransformation | None = None,
-  centroid_optimizer: optax.GradientTransformation | None = None,
-  freeze_assignment_at: jax.typing.ArrayLike | None = None,
-  reset_centroid_optimizer_at_freeze: bool = True,
-  reference_parity: bool = False,
-  group_layers: bool = True,
-) -> optax.GradientTransformation:
-  """Trains every leaf it is given into a ternary kernel `{-w_n, 0, +w_p}` (EC2T).
+ternary_training = _compression_factory(prune=False)
+ternary_training.__name__ = ternary_training.__qualname__ = 'ternary_training'
+ternary_training.__doc__ = """Trains every leaf it is given into a ternary kernel `{-w_n, 0, +w_p}`.
 
-  One update (docs/algorithm.md §3) maps `G = ∂L/∂q` to the latent weights
-  (`w_p·A·G + w_n·B·G + Z·G`) and the centroids (`Σ A·G`, `−Σ B·G`), steps
-  both with their optimizers, raises both centroids to at least
-  `centroid_floor_std · std(W)`, re-assigns every weight with
+One update (docs/algorithm.md §3) maps `G = ∂L/∂q` to the latent weights
+(`w_p·A·G + w_n·B·G + Z·G`) and the centroids (`Σ A·G`, `−Σ B·G`), steps
+both with their optimizers, raises both centroids to at least
+`centroid_floor_std · std(W)`, re-assigns every weight with
 
-    a = argmin_c (W − c)² + γ·δ_l·Λ_max·I_c      (docs/algorithm.md §4)
+  a = argmin_c (W − c)² + γ·δ_l·Λ_max·I_c      (docs/algorithm.md §4)
 
-  and returns the update that turns each params leaf into the new ternary
-  kernel *exactly* under `optax.apply_updates`. From step
-  `freeze_assignment_at` on, the assignment and latent weights stay fixed and
-  only the centroids train (docs/algorithm.md §5).
+and returns the update that turns each params leaf into the new ternary
+kernel *exactly* under `optax.apply_updates`. From step
+`freeze_assignment_at` on, the assignment and latent weights stay fixed and
+only the centroids train (docs/algorithm.md §5).
 
-  Use it under `optax.partition` so that it sees only the leaves to ternarize,
-  or call `ec2t_jax.ec2t`, which does that.
+Use it under `optax.partition` so that it sees only the leaves to ternarize,
+or call `ec2t_jax.ec2t`, which does that.
 
-  Args:
-    gamma: entropy gain `γ >= 0` (the original's `--lambda-max-divrs`); 0 is
-      plain nearest-neighbour ternarization.
-    init_scale: `s > 0`, initial centroids `s·|max W|`, `s·|min W|`.
-    sustain: `ς`, keeps small layers from losing the entropy term entirely.
-    p0_min: floor of the zero cluster's probability in the entropy term.
-    centroid_floor_std: both centroids stay >= this times `std(W)`.
-    latent_optimizer: optimizer of the latent weights (default Adam, 1e-4).
-    centroid_optimizer: optimizer of the centroids (default Adam, 1e-5).
-    freeze_assignment_at: first step of the frozen-assignment phase, or None.
-    reset_centroid_optimizer_at_freeze: restart the centroid optimizer's state
-      at the switch, as the original does.
-    reference_parity: reproduce the original's quirks (the `w_n` gradient sign
-      and the probability-floor arithmetic) instead of the correct math.
-    group_layers: store and update all leaves with the same shape and dtype
-      as one stacked array per state field (default): a few large kernels and
-      buffers instead of about ten per layer, which keeps compile time and GPU
-      kernel launches flat in the number of layers (MicroNet's 138 ternary
-      layers have 5 shapes). False keeps one group per leaf. Results agree to
-      float rounding either way. The inner optimizers see one array per group,
-      so an element-wise optimizer (Adam, SGD, weight decay, global-norm
-      clipping) behaves identically; one that normalizes per leaf (LARS/LAMB
-      trust ratios) should run with `group_layers=False`.
-  Returns:
-    An `optax.GradientTransformation` whose state is a `TernaryTrainingState`.
+Args:
+  gamma: entropy gain `γ >= 0` (the original's `--lambda-max-divrs`); 0 is
+    plain nearest-neighbour ternarization.
+  init_scale: `s > 0`, initial centroids `s·|max W|`, `s·|min W|`.
+  sustain: `ς`, keeps small layers from losing the entropy term entirely.
+  p0_min: floor of the zero cluster's probability in the entropy term.
+  centroid_floor_std: both centroids stay >= this times `std(W)`.
+  latent_optimizer: optimizer of the latent weights (default Adam, 1e-4).
+  centroid_optimizer: optimizer of the centroids (default Adam, 1e-5).
+  freeze_assignment_at: first step of the frozen-assignment phase, or None.
+  reset_centroid_optimizer_at_freeze: restart the centroid optimizer's state
+    at the switch, as the original does.
+  reference_parity: reproduce the original's quirks (the `w_n` gradient sign
+    and the probability-floor arithmetic) instead of the correct math.
+  group_layers: store and update all leaves with the same shape and dtype
+    as one stacked array per state field (default): a few large kernels and
+    buffers instead of about ten per layer, which keeps compile time and GPU
+    kernel launches flat in the number of layers (MicroNet's 138 ternary
+    layers have 5 shapes). False keeps one group per leaf. Results agree to
+    float rounding either way. The inner optimizers see one array per group,
+    so an element-wise optimizer (Adam, SGD, weight decay, global-norm
+    clipping) behaves identically; one that normalizes per leaf (LARS/LAMB
+    trust ratios) should run with `group_layers=False`.
+Returns:
+  An `optax.GradientTransformation` whose state is a `TernaryTrainingState`.
 
-  Example:
-    >>> params = {'kernel': jnp.linspace(-1., 1., 12).reshape(3, 4)}
-    >>> tx = ternary_training(gamma=0.0)
-    >>> state = tx.init(params)
-    >>> int(state.assignment['kernel'].max())
-    2
+Example:
+  >>> params = {'kernel': jnp.linspace(-1., 1., 12).reshape(3, 4)}
+  >>> tx = ternary_training(gamma=0.0)
+  >>> state = tx.init(params)
+  >>> int(state.assignment['kernel'].max())
+  2
+"""
+
+entropy_constrained_pruning = _compression_factory(prune=True)
+entropy_constrained_pruning.__name__ = 'entropy_constrained_pruning'
+entropy_constrained_pruning.__qualname__ = 'entropy_constrained_pruning'
+entropy_constrained_pruning.__doc__ = """Entropy-constrained pruning (ECP, docs/algorithm.md §6).
+
+The centroids, probabilities, λ and argmin are those of `ternary_training`,
+but kept weights stay full precision: `q = (A + B)·W`, exact zeros where the
+assignment is 1. Arguments as in `ternary_training`.
+
+Returns:
+  An `optax.GradientTransformation` whose state is an
+  `EntropyConstrainedPruningState`.
+"""
+
+
+def with_arguments_of(source: Callable[..., Any], *, exclude: Sequence[str] = ()):
+  """Gives a factory `f(..., **hyperparams)` the keyword arguments of `source` as its own.
+
+  The decorated function's signature (`inspect.signature`, `help`,
+  `optax.inject_hyperparams`) lists its own arguments and then those of
+  `source` (less `exclude`), with `source`'s defaults; an unknown keyword is a
+  `TypeError`. So hyperparameters are declared in one place.
   """
-  return _compression(
-    prune=False,
-    gamma=gamma,
-    init_scale=init_scale,
-    sustain=sustain,
-    p0_min=p0_min,
-    centroid_floor_std=centroid_floor_std,
-    latent_optimizer=latent_optimizer or optax.adam(1e-4),
-    centroid_optimizer=centroid_optimizer or optax.adam(1e-5),
-    freeze_assignment_at=freeze_assignment_at,
-    reset_centroid_optimizer_at_freeze=reset_centroid_optimizer_at_freeze,
-    reference_parity=reference_parity,
-    group_layers=group_layers,
-  )
+  inherited = [p for p in inspect.signature(source).parameters.values() if p.name not in exclude]
 
+  def decorate(f):
+    own = [p for p in inspect.signature(f).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    full = inspect.signature(f).replace(parameters=own + inherited)
 
-def entropy_constrained_pruning(
-  *,
-  gamma: jax.typing.ArrayLike = 0.15,
-  init_scale: jax.typing.ArrayLike = 0.3,
-  sustain: jax.typing.ArrayLike = 0.05,
-  p0_min: jax.typing.ArrayLike = 0.5,
-  centroid_floor_std: jax.typing.ArrayLike = 0.675,
-  latent_optimizer: optax.GradientTransformation | None = None,
-  centroid_optimizer: optax.GradientTransformation | None = None,
-  freeze_assignment_at: jax.typing.ArrayLike | None = None,
-  reset_centroid_optimizer_at_freeze: bool = True,
-  reference_parity: bool = False,
-  group_layers: bool = True,
-) -> optax.GradientTransformation:
-  """Entropy-constrained pruning (ECP, docs/algorithm.md §6) of every leaf it is given.
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+      unknown = sorted(set(kwargs) - set(full.parameters))
+      if unknown:
+        raise TypeError(
+          f'{f.__name__}() got unknown keyword arguments {unknown}; valid: {list(full.parameters)}'
+        )
+      bound = full.bind(*args, **kwargs)
+      bound.apply_defaults()
+      return f(**bound.arguments)
 
-  The centroids, probabilities, λ and argmin are those of `ternary_training`,
-  but kept weights stay full precision: `q = (A + B)·W`, exact zeros where the
-  assignment is 1. Arguments as in `ternary_training`.
+    wrapper.__signature__ = full
+    return wrapper
 
-  Returns:
-    An `optax.GradientTransformation` whose state is an
-    `EntropyConstrainedPruningState`.
-  """
-  return _compression(
-    prune=True,
-    gamma=gamma,
-    init_scale=init_scale,
-    sustain=sustain,
-    p0_min=p0_min,
-    centroid_floor_std=centroid_floor_std,
-    latent_optimizer=latent_optimizer or optax.adam(1e-4),
-    centroid_optimizer=centroid_optimizer or optax.adam(1e-5),
-    freeze_assignment_at=freeze_assignment_at,
-    reset_centroid_optimizer_at_freeze=reset_centroid_optimizer_at_freeze,
-    reference_parity=reference_parity,
-    group_layers=group_layers,
-  )
+  return decorate
 
 
 def reset_at_step(
@@ -493,8 +486,7 @@ def reset_at_step(
   Returns:
     An `optax.GradientTransformation` with a `ResetAtStepState`.
   """
-  if isinstance(step, (int, float)) and step < 0:
-    raise ValueError(f'step must be >= 0 or None, got {step}')
+  check_step('step', step)
 
   def init_fn(params):
     return ResetAtStepState(jnp.zeros((), jnp.int32), inner.init(params))
