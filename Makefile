@@ -1,12 +1,13 @@
 # Two entry points for a fresh machine with Python 3.11 and the package registries:
 #   make demo   set up .venv and train the embedded MNIST default end to end
 #   make test   set up .venv, lint, and run the test suite
+# and, for the inner loop: make test-fast (no subprocess, notebook or benchmark tests).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdir/mnist
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(PY) -m pytest -n 2 -q tests
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -n 2 -q -m "not slow" tests
 
 bench: $(VENV)/.installed
 	$(PY) bench/performance.py step --models resnet20 --dtypes float32

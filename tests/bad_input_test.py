@@ -7,13 +7,10 @@ import sys
 
 import jax.numpy as jnp
 import pytest
-from train_test import tiny_mnist
 
 from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import datasets, train
 from ec2t_jax.training import workdir as workdir_lib
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _wrong_init_from(tmp_path):
@@ -55,7 +52,7 @@ CASES = {
 
 
 @pytest.mark.parametrize('name', list(CASES))
-def test_bad_config_is_refused_before_training(tmp_path, name):
+def test_bad_config_is_refused_before_training(tmp_path, name, tiny_mnist):
   overrides, error, message = CASES[name]
   if overrides == 'wrong_init':
     overrides = {'init_from': _wrong_init_from(tmp_path)}
@@ -71,14 +68,14 @@ def test_bad_config_is_refused_before_training(tmp_path, name):
   assert (workdir / 'keep.txt').read_text() == 'untouched'
 
 
-def test_workdir_that_cannot_be_created(tmp_path):
+def test_workdir_that_cannot_be_created(tmp_path, tiny_mnist):
   blocker = tmp_path / 'a_file'
   blocker.write_text('x')
   with pytest.raises(ValueError, match='cannot be created'):
     train.train_and_evaluate(tiny_mnist(), str(blocker / 'sub'))
 
 
-def test_workdir_of_another_config_is_refused_unless_overwrite(tmp_path):
+def test_workdir_of_another_config_is_refused_unless_overwrite(tmp_path, tiny_mnist):
   workdir = str(tmp_path / 'work')
   config = tiny_mnist()
   os.makedirs(workdir)
@@ -90,7 +87,7 @@ def test_workdir_of_another_config_is_refused_unless_overwrite(tmp_path):
   assert open(os.path.join(workdir, 'config.json')).read() == before
 
 
-def test_processes_and_resumes_of_one_run_share_a_workdir(tmp_path):
+def test_processes_and_resumes_of_one_run_share_a_workdir(tmp_path, tiny_mnist):
   """Fields that differ between the processes of one run (or its restarts) are not a new run."""
   workdir = str(tmp_path / 'work')
   first = {'process_id': 0, 'coordinator_address': '127.0.0.1:1234', 'worker_count': 0}
@@ -118,11 +115,12 @@ def test_missing_dataset_error_names_the_command(tmp_path):
     ('--config.model=resnet7', "error: unknown model 'resnet7'"),
   ],
 )
-def test_cli_exits_nonzero_with_one_line_error(tmp_path, flag, message):
+@pytest.mark.slow
+def test_cli_exits_nonzero_with_one_line_error(tmp_path, flag, message, repo_root):
   workdir = tmp_path / 'work'
   proc = subprocess.run(
     [sys.executable, 'main.py', '--config=configs/mnist.py:smoke', f'--workdir={workdir}', flag],
-    cwd=REPO,
+    cwd=repo_root,
     capture_output=True,
     text=True,
     timeout=300,
@@ -134,7 +132,7 @@ def test_cli_exits_nonzero_with_one_line_error(tmp_path, flag, message):
   assert not workdir.exists()
 
 
-def test_checkpoints_that_cannot_be_restored_are_not_overwritten(tmp_path):
+def test_checkpoints_that_cannot_be_restored_are_not_overwritten(tmp_path, tiny_mnist):
   """A workdir whose checkpoints do not fit this train state is refused, not restarted."""
   workdir = str(tmp_path / 'work')
   config = tiny_mnist()

@@ -13,6 +13,8 @@ import performance  # noqa: E402
 
 from ec2t_jax import transforms  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Subprocesses or long runs: left out of `make test-fast`.
+
 
 @pytest.fixture(autouse=True)
 def _restore_globals():

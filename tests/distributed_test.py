@@ -8,9 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from reliability_test import TINY_FLAGS
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # Subprocesses or long runs: left out of `make test-fast`.
 
 
 def _free_port() -> int:
@@ -30,7 +29,7 @@ def _summary(workdir):
     return json.load(f)
 
 
-def _run_two_processes(workdir, flags):
+def _run_two_processes(workdir, flags, cwd):
   address = f'127.0.0.1:{_free_port()}'
   procs = [
     subprocess.Popen(
@@ -44,7 +43,7 @@ def _run_two_processes(workdir, flags):
         '--config.num_processes=2',
         f'--config.process_id={i}',
       ],
-      cwd=REPO,
+      cwd=cwd,
       env=_env(1),
       stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE,
@@ -64,13 +63,13 @@ def _run_two_processes(workdir, flags):
   return errors, codes
 
 
-def test_two_processes_match_one_process_with_two_devices(tmp_path):
-  flags = [f for f in TINY_FLAGS if not f.startswith('--config.batch_size')]
+def test_two_processes_match_one_process_with_two_devices(tmp_path, tiny_flags, repo_root):
+  flags = [f for f in tiny_flags if not f.startswith('--config.batch_size')]
   flags.append('--config.batch_size=32')
   single = str(tmp_path / 'single')
   proc = subprocess.run(
     [sys.executable, 'main.py', f'--workdir={single}', *flags],
-    cwd=REPO,
+    cwd=repo_root,
     env=_env(2),
     capture_output=True,
     text=True,
@@ -80,7 +79,7 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
 
   multi = str(tmp_path / 'multi')
   for attempt in range(2):
-    errors, codes = _run_two_processes(multi, flags)
+    errors, codes = _run_two_processes(multi, flags, repo_root)
     handshake = 'Gloo context initialization failed' in ''.join(errors)
     if all(c == 0 for c in codes) or not handshake or attempt == 1:
       break

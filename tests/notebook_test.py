@@ -5,6 +5,8 @@ import os
 import nbformat
 import pytest
 
+pytestmark = pytest.mark.slow  # Subprocesses or long runs: left out of `make test-fast`.
+
 nbclient = pytest.importorskip('nbclient')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,27 +10,12 @@ import time
 import jax
 import numpy as np
 import pytest
-from train_test import _sigterm_at, tiny_mnist
 
 from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import metric_writers, train
 from ec2t_jax.training import workdir as workdir_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# The CLI form of tiny_mnist(): the same config, so in-process and CLI runs are comparable.
-TINY_FLAGS = [
-  '--config=configs/mnist.py:smoke',
-  '--config.steps_per_epoch=3',
-  '--config.batch_size=32',
-  '--config.eval_batch_size=64',
-  '--config.num_eval_examples=128',
-  '--config.fp.num_epochs=1',
-  '--config.ec2t.num_epochs=1',
-  '--config.ec2t.frozen_epochs=1',
-  '--config.log_every_steps=2',
-  '--config.checkpoint_every_steps=2',
-]
+pytestmark = pytest.mark.slow  # Subprocesses or long runs: left out of `make test-fast`.
 
 
 def _logged_steps(workdir):
@@ -47,11 +32,11 @@ def _logged_steps(workdir):
   return max(steps)
 
 
-def _cli(workdir, *, kill_after_step=None, timeout=600):
+def _cli(workdir, flags, cwd, *, kill_after_step=None, timeout=600):
   """Runs main.py; with kill_after_step, SIGKILLs it once that step is logged."""
   proc = subprocess.Popen(
-    [sys.executable, 'main.py', f'--workdir={workdir}', *TINY_FLAGS],
-    cwd=REPO,
+    [sys.executable, 'main.py', f'--workdir={workdir}', *flags],
+    cwd=cwd,
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
     text=True,
@@ -69,21 +54,23 @@ def _cli(workdir, *, kill_after_step=None, timeout=600):
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, tiny_mnist):
   workdir = str(tmp_path_factory.mktemp('uninterrupted'))
   return train.train_and_evaluate(tiny_mnist(), workdir)
 
 
-def test_sigkill_at_random_steps_then_resume_is_bitwise_identical(tmp_path, uninterrupted):
+def test_sigkill_at_random_steps_then_resume_is_bitwise_identical(
+  tmp_path, uninterrupted, tiny_flags, repo_root
+):
   rng = np.random.default_rng(int(time.time()))
   # One kill inside the FP phase (steps 1-3), one in EC2T/frozen (4-9), chosen at random.
   kill_points = [int(rng.integers(1, 3)), int(rng.integers(4, 8))]
   for kill_after in kill_points:
     workdir = str(tmp_path / f'kill_{kill_after}')
-    code, err = _cli(workdir, kill_after_step=kill_after)
+    code, err = _cli(workdir, tiny_flags, repo_root, kill_after_step=kill_after)
     assert code == -signal.SIGKILL, f'run ended before the kill (rc={code}): {err[-2000:]}'
     assert not os.path.exists(os.path.join(workdir, 'summary.json'))
-    code, err = _cli(workdir)
+    code, err = _cli(workdir, tiny_flags, repo_root)
     assert code == 0, err[-2000:]
     with open(os.path.join(workdir, 'summary.json')) as f:
       resumed = json.load(f)
@@ -111,12 +98,13 @@ def test_compilation_cache_is_enabled_unless_chosen_already(tmp_path):
     jax.config.update('jax_compilation_cache_max_size', before[1])
 
 
-def test_corrupted_latest_checkpoint_falls_back_to_an_intact_one(tmp_path, uninterrupted, caplog):
+def test_corrupted_latest_checkpoint_falls_back_to_an_intact_one(
+  tmp_path, uninterrupted, caplog, tiny_mnist, sigterm_at
+):
   config = tiny_mnist(**{'checkpoint_every_steps': 2})
   workdir = str(tmp_path / 'run')
-  with pytest.MonkeyPatch.context() as m:  # Stop at step 6 as if preempted.
-    _sigterm_at(m, 6)
-    assert train.train_and_evaluate(config, workdir)['preempted']
+  sigterm_at(6)  # Stop at step 6 as if preempted.
+  assert train.train_and_evaluate(config, workdir)['preempted']
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
   steps = ckpt.steps()
   ckpt.close()
@@ -132,7 +120,9 @@ def test_corrupted_latest_checkpoint_falls_back_to_an_intact_one(tmp_path, unint
   assert resumed['params_sha256'] == uninterrupted['params_sha256']
 
 
-def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path, monkeypatch):
+def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(
+  tmp_path, monkeypatch, tiny_mnist
+):
   config = tiny_mnist()
   workdir = str(tmp_path / 'nan')
   original = train.to_global

@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 
 import jax
 import numpy as np
@@ -10,33 +9,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 import ec2t_jax
-from configs import cifar10, imagenet, mnist
+from configs import cifar10, imagenet
 from ec2t_jax import tree_util
 from ec2t_jax.training import metric_writers, train
 from ec2t_jax.training import workdir as workdir_lib
 
 MOCK = tfds.testing.MockPolicy.USE_CODE
-
-
-def tiny_mnist(**overrides):
-  """mnist:smoke, smaller: 3 steps per phase-epoch, 128 eval examples."""
-  config = mnist.get_config('smoke')
-  config.steps_per_epoch = 3
-  config.batch_size = 32
-  config.eval_batch_size = 64
-  config.num_eval_examples = 128
-  config.fp.num_epochs = 1
-  config.ec2t.num_epochs = 1
-  config.ec2t.frozen_epochs = 1
-  config.log_every_steps = 2
-  config.checkpoint_every_steps = 2
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return config
 
 
 def _exactly_ternary(workdir_summary, config, workdir):
@@ -51,7 +29,7 @@ def _exactly_ternary(workdir_summary, config, workdir):
   return run
 
 
-def test_mnist_end_to_end_and_resume_is_a_noop(tmp_path):
+def test_mnist_end_to_end_and_resume_is_a_noop(tmp_path, tiny_mnist):
   config = tiny_mnist()
   workdir = str(tmp_path / 'run')
   summary = train.train_and_evaluate(config, workdir)
@@ -91,33 +69,20 @@ def test_mnist_end_to_end_and_resume_is_a_noop(tmp_path):
   assert again['test_accuracy'] == summary['test_accuracy']
 
 
-def _sigterm_at(monkeypatch, at_call):
-  original = train.to_global
-  calls = {'n': 0}
-
-  def to_global(batch, sharding):
-    if 'mask' not in batch:  # Training batches only; evaluation batches carry a mask.
-      calls['n'] += 1
-      if calls['n'] == at_call:
-        os.kill(os.getpid(), signal.SIGTERM)
-    return original(batch, sharding)
-
-  monkeypatch.setattr(train, 'to_global', to_global)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize('stop_at', [2, 4, 7])  # inside FP, right after the boundary, frozen
-def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path, monkeypatch, stop_at):
+def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path, stop_at, tiny_mnist, sigterm_at):
   config = tiny_mnist(checkpoint_every_steps=100)
   reference = train.train_and_evaluate(config, str(tmp_path / 'a'))
-  with monkeypatch.context() as m:
-    _sigterm_at(m, stop_at)
-    first = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  sigterm_at(stop_at)
+  first = train.train_and_evaluate(config, str(tmp_path / 'b'))
   assert first == {'preempted': True, 'step': stop_at}
   resumed = train.train_and_evaluate(config, str(tmp_path / 'b'))
   assert resumed['params_sha256'] == reference['params_sha256']
   assert resumed['test_accuracy'] == reference['test_accuracy']
 
 
+@pytest.mark.slow
 def test_cifar10_smoke_on_mock_data(tmp_path):
   config = cifar10.get_config('smoke')
   with tfds.testing.mock_data(num_examples=64, policy=MOCK):
@@ -128,6 +93,7 @@ def test_cifar10_smoke_on_mock_data(tmp_path):
   assert np.isfinite(summary['test_accuracy'])
 
 
+@pytest.mark.slow
 def test_imagenet_smoke_on_mock_data(tmp_path):
   config = imagenet.get_config('smoke')
   with tfds.testing.mock_data(num_examples=64, policy=MOCK):
@@ -138,7 +104,8 @@ def test_imagenet_smoke_on_mock_data(tmp_path):
   assert np.isfinite(summary['test_accuracy'])
 
 
-def test_eight_devices_match_one(tmp_path):
+@pytest.mark.slow
+def test_eight_devices_match_one(tmp_path, tiny_mnist):
   if jax.device_count() < 8:
     pytest.skip('needs 8 (simulated) devices')
   base = dict(batch_size=32, **{'ec2t.gamma': 0.15})

@@ -218,11 +218,8 @@ def _grads(params, seed):
   return jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape) * 0.05, p.dtype), params)
 
 
-@pytest.mark.parametrize('name', list(FACTORIES))
-def test_contract_jit_compiles_once_and_preserves_dtype(name):
-  tx = FACTORIES[name]()
-  params = {k: jnp.asarray(v) for k, v in _weights().items()}
-  params['half'] = jnp.asarray(_weights(3)['small'], jnp.bfloat16)
+def _counting_jit(tx):
+  """`tx.update` under `jax.jit`, and the list that grows by one per trace."""
   traces = []
 
   @jax.jit
@@ -230,6 +227,15 @@ def test_contract_jit_compiles_once_and_preserves_dtype(name):
     traces.append(1)
     return tx.update(g, s, p)
 
+  return update, traces
+
+
+@pytest.mark.parametrize('name', list(FACTORIES))
+def test_contract_jit_compiles_once_and_preserves_dtype(name):
+  tx = FACTORIES[name]()
+  params = {k: jnp.asarray(v) for k, v in _weights().items()}
+  params['half'] = jnp.asarray(_weights(3)['small'], jnp.bfloat16)
+  update, traces = _counting_jit(tx)
   state = tx.init(params)
   for i in range(3):
     updates, state = update(_grads(params, i), state, params)
@@ -275,13 +281,7 @@ def test_contract_inject_hyperparams_identical_and_schedulable():
   sched = optax.inject_hyperparams(ec2t_jax.ec2t, static_args=('ternary_mask',))(
     _all_true, gamma=optax.linear_schedule(0.0, 2.0, 10)
   )
-  traces = []
-
-  @jax.jit
-  def upd(g, s, p):
-    traces.append(1)
-    return sched.update(g, s, p)
-
+  upd, traces = _counting_jit(sched)
   s3 = sched.init(params)
   p3 = ec2t_jax.ternarize(params, s3)
   for i in range(6):
@@ -292,6 +292,7 @@ def test_contract_inject_hyperparams_identical_and_schedulable():
   _assert_exactly_ternary(p3, s3)
 
 
+@pytest.mark.slow
 def test_sharded_params_match_one_device():
   devices = jax.devices()
   if len(devices) < 8:
@@ -438,6 +439,7 @@ def _degenerate_run(params, steps):
   return p, st
 
 
+@pytest.mark.slow
 def test_degenerate_layers_through_the_optimizer_stay_finite():
   params = {
     'zeros': jnp.zeros((3, 3, 2, 2)),

@@ -244,7 +244,7 @@ class Ec2tMnist(tfds.core.GeneratorBasedBuilder):
 def prepare_embedded_mnist(data_dir: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
   """Writes the embedded MNIST as tfds dataset `ec2t_mnist` unless already there.
 
-  Takes about 10-30 s once (70,000 records, 21 MB in `array_record`).
+  Runs once per data dir (70,000 records, 21 MB in `array_record`).
   Safe when several processes share the data dir: if a concurrent build
   wins the race, its result is used.
 
