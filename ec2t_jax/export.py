@@ -50,6 +50,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import struct
 import sys
 from collections.abc import Mapping, Sequence
@@ -58,6 +59,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import optax
+
+from ec2t_jax import ternary, tree_util
 
 __all__ = [
   'FORMAT_VERSION',
@@ -110,43 +113,44 @@ class ExportStats(NamedTuple):
 # --- which leaves are ternary ----------------------------------------------------------------
 
 
-def _flatten(variables: Any) -> list[tuple[tuple[str, ...], np.ndarray]]:
-  """``[(keys, array)]`` of a nested mapping of arrays, in sorted-key order."""
+def _check_variables(variables: Any) -> None:
+  """Raises `ValueError` unless ``variables`` is a nested mapping with string keys."""
   if not isinstance(variables, Mapping):
     raise ValueError(
       f'variables must be a nested mapping like {{"params": ..., "batch_stats": ...}}, '
       f'got {type(variables).__name__}'
     )
-  out = []
 
   def walk(prefix, node):
-    for key in sorted(node):
+    for key, value in node.items():
       if not isinstance(key, str):
         raise ValueError(f'variables keys must be strings, got {key!r} at {"/".join(prefix)}')
-      value = node[key]
+      if '/' in key:  # The manifest's paths are the '/'-separated leaf names.
+        raise ValueError(f'variables keys must not contain "/", got {key!r}')
       if isinstance(value, Mapping):
         walk((*prefix, key), value)
-      else:
-        out.append(((*prefix, key), np.asarray(jax.device_get(value))))
 
   walk((), variables)
-  return out
+
+
+def _named_arrays(variables: Any) -> list[tuple[str, np.ndarray]]:
+  """``[(leaf name, array)]`` of a nested mapping of arrays (`tree_util.named_leaves` order)."""
+  _check_variables(variables)
+  return [
+    (name, np.asarray(jax.device_get(value))) for name, value in tree_util.named_leaves(variables)
+  ]
 
 
 def _ternary_levels(values: np.ndarray) -> tuple[float, float] | None:
-  """``(w_p, w_n)`` if the values are exactly ``{-w_n, +0.0, +w_p}``, else None."""
-  if values.dtype.kind != 'f' or values.size == 0:
+  """`tree_util.ternary_levels` of a leaf that can be packed bit-exactly, else None.
+
+  Only float16/32/64 leaves qualify (bfloat16 ones are stored as full
+  precision), and no value may be -0.0: the packed form brings every zero back
+  as +0.0.
+  """
+  if values.dtype.kind != 'f' or np.any(np.signbit(values[values == 0])):
     return None
-  v = values.astype(np.float64)
-  if not np.all(np.isfinite(v)):
-    return None
-  pos = np.unique(v[v > 0])
-  neg = np.unique(v[v < 0])
-  if pos.size > 1 or neg.size > 1:
-    return None
-  if np.any(np.signbit(v[v == 0])):  # -0.0 would not come back bit-identical.
-    return None
-  return (float(pos[0]) if pos.size else 0.0, float(-neg[0]) if neg.size else 0.0)
+  return tree_util.ternary_levels(values)
 
 
 def ternary_leaves(variables: Any, opt_state: optax.OptState | None = None) -> set[str]:
@@ -157,37 +161,37 @@ def ternary_leaves(variables: Any, opt_state: optax.OptState | None = None) -> s
   pruned leaves are not); without it, every params leaf of two or more
   dimensions whose values are exactly ``{-a, 0, +b}``.
   """
-  flat = _flatten(variables)
+  flat = _named_arrays(variables)
   if opt_state is not None:
     from ec2t_jax import state_utils
 
     params = variables['params'] if 'params' in variables else variables
     candidates = {f'params/{name}' for name in state_utils.compressed_kernels(opt_state, params)}
   else:
-    candidates = {'/'.join(keys) for keys, value in flat if keys[0] == 'params' and value.ndim >= 2}
-  return {
-    '/'.join(keys)
-    for keys, value in flat
-    if '/'.join(keys) in candidates and _ternary_levels(value) is not None
-  }
+    candidates = {name for name, value in flat if name.startswith('params/') and value.ndim >= 2}
+  return {name for name, value in flat if name in candidates and _ternary_levels(value) is not None}
 
 
 # --- writing ---------------------------------------------------------------------------------
 
 
+def _symbol_counts(values: np.ndarray) -> list[int]:
+  """``[#(w < 0), #(w == 0), #(w > 0)]``: a ternary leaf's symbols -w_n, 0, +w_p."""
+  return [int(np.sum(values < 0)), int(np.sum(values == 0)), int(np.sum(values > 0))]
+
+
 def _entropy_bits(counts: Sequence[int]) -> float:
+  """``N·H(P)`` in bits of a leaf with these symbol counts (`ternary.entropy_bits` of ``P``)."""
   n = sum(counts)
-  return -sum(c * math.log2(c / n) for c in counts if c > 0)
+  with jax.enable_x64(True):  # In float32, N·H(P) of a large layer would be off by bits.
+    return n * float(ternary.entropy_bits(np.asarray(counts, np.float64) / n))
 
 
 def entropy_bound_bits(variables: Any, opt_state: optax.OptState | None = None) -> float:
   """``Σ_l N_l·H(P_l)`` in bits over the ternary leaves (the entropy-coding target)."""
-  total = 0.0
-  flat = dict(('/'.join(k), v) for k, v in _flatten(variables))
-  for name in ternary_leaves(variables, opt_state):
-    v = flat[name]
-    total += _entropy_bits([int(np.sum(v < 0)), int(np.sum(v == 0)), int(np.sum(v > 0))])
-  return total
+  flat = dict(_named_arrays(variables))
+  tern = sorted(ternary_leaves(variables, opt_state))
+  return float(sum(_entropy_bits(_symbol_counts(flat[name])) for name in tern))
 
 
 def _constriction():
@@ -220,7 +224,7 @@ def dumps(
     raise ValueError(f'fp_dtype must be one of {list(_FP_DTYPES)}, got {fp_dtype!r}')
   if centroid_dtype not in _FP_DTYPES:
     raise ValueError(f'centroid_dtype must be one of {list(_FP_DTYPES)}, got {centroid_dtype!r}')
-  flat = _flatten(variables)
+  flat = _named_arrays(variables)
   tern = ternary_leaves(variables, opt_state)
   chunks: list[bytes] = []
   offset = 0
@@ -236,10 +240,9 @@ def dumps(
     offset += len(blob)
     return start, len(blob)
 
-  for keys, value in flat:
-    name = '/'.join(keys)
+  for name, value in flat:
     entry: dict[str, Any] = {
-      'path': list(keys),
+      'path': name.split('/'),
       'shape': list(value.shape),
       'dtype': str(value.dtype),
     }
@@ -247,7 +250,7 @@ def dumps(
       w_p, w_n = _ternary_levels(value)
       flat_v = value.ravel()
       nonzero = flat_v != 0
-      counts = [int(np.sum(flat_v < 0)), int(np.sum(~nonzero)), int(np.sum(flat_v > 0))]
+      counts = _symbol_counts(flat_v)
       cent = np.asarray([w_p, w_n], centroid_dtype).tobytes()
       entry.update(
         centroid_dtype=centroid_dtype,
@@ -556,19 +559,29 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog='python -m ec2t_jax.export', description=__doc__.split('\n\n')[0]
   )
-  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--workdir', required=True, help='a workdir of main.py / train_and_evaluate')
   parser.add_argument('--out', required=True, help='the file to write')
-  parser.add_argument('--entropy-coding', action='store_true', help='range-code ternary symbols')
+  parser.add_argument(
+    '--entropy-coding',
+    action='store_true',
+    help='write the range-coded file instead of the packed (mask + sign bits) one',
+  )
   parser.add_argument('--fp16', action='store_true', help='full-precision leaves in float16')
   parser.add_argument(
     '--fp16-centroids', action='store_true', help='centroids in float16 (not bit-exact)'
   )
   parser.add_argument('--best', action='store_true', help='the best-by-validation checkpoint')
   args = parser.parse_args(argv)
-  from ec2t_jax.training import train  # Local: keeps `--help` fast.
+  if os.path.isdir(args.out):
+    print(f'error: --out {args.out!r} is a directory, not a file', file=sys.stderr)
+    return 2
+  if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+    print(f'error: --out {args.out!r}: its directory does not exist', file=sys.stderr)
+    return 2
+  from ec2t_jax.training import workdir as workdir_lib  # Local: keeps `--help` fast.
 
   try:
-    run = train.load_workdir(args.workdir, best=args.best)
+    run = workdir_lib.load_workdir(args.workdir, best=args.best)
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -35,7 +35,8 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from ec2t_jax import scoring, tree_util
+from ec2t_jax import tree_util
+from ec2t_jax.scoring import jaxprs
 
 __all__ = [
   'TernaryKernel',
@@ -79,22 +80,25 @@ def decompose(kernel: jax.typing.ArrayLike) -> TernaryKernel:
   """Splits a kernel with values ``{-w_n, 0, +w_p}`` into its masks and values.
 
   Raises:
-    ValueError: if the kernel holds more than one positive or negative value.
+    ValueError: if the kernel is not floating point, or holds a non-finite
+      value or more than one positive or negative value.
 
   Example:
     >>> decompose(np.array([0.5, 0.0, -0.25])).w_n
     Array(0.25, dtype=float32)
   """
   k = np.asarray(kernel)
-  if not scoring.is_ternary(k):
+  levels = tree_util.ternary_levels(k)
+  if levels is None:
+    if k.dtype.kind != 'f' and k.dtype.name != 'bfloat16':
+      raise ValueError(f'kernel is not ternary: {k.dtype} values are not floating point')
     pos, neg = np.unique(k[k > 0]), np.unique(k[k < 0])
     raise ValueError(
       f'kernel is not ternary: {pos.size} distinct positive and {neg.size} distinct negative '
       'values (expected at most one of each)'
     )
-  w_p = k[k > 0].max(initial=0).astype(k.dtype)
-  w_n = (-k[k < 0]).max(initial=0).astype(k.dtype)
-  return TernaryKernel(jnp.asarray(k > 0), jnp.asarray(k < 0), jnp.asarray(w_p), jnp.asarray(w_n))
+  w_p, w_n = (jnp.asarray(np.asarray(level, k.dtype)) for level in levels)
+  return TernaryKernel(jnp.asarray(k > 0), jnp.asarray(k < 0), w_p, w_n)
 
 
 def _combine(s_pos: jax.Array, s_neg: jax.Array, t: TernaryKernel) -> jax.Array:
@@ -176,11 +180,9 @@ def _eval(
     invals = [read(v) for v in eqn.invars]
     in_names = [leaf.get(v) if not isinstance(v, jcore.Literal) else None for v in eqn.invars]
     name = eqn.primitive.name
-    sub = scoring._sub_call(eqn)  # noqa: SLF001 - the shared jaxpr walker of this package.
-    if sub is not None:
-      inner = sub.jaxpr if hasattr(sub, 'consts') else sub
-      inner_consts = list(sub.consts) if hasattr(sub, 'consts') else []
-      outs = _eval(inner, inner_consts, invals, in_names, kernels, used)
+    body = jaxprs.call_body(eqn)
+    if body is not None:
+      outs = _eval(*body, invals, in_names, kernels, used)
     elif name == 'conv_general_dilated' and in_names[1] in kernels:
       params = {k: eqn.params[k] for k in _CONV_KEYS if k in eqn.params}
       outs = [ternary_conv(invals[0], kernels[in_names[1]], **params)]
@@ -207,7 +209,7 @@ def _eval(
       outs = result if eqn.primitive.multiple_results else [result]
     for v, out in zip(eqn.outvars, outs, strict=True):
       env[v] = out
-    if name in ('convert_element_type', 'copy', 'copy_p') and in_names[0] is not None:
+    if name in jaxprs.CASTS and in_names[0] is not None:
       leaf[eqn.outvars[0]] = in_names[0]  # The kernel cast to the compute dtype.
   return [read(v) for v in jaxpr.outvars]
 
@@ -236,20 +238,18 @@ def ternary_forward(
   Raises:
     ValueError: if a masked leaf is not ternary.
   """
-  flat, _ = jax.tree_util.tree_flatten_with_path(variables)
-  names = [tree_util.path_str(p) for p, _ in flat]
-  leaves = [leaf for _, leaf in flat]
-  marked = set()
-  if ternary_mask is not None:
-    marked = {f'params/{n}' for n, flag in tree_util.named_leaves(ternary_mask) if bool(flag)}
+  named = tree_util.named_leaves(variables)
+  names = [name for name, _ in named]
+  leaves = [leaf for _, leaf in named]
+  marked = {f'params/{name}' for name in tree_util.selected_names(ternary_mask)}
   kernels = {}
-  for name, leaf in zip(names, leaves, strict=True):
+  for name, leaf in named:
     value = np.asarray(jax.device_get(leaf))
     if name in marked or (
       ternary_mask is None
       and name.startswith('params/')
       and value.ndim >= 2
-      and scoring.is_ternary(value)
+      and tree_util.is_ternary(value)
     ):
       try:
         kernels[name] = decompose(value)

@@ -164,6 +164,7 @@ def _layer_states(run: Any) -> list[LayerState]:
   x = jax.ShapeDtypeStruct((1, *run.image_shape), jnp.float32)
   order = masks.call_order(run.model, x, train=False)
   rank = {path: i for i, path in enumerate(order)}
+  sparsity, _ = tree_util.zero_fractions(run.variables['params'], run.ternary_mask)
   out = []
   for state in state_utils.compression_states(run.opt_state):
     if not isinstance(state, transforms.TernaryTrainingState):
@@ -174,18 +175,19 @@ def _layer_states(run: Any) -> list[LayerState]:
     lam = dict(tree_util.named_leaves(state.lam))
     for name, a in tree_util.named_leaves(state.assignment):
       a = np.asarray(a).ravel()
-      counts = np.bincount(a.astype(np.int64), minlength=3)
-      p = counts / max(a.size, 1)
+      p = np.bincount(a.astype(np.int64), minlength=3) / max(a.size, 1)
+      with jax.enable_x64(True):  # The entropy of p in float64, as exported.
+        entropy = float(ternary.entropy_bits(p))
       out.append(
         LayerState(
           name=name,
           size=int(a.size),
-          sparsity=float(p[ternary.ZERO]),
+          sparsity=sparsity[name],
           w_p=float(np.asarray(cent[name])[0]),
           w_n=float(np.asarray(cent[name])[1]),
           lam=float(np.asarray(lam[name])),
           pmf=np.asarray(pmf[name], np.float64),
-          entropy_bits=float(-sum(q * math.log2(q) for q in p if q > 0)),
+          entropy_bits=entropy,
           latent=np.asarray(latent[name], np.float32).ravel(),
           assignment=a,
         )
@@ -196,25 +198,16 @@ def _layer_states(run: Any) -> list[LayerState]:
 def load_run(workdir: str, label: str, *, best: bool = False) -> RunData:
   """Reads one workdir: summary, metrics, final EC2T state, cost and export sizes."""
   from ec2t_jax import export, scoring
-  from ec2t_jax.training import metric_writers, train
+  from ec2t_jax.training import metric_writers
+  from ec2t_jax.training import workdir as workdir_lib
 
   path = os.path.join(workdir, 'summary.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{workdir!r} has no summary.json: has its run finished?')
   with open(path) as f:
     summary = json.load(f)
-  run = train.load_workdir(workdir, best=best)
-  cost = {}
-  for mode in scoring.MODES:
-    r = scoring.count(
-      run.model,
-      run.variables,
-      input_shape=run.image_shape,
-      mode=mode,
-      ternary_mask=run.ternary_mask,
-      dataset=run.config.get('dataset'),
-    )
-    cost[mode] = dict(r.totals)
+  run = workdir_lib.load_workdir(workdir, best=best)
+  cost = {mode: dict(scoring.count_run(run, mode=mode).totals) for mode in scoring.MODES}
   _, packed = export.dumps(run.variables, run.opt_state, fp_dtype='float16')
   _, coded = export.dumps(run.variables, run.opt_state, fp_dtype='float16', entropy_coding=True)
   sizes = {
@@ -588,6 +581,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--out', required=True, help='output directory for report.md and PNGs')
   parser.add_argument('--best', action='store_true', help='best-by-validation checkpoints')
   args = parser.parse_args(argv)
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    print(f'error: --out {args.out!r} is a file, not a directory', file=sys.stderr)
+    return 2
   logging.getLogger('absl').setLevel(logging.WARNING)
   try:
     path = write_report(args.workdir, args.out, best=args.best)

@@ -8,15 +8,14 @@ import struct
 import jax
 import numpy as np
 import pytest
-from scoring_test import _body_conv, _shapes, _synthetic, trained_workdir
 
 from ec2t_jax import export, tree_util
-from ec2t_jax.training import train
+from ec2t_jax.training import workdir as workdir_lib
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  return train.load_workdir(trained_workdir(tmp_path_factory))
+def run(trained_workdir):
+  return workdir_lib.load_workdir(trained_workdir)
 
 
 def _leaves(tree):
@@ -77,9 +76,11 @@ def test_entropy_coding_is_within_two_percent_of_the_entropy(run):
 
 
 @pytest.mark.parametrize('sparsity', [0.452, 0.733, 0.95])
-def test_entropy_coding_on_a_ternary_resnet20(sparsity):
-  _, shapes = _shapes('resnet20', 10)
-  variables = _synthetic(shapes, sparsity, _body_conv)
+def test_entropy_coding_on_a_ternary_resnet20(
+  sparsity, abstract_variables, synthetic_variables, is_body_conv
+):
+  _, shapes = abstract_variables('resnet20', 10)
+  variables = synthetic_variables(shapes, sparsity, is_body_conv)
   data, stats = export.dumps(variables, entropy_coding=True, fp_dtype='float16')
   assert stats.ternary_leaves == 18
   assert stats.ternary_payload_bits <= 1.02 * stats.entropy_bound_bits
@@ -89,7 +90,7 @@ def test_entropy_coding_on_a_ternary_resnet20(sparsity):
   assert stats.entropy_bound_bits == pytest.approx(stats.num_ternary * expected, rel=1e-3)
   got = _leaves(export.loads(data))
   for name, orig in _leaves(variables).items():
-    if _body_conv(name):
+    if is_body_conv(name):
       np.testing.assert_array_equal(got[name], orig)
 
 
@@ -181,11 +182,28 @@ def test_bad_dtype_options(run):
     export.dumps([1, 2])
 
 
-def test_cli_prints_sizes(tmp_path_factory, tmp_path, capsys):
-  workdir = trained_workdir(tmp_path_factory)
+def test_cli_prints_sizes(trained_workdir, tmp_path, capsys):
+  workdir = trained_workdir
   out = tmp_path / 'lenet.ec2t'
   assert export.main(['--workdir', workdir, '--out', str(out), '--entropy-coding', '--fp16']) == 0
   text = capsys.readouterr().out
   for label in ('float32 checkpoint', 'packed (mask + sign)', 'entropy coded', 'sum N*H(P)'):
     assert label in text
   assert out.stat().st_size > 0 and 'params' in export.load(str(out))
+
+
+@pytest.mark.parametrize(
+  'where, message', [('dir', 'is a directory'), ('missing', 'does not exist')]
+)
+def test_cli_refuses_a_bad_out_path_before_the_work(tmp_path, capsys, where, message):
+  bad = tmp_path if where == 'dir' else tmp_path / 'missing' / 'net.ec2t'
+  assert export.main(['--workdir', str(tmp_path / 'nothing'), '--out', str(bad)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: --out') and message in err and err.count('\n') == 1
+
+
+def test_keys_must_be_strings_without_slashes():
+  with pytest.raises(ValueError, match='keys must be strings, got 1 at params'):
+    export.dumps({'params': {1: np.zeros(2)}})
+  with pytest.raises(ValueError, match='must not contain "/"'):
+    export.dumps({'params': {'a/b': np.zeros(2)}})

@@ -5,10 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from scoring_test import _body_conv, _shapes, _synthetic, trained_workdir
 
 from ec2t_jax import inference, models
-from ec2t_jax.training import train
+from ec2t_jax.training import workdir as workdir_lib
 
 
 def _ternary(rng, shape, sparsity=0.5, w_p=0.37, w_n=0.21):
@@ -64,10 +63,12 @@ def test_decompose():
   np.testing.assert_array_equal(t.neg, [[False, False], [True, False]])
   with pytest.raises(ValueError, match='2 distinct positive'):
     inference.decompose(np.array([0.5, 0.25, -0.1]))
+  with pytest.raises(ValueError, match='int64 values are not floating point'):
+    inference.decompose(np.array([1, 0, -1], np.int64))
 
 
-def test_whole_trained_lenet(tmp_path_factory):
-  run = train.load_workdir(trained_workdir(tmp_path_factory))
+def test_whole_trained_lenet(trained_workdir):
+  run = workdir_lib.load_workdir(trained_workdir)
   x = jax.random.normal(jax.random.key(0), (3, 28, 28, 1))
   forward = inference.ternary_forward(run.model, run.variables, input_shape=x.shape)
   assert forward.ternary_layers == ['conv1/kernel', 'conv2/kernel', 'fc1/kernel', 'fc2/kernel']
@@ -76,9 +77,11 @@ def test_whole_trained_lenet(tmp_path_factory):
   np.testing.assert_allclose(forward(x), dense, rtol=1e-5, atol=1e-5)  # Jitted, second call.
 
 
-def test_whole_ternary_resnet20_with_batchnorm():
-  model, shapes = _shapes('resnet20', 10)
-  variables = _synthetic(shapes, 0.6, _body_conv)
+def test_whole_ternary_resnet20_with_batchnorm(
+  abstract_variables, synthetic_variables, is_body_conv
+):
+  model, shapes = abstract_variables('resnet20', 10)
+  variables = synthetic_variables(shapes, 0.6, is_body_conv)
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   forward = inference.ternary_forward(model, variables, input_shape=x.shape)
   assert len(forward.ternary_layers) == 18 and 'conv1/kernel' not in forward.ternary_layers

@@ -5,7 +5,6 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scoring_test import trained_workdir
 
 from ec2t_jax import report, ternary
 
@@ -33,8 +32,8 @@ def test_phase_boundaries():
   assert report.phase_boundaries(config, 10) == {'ec2t_start': 0, 'frozen_start': 10}
 
 
-def test_report_of_two_runs(tmp_path_factory, tmp_path):
-  workdir = trained_workdir(tmp_path_factory)
+def test_report_of_two_runs(trained_workdir, tmp_path):
+  workdir = trained_workdir
   out = tmp_path / 'report'
   assert report.main(['--workdir', workdir, '--workdir', workdir, '--out', str(out)]) == 0
   text = (out / 'report.md').read_text()
@@ -61,5 +60,10 @@ def test_report_of_two_runs(tmp_path_factory, tmp_path):
 def test_missing_workdir(tmp_path, capsys):
   assert report.main(['--workdir', str(tmp_path / 'nothing'), '--out', str(tmp_path / 'r')]) == 2
   assert 'no summary.json' in capsys.readouterr().err
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  assert report.main(['--workdir', str(tmp_path / 'nothing'), '--out', str(blocker)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: --out') and 'not a directory' in err and err.count('\n') == 1
   with pytest.raises(ValueError, match='at least one workdir'):
     report.write_report([], str(tmp_path / 'r'))

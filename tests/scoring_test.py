@@ -1,63 +1,14 @@
 """Tests of `ec2t_jax.scoring`: published reference counts, hand-computed layers, the CLI."""
 
-import math
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
 
-from ec2t_jax import models, scoring, tree_util
+from ec2t_jax import models, scoring
 from ec2t_jax.scoring import __main__ as score
 from ec2t_jax.scoring import jaxprs
-
-_WORKDIR: dict[str, str] = {}
-
-
-def trained_workdir(tmp_path_factory) -> str:
-  """One tiny finished MNIST run per test session, shared by the scoring/export/report tests."""
-  if 'path' not in _WORKDIR:
-    from train_test import tiny_mnist
-
-    from ec2t_jax.training import train
-
-    path = str(tmp_path_factory.getbasetemp() / 'tiny_mnist_workdir')
-    if not os.path.exists(os.path.join(path, 'summary.json')):
-      train.train_and_evaluate(tiny_mnist(), path)
-    _WORKDIR['path'] = path
-  return _WORKDIR['path']
-
-
-def _shapes(name, num_classes):
-  model = models.create(name, num_classes=num_classes)
-  x = jax.ShapeDtypeStruct((1, *models.input_shape(name)), jnp.float32)
-  return model, jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-
-
-def _synthetic(shapes, sparsity, is_ternary, seed=0):
-  """Real values for abstract variables: ternary kernels with exactly `sparsity` zeros
-  at random positions (the same in every layer), normal values elsewhere."""
-  rng = np.random.default_rng(seed)
-
-  def make(path, leaf):
-    name = tree_util.path_str(path)
-    n = math.prod(leaf.shape)
-    if is_ternary(name):
-      a = np.zeros(n)
-      idx = rng.permutation(n)
-      zeros = int(round(sparsity * n))
-      a[idx[zeros:]] = rng.choice([-1.0, 1.0], size=n - zeros)
-      return np.where(a > 0, 0.3, np.where(a < 0, -0.25, 0.0)).reshape(leaf.shape).astype('f4')
-    value = rng.standard_normal(leaf.shape) * 0.1 + (1.0 if name.endswith('var') else 0.0)
-    return value.astype('f4')
-
-  return jax.tree_util.tree_map_with_path(make, shapes)
-
-
-def _body_conv(name):
-  return name.startswith('params/layer') and '/conv' in name and name.endswith('kernel')
 
 
 def _m(x, digits=1):
@@ -67,8 +18,8 @@ def _m(x, digits=1):
 # --- the published numbers (docs/scoring.md) ------------------------------------------------------
 
 
-def test_reference_fp_resnet20_matches_published():
-  model, shapes = _shapes('resnet20', 10)
+def test_reference_fp_resnet20_matches_published(abstract_variables):
+  model, shapes = abstract_variables('resnet20', 10)
   r = scoring.count(
     model, shapes, input_shape=(32, 32, 3), mode='reference', mul_bits=32, half_precision=False
   )
@@ -85,13 +36,15 @@ def test_reference_fp_resnet20_matches_published():
   'sparsity, published_params',
   [(0.452, 13_400), (0.639, 11_800), (0.733, 11_000)],
 )
-def test_reference_ternary_resnet20_close_to_published(sparsity, published_params):
+def test_reference_ternary_resnet20_close_to_published(
+  sparsity, published_params, abstract_variables, synthetic_variables, is_body_conv
+):
   # Tolerance 5 % on params: the published models are real trained weights whose
   # sparsity differs per layer and which have dead (all-zero) filters; removing those
   # shrinks N. Uniform random assignments have no dead filters, so the counts here
   # are 3.3 / 4.0 / 4.5 % above the published ones. Mults do not depend on sparsity.
-  model, shapes = _shapes('resnet20', 10)
-  variables = _synthetic(shapes, sparsity, _body_conv)
+  model, shapes = abstract_variables('resnet20', 10)
+  variables = synthetic_variables(shapes, sparsity, is_body_conv)
   ref = scoring.count(model, variables, input_shape=(32, 32, 3), mode='reference')
   assert abs(ref.totals['params'] / published_params - 1) < 0.05
   assert published_params < ref.totals['params']
@@ -104,19 +57,21 @@ def test_reference_ternary_resnet20_close_to_published(sparsity, published_param
     assert cor.totals[key] >= ref.totals[key], key
 
 
-def test_reference_ternary_resnet20_adds_close_to_published():
+def test_reference_ternary_resnet20_adds_close_to_published(
+  abstract_variables, synthetic_variables, is_body_conv
+):
   # Additions depend on how the non-zeros spread over layers (MAC-weighted): within
   # 2 % at 63.9/73.3 % sparsity; the 45.2 % model is sparser in its early layers than
   # a uniform assignment, so uniform counts 14 % more adds there.
-  model, shapes = _shapes('resnet20', 10)
+  model, shapes = abstract_variables('resnet20', 10)
   for sparsity, adds, tol in ((0.639, 8.0e6, 0.02), (0.733, 6.1e6, 0.02), (0.452, 10.6e6, 0.15)):
-    variables = _synthetic(shapes, sparsity, _body_conv)
+    variables = synthetic_variables(shapes, sparsity, is_body_conv)
     r = scoring.count(model, variables, input_shape=(32, 32, 3), mode='reference')
     assert abs(r.totals['adds'] / adds - 1) < tol, (sparsity, r.totals['adds'])
 
 
-def test_reference_fp_resnet18_imagenet_matches_published():
-  model, shapes = _shapes('resnet18', 1000)
+def test_reference_fp_resnet18_imagenet_matches_published(abstract_variables):
+  model, shapes = abstract_variables('resnet18', 1000)
   r = scoring.count(
     model,
     shapes,
@@ -138,8 +93,8 @@ def test_reference_fp_resnet18_imagenet_matches_published():
   assert len(projections) == 3 and not any(p.counted for p in projections)
 
 
-def test_reference_fp_micronet_c100_matches_published():
-  model, shapes = _shapes('micronet_c100', 100)
+def test_reference_fp_micronet_c100_matches_published(abstract_variables):
+  model, shapes = abstract_variables('micronet_c100', 100)
   r = scoring.count(
     model, shapes, input_shape=(32, 32, 3), mode='reference', mul_bits=32, half_precision=False
   )
@@ -247,8 +202,8 @@ def test_ternary_detection_by_values_and_mask():
   assert row.ternary and row.mults == 2 * 16 / 32  # One product per sign group.
 
 
-def test_corrected_counts_what_reference_leaves_out():
-  model, shapes = _shapes('resnet18', 1000)
+def test_corrected_counts_what_reference_leaves_out(abstract_variables):
+  model, shapes = abstract_variables('resnet18', 1000)
   kinds = {
     mode: {
       r.kind
@@ -263,9 +218,9 @@ def test_corrected_counts_what_reference_leaves_out():
   assert sum(r.kind == 'residual' for r in cor.rows) == 8
 
 
-def test_macs_agree_with_scaling_count_macs():
+def test_macs_agree_with_scaling_count_macs(abstract_variables):
   for name in ('lenet5', 'resnet20'):
-    model, shapes = _shapes(name, 10)
+    model, shapes = abstract_variables(name, 10)
     r = scoring.count(model, shapes, input_shape=models.input_shape(name))
     x_shape = (1, *models.input_shape(name))
     assert r.totals['macs'] == jaxprs.count_macs(model, shapes, x_shape)
@@ -306,8 +261,8 @@ def test_model_by_name_infers_num_classes_and_reference_network():
     ({'input_shape': (2, 28, 28, 1)}, 'input_shape must be'),
   ],
 )
-def test_bad_arguments(kwargs, message):
-  model, shapes = _shapes('lenet5', 10)
+def test_bad_arguments(kwargs, message, abstract_variables):
+  model, shapes = abstract_variables('lenet5', 10)
   kwargs = {'input_shape': (28, 28, 1), **kwargs}
   with pytest.raises(ValueError, match=message):
     scoring.count(model, shapes, **kwargs)
@@ -318,8 +273,8 @@ def test_unknown_model_name():
     scoring.count('resnet7', {'params': {}})
 
 
-def test_score_cli_on_a_trained_workdir(tmp_path_factory, capsys, tmp_path):
-  workdir = trained_workdir(tmp_path_factory)
+def test_score_cli_on_a_trained_workdir(trained_workdir, capsys, tmp_path):
+  workdir = trained_workdir
   out = tmp_path / 'cost.json'
   assert score.main(['--workdir', workdir, '--mode', 'reference', '--json', str(out)]) == 0
   text = capsys.readouterr().out
@@ -329,3 +284,22 @@ def test_score_cli_on_a_trained_workdir(tmp_path_factory, capsys, tmp_path):
   report = score.score_workdir(workdir)
   ternary = {r.name for r in report.layer_rows if r.ternary}
   assert {'conv2/kernel', 'fc1/kernel', 'fc2/kernel'} <= ternary
+
+
+def test_score_cli_describes_every_flag():
+  actions = [a for a in score._parser()._actions if a.option_strings]
+  assert {'--mul-bits', '--add-bits', '--storage-bits', '--no-tree-adder'} <= {
+    s for a in actions for s in a.option_strings
+  }
+  assert all(a.help for a in actions), [a.option_strings for a in actions if not a.help]
+
+
+@pytest.mark.parametrize(
+  'where, message', [('dir', 'is a directory'), ('missing', 'does not exist')]
+)
+def test_score_cli_refuses_a_bad_json_path_before_the_work(tmp_path, capsys, where, message):
+  bad = tmp_path if where == 'dir' else tmp_path / 'missing' / 'cost.json'
+  # The workdir does not exist either: the --json check comes first, before any reading.
+  assert score.main(['--workdir', str(tmp_path / 'nothing'), '--json', str(bad)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: --json') and message in err and err.count('\n') == 1

@@ -2,7 +2,8 @@
 
 EC2T (Marban et al., CVPR-W 2020, arXiv 2004.01077) reports scoring
 parameters, multiplications, additions and the MicroNet score; this command
-computes them for the newest (or best) checkpoint of a workdir::
+computes them for the newest (or best) checkpoint of a workdir (the rules:
+docs/scoring.md)::
 
     python -m ec2t_jax.scoring --workdir /tmp/wd_mnist
     python -m ec2t_jax.scoring --workdir /tmp/wd_mnist --mode reference --best --json cost.json
@@ -11,9 +12,9 @@ computes them for the newest (or best) checkpoint of a workdir::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -36,37 +37,66 @@ def score_workdir(
   Returns:
     The `scoring.Report`.
   """
-  from ec2t_jax.training import train  # Local: keeps `--help` fast.
+  from ec2t_jax.training import workdir as workdir_lib  # Local: keeps `--help` fast.
 
-  run = train.load_workdir(workdir, best=best)
-  return scoring.count(
-    run.model,
-    run.variables,
-    input_shape=run.image_shape,
-    mode=mode,
-    ternary_mask=run.ternary_mask,
-    dataset=run.config.get('dataset'),
-    **kwargs,
-  )
+  return scoring.count_run(workdir_lib.load_workdir(workdir, best=best), mode=mode, **kwargs)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Command line entry point (``python -m ec2t_jax.scoring --help``)."""
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog='python -m ec2t_jax.scoring', description=__doc__.split('\n\n')[0]
   )
   parser.add_argument('--workdir', required=True, help='a workdir of main.py / train_and_evaluate')
-  parser.add_argument('--mode', default='corrected', choices=scoring.MODES)
-  parser.add_argument('--best', action='store_true', help='the best-by-validation checkpoint')
-  parser.add_argument('--mul-bits', type=int, default=16)
-  parser.add_argument('--add-bits', type=int, default=32)
-  parser.add_argument('--storage-bits', type=int, default=16)
   parser.add_argument(
-    '--no-half-precision', action='store_true', help='store values in 32 bits instead'
+    '--mode',
+    default='corrected',
+    choices=scoring.MODES,
+    help='corrected: every operation counted; reference: the published counter and its quirks '
+    '(default: %(default)s)',
   )
-  parser.add_argument('--no-tree-adder', action='store_true')
+  parser.add_argument('--best', action='store_true', help='the best-by-validation checkpoint')
+  parser.add_argument(
+    '--mul-bits',
+    type=int,
+    default=16,
+    help='bits of a multiplication; one counts mul_bits/32 (default: %(default)s)',
+  )
+  parser.add_argument(
+    '--add-bits',
+    type=int,
+    default=32,
+    help='bits of an addition; one counts add_bits/32 (default: %(default)s)',
+  )
+  parser.add_argument(
+    '--storage-bits',
+    type=int,
+    default=16,
+    help="bits of a stored value, and the adder tree's first level (default: %(default)s)",
+  )
+  parser.add_argument(
+    '--no-half-precision',
+    action='store_true',
+    help='store values (and start adder trees) at 32 bits instead of --storage-bits',
+  )
+  parser.add_argument(
+    '--no-tree-adder',
+    action='store_true',
+    help='count every addition of a ternary layer at --add-bits instead of as an adder tree '
+    'that widens by one bit per level',
+  )
   parser.add_argument('--json', default='', help='also write the report as JSON to this file')
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command line entry point (``python -m ec2t_jax.scoring --help``)."""
+  args = _parser().parse_args(argv)
+  if args.json and os.path.isdir(args.json):
+    print(f'error: --json {args.json!r} is a directory, not a file', file=sys.stderr)
+    return 2
+  if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+    print(f'error: --json {args.json!r}: its directory does not exist', file=sys.stderr)
+    return 2
   logging.getLogger('absl').setLevel(logging.WARNING)
   try:
     report = score_workdir(
@@ -85,18 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(report.format())
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump(
-        {
-          'mode': report.mode,
-          'settings': {k: v for k, v in report.settings.items()},
-          'totals': report.totals,
-          'rows': [dataclasses.asdict(r) for r in report.rows],
-          'warnings': report.warnings,
-        },
-        f,
-        indent=1,
-        default=list,
-      )
+      json.dump(report.as_dict(), f, indent=1, default=list)
   return 0
 
 
