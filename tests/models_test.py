@@ -2,14 +2,18 @@
 
 import functools
 import math
+import pathlib
+import subprocess
+import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ec2t_jax import models
-from ec2t_jax.models import efficientnet, scaling
+from ec2t_jax.models import efficientnet, layers
 
 # Parameter counts (params collection only) for the given number of classes.
 EXPECTED = {
@@ -98,6 +102,45 @@ def _keys(tree):
 
 def test_registry_lists_every_expected_model():
   assert set(models.names()) == set(EXPECTED)
+
+
+def test_register_adds_a_model(monkeypatch):
+  monkeypatch.setattr(models, '_registry', dict(models._registry))  # Undone after the test.
+  models.register(
+    'resnet8', functools.partial(models.CifarResNet, depth=8), input_shape=[32, 32, 3]
+  )
+  assert models.names()[-1] == 'resnet8'
+  assert models.input_shape('resnet8') == (32, 32, 3)
+  model = models.create('resnet8', num_classes=3, dtype=jnp.bfloat16)
+  assert (model.depth, model.num_classes, model.dtype) == (8, 3, jnp.bfloat16)
+  logits, _ = _abstract_init(model, (32, 32, 3))
+  assert logits.shape == (1, 3)
+  with pytest.raises(ValueError, match="'resnet8' is already registered"):
+    models.register('resnet8', models.CifarResNet)
+  models.register('resnet8', models.CifarResNet, overwrite=True)
+  assert models.create('resnet8', num_classes=10).depth == 20
+  with pytest.raises(ValueError, match='without an input shape'):
+    models.input_shape('resnet8')
+  with pytest.raises(ValueError, match='input_shape'):
+    models.register('tiny', models.LeNet5, input_shape=(28, 28))
+  with pytest.raises(TypeError, match='callable'):
+    models.register('tiny', 'LeNet5')
+  assert 'tiny' not in models.names()
+
+
+def test_scaling_command_line_runs_without_import_warning():
+  # runpy warns if importing the package `ec2t_jax.models` already imported `scaling`.
+  root = pathlib.Path(__file__).resolve().parents[1]
+  result = subprocess.run(
+    [sys.executable, '-m', 'ec2t_jax.models.scaling', '--help'],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  assert 'usage: python -m ec2t_jax.models.scaling' in result.stdout
+  assert 'RuntimeWarning' not in result.stderr, result.stderr
+  assert models.scaling.candidates  # The package attribute imports it on first access.
 
 
 def test_unknown_name_raises_listing_valid_names():
@@ -264,29 +307,29 @@ def test_efficientnet_padding_modes_at_odd_resolution(same_padding):
 
 def test_round_filters_and_repeats():
   w = 1.2**3.5
-  assert [scaling.round_filters(f, w) for f in (16, 32, 64)] == [32, 64, 120]
-  assert scaling.round_filters(32, 1.0) == 32
-  assert scaling.round_filters(1280, 1.1) == 1408
-  assert scaling.round_filters(4, 0.5) == 8  # min_depth.
-  assert scaling.round_filters(40, 1.1) == 48  # 44 rounds to 48 (half up).
-  assert scaling.round_filters(112, 1.15) == 128  # 128.8 -> 128.
-  assert scaling.round_filters(100, 0.86) == 88  # 86 -> 88.
-  assert scaling.round_filters(12, 1.4) == 16  # 16.8 -> 16.
-  assert scaling.round_filters(20, 0.88) == 16  # 17.6 -> 16, not below 0.9·17.6.
-  assert scaling.round_repeats(7, 1.4**3.5) == 23
-  assert scaling.round_repeats(3, 1.1) == 4
-  assert scaling.round_repeats(1, 3.1) == 4
+  assert [layers.round_filters(f, w) for f in (16, 32, 64)] == [32, 64, 120]
+  assert layers.round_filters(32, 1.0) == 32
+  assert layers.round_filters(1280, 1.1) == 1408
+  assert layers.round_filters(4, 0.5) == 8  # min_depth.
+  assert layers.round_filters(40, 1.1) == 48  # 44 rounds to 48 (half up).
+  assert layers.round_filters(112, 1.15) == 128  # 128.8 -> 128.
+  assert layers.round_filters(100, 0.86) == 88  # 86 -> 88.
+  assert layers.round_filters(12, 1.4) == 16  # 16.8 -> 16.
+  assert layers.round_filters(20, 0.88) == 16  # 17.6 -> 16, not below 0.9·17.6.
+  assert layers.round_repeats(7, 1.4**3.5) == 23
+  assert layers.round_repeats(3, 1.1) == 4
+  assert layers.round_repeats(1, 3.1) == 4
   with pytest.raises(ValueError, match='width_mult'):
-    scaling.round_filters(16, 0.0)
+    layers.round_filters(16, 0.0)
   with pytest.raises(ValueError, match='depth_mult'):
-    scaling.round_repeats(7, -1.0)
+    layers.round_repeats(7, -1.0)
 
 
 def test_round_filters_bumps_when_rounding_loses_ten_percent():
   # 10 · 1.0 = 10: int(14)//8·8 = 8 < 9 = 0.9·10, so 8 + 8 = 16.
-  assert scaling.round_filters(10, 1.0) == 16
+  assert layers.round_filters(10, 1.0) == 16
   # 11: int(15)//8·8 = 8 < 9.9, so 16.
-  assert scaling.round_filters(11, 1.0) == 16
+  assert layers.round_filters(11, 1.0) == 16
 
 
 @pytest.mark.parametrize(
@@ -323,15 +366,28 @@ def test_batchnorm_axis_name_is_wired():
 
 
 def test_efficientnet_stochastic_depth_drops_whole_residual_branches():
-  block = efficientnet.MBConvBlock(
-    input_filters=8, output_filters=8, kernel=3, strides=1, expand_ratio=1, drop_connect_rate=0.5
-  )
+  def block(train):
+    return efficientnet.MBConvBlock(
+      input_filters=8,
+      output_filters=8,
+      kernel=3,
+      strides=1,
+      expand_ratio=1,
+      conv=functools.partial(layers.Conv, use_bias=False, kernel_init=efficientnet.conv_init),
+      norm=functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=0.99, epsilon=1e-3
+      ),
+      drop_connect_rate=0.5,
+    )
+
   x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 4, 4, 8)), jnp.float32)
-  _, abstract = _abstract_init(block, (4, 4, 8))
+  _, abstract = _abstract_init(block(False), (4, 4, 8))
   variables = _fake_variables(abstract)
 
   def apply(variables, x, key, train):
-    return block.apply(variables, x, train=train, rngs={'dropout': key}, mutable=['batch_stats'])[0]
+    return block(train).apply(
+      variables, x, train=train, rngs={'dropout': key}, mutable=['batch_stats']
+    )[0]
 
   key = jax.random.key(0, impl='rbg')
   train = _compile_fast(functools.partial(apply, train=True), variables, x, key)

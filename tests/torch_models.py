@@ -38,6 +38,7 @@ class LeNet5(nn.Module):
     self.fc3 = nn.Linear(84, num_classes)
 
   def forward(self, x):
+    """Logits for a batch of NCHW images."""
     x = F.max_pool2d(F.relu(self.conv1(x)), 2)
     x = F.max_pool2d(F.relu(self.conv2(x)), 2)
     x = torch.flatten(x, 1)  # (c, h, w) order.
@@ -89,6 +90,7 @@ class CifarResNet(nn.Module):
     self.linear = nn.Linear(64, num_classes)
 
   def forward(self, x):
+    """Logits for a batch of NCHW images."""
     x = F.relu(self.bn1(self.conv1(x)))
     x = self.layer3(self.layer2(self.layer1(x)))
     x = x.mean(dim=(2, 3))
@@ -152,6 +154,7 @@ class MicroNet(nn.Module):
     self.linear = nn.Linear(in_planes, num_classes)
 
   def forward(self, x):
+    """Logits for a batch of NCHW images."""
     x = F.relu(self.bn1(self.conv1(x)))
     x = self.layer3(self.layer2(self.layer1(x)))
     x = F.relu(x).mean(dim=(2, 3))
@@ -237,6 +240,7 @@ class ResNet(nn.Module):
     self.fc = nn.Linear(in_planes, num_classes)
 
   def forward(self, x):
+    """Logits for a batch of NCHW images."""
     x = F.relu(self.bn1(self.conv1(x)))
     x = F.max_pool2d(x, 3, 2, 1)
     x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
@@ -354,6 +358,7 @@ class EfficientNet(nn.Module):
     self._fc = nn.Linear(head, num_classes)
 
   def forward(self, x):
+    """Logits for a batch of NCHW images."""
     x = F.silu(self._bn0(self._conv_stem(x)))
     for block in self._blocks:
       x = block(x)

@@ -9,6 +9,12 @@ computation dtype (e.g. ``jnp.bfloat16``) while parameters stay float32.
 Parameter names (``conv1``, ``layer1_0/bn2``, ``blocks_3/se_reduce``, ...) are a
 contract with the PyTorch converter; see each module's docstring.
 
+A network builds its convolution and its BatchNorm once per call, as partials
+that carry its dtypes and BatchNorm settings (`layers.with_dtypes`,
+`layers.batch_norm`), and hands them to its blocks as their ``conv`` and
+``norm`` attributes. `register` adds a model to the registry that `create`,
+`input_shape` and `names` read; the built-in models are registered through it.
+
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from ec2t_jax import models
@@ -20,12 +26,14 @@ Example:
 """
 
 import functools
-from collections.abc import Callable
-from typing import Any
+import importlib
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 from flax import linen as nn
 
-from ec2t_jax.models import efficientnet, scaling
+from ec2t_jax.models import efficientnet
 from ec2t_jax.models.efficientnet import VARIANTS as EFFICIENTNET_VARIANTS
 from ec2t_jax.models.efficientnet import EfficientNet, MBConvBlock
 from ec2t_jax.models.lenet import LeNet5
@@ -49,42 +57,70 @@ __all__ = [
   'input_shape',
   'micronet_scaled',
   'names',
+  'register',
   'scaling',
 ]
 
 # The published EC2T super-net (docs/algorithm.md §8): d=1.4, w=1.2, φ=3.5.
 MICRONET_PHI35 = dict(d=1.4, w=1.2, phi=3.5)
 
-_MNIST = (28, 28, 1)
-_CIFAR = (32, 32, 3)
-_IMAGENET = (224, 224, 3)
 
-# name -> (factory(num_classes=..., **kwargs) -> nn.Module, default (H, W, C)).
-_REGISTRY: dict[str, tuple[Callable[..., nn.Module], tuple[int, int, int]]] = {
-  'lenet5': (LeNet5, _MNIST),
-  **{
-    f'resnet{depth}': (functools.partial(CifarResNet, depth=depth), _CIFAR)
-    for depth in (20, 32, 44, 56, 110)
-  },
-  'micronet': (MicroNet, _CIFAR),
-  # Same architecture; two names for the paper's C10-/C100-MicroNet.
-  'micronet_c10': (functools.partial(micronet_scaled, **MICRONET_PHI35), _CIFAR),
-  'micronet_c100': (functools.partial(micronet_scaled, **MICRONET_PHI35), _CIFAR),
-  **{
-    f'resnet{depth}': (
-      functools.partial(ResNet, block=block, stage_sizes=sizes),
-      _IMAGENET,
-    )
-    for depth, (block, sizes) in STAGE_SIZES.items()
-  },
-  **{
-    f'efficientnet_{v}': (
-      functools.partial(efficientnet.from_variant, v),
-      (spec.resolution, spec.resolution, 3),
-    )
-    for v, spec in EFFICIENTNET_VARIANTS.items()
-  },
-}
+class _Entry(NamedTuple):
+  factory: Callable[..., nn.Module]
+  input_shape: tuple[int, int, int] | None
+
+
+_registry: dict[str, _Entry] = {}
+
+
+def register(
+  name: str,
+  factory: Callable[..., nn.Module],
+  *,
+  input_shape: Sequence[int] | None = None,
+  overwrite: bool = False,
+) -> None:
+  """Adds a model to the registry read by `create`, `input_shape` and `names`.
+
+  The training program builds its network with
+  ``create(config.model, num_classes=..., dtype=..., **config.model_kwargs)``,
+  so a registered model is trainable by name.
+
+  Args:
+    name: the model's name.
+    factory: called as ``factory(num_classes=..., **kwargs)`` by `create`; it
+      returns an unbound linen module that is applied as
+      ``model.apply(variables, x, train=...)`` to NHWC images.
+    input_shape: the default input ``(height, width, channels)``; None if the
+      model has none, and then `input_shape` refuses the name.
+    overwrite: replace a model already registered under ``name``.
+
+  Raises:
+    ValueError: if ``name`` is already registered (and ``overwrite`` is False),
+      or ``input_shape`` is not three positive integers.
+    TypeError: if ``factory`` is not callable or ``input_shape`` holds a non-integer.
+
+  Example:
+    >>> import functools, jax, jax.numpy as jnp
+    >>> from ec2t_jax import models
+    >>> models.register(
+    ...   'resnet8', functools.partial(models.CifarResNet, depth=8), input_shape=(32, 32, 3)
+    ... )
+    >>> model = models.create('resnet8', num_classes=10)
+    >>> x = jnp.zeros((1, *models.input_shape('resnet8')))
+    >>> model.apply(model.init(jax.random.key(0), x), x).shape
+    (1, 10)
+  """
+  if name in _registry and not overwrite:
+    raise ValueError(f"model '{name}' is already registered; pass overwrite=True to replace it")
+  if not callable(factory):
+    raise TypeError(f'factory must be callable, got {type(factory).__name__}')
+  shape = None
+  if input_shape is not None:
+    shape = tuple(operator.index(d) for d in input_shape)
+    if len(shape) != 3 or min(shape) <= 0:
+      raise ValueError(f'input_shape must be positive (height, width, channels), got {shape}')
+  _registry[name] = _Entry(factory, shape)
 
 
 def names() -> list[str]:
@@ -93,13 +129,13 @@ def names() -> list[str]:
   Returns:
     The names accepted by `create` and `input_shape`.
   """
-  return list(_REGISTRY)
+  return list(_registry)
 
 
-def _lookup(name: str) -> tuple[Callable[..., nn.Module], tuple[int, int, int]]:
-  if name not in _REGISTRY:
+def _lookup(name: str) -> _Entry:
+  if name not in _registry:
     raise ValueError(f"Unknown model '{name}'; valid names: {', '.join(names())}")
-  return _REGISTRY[name]
+  return _registry[name]
 
 
 def create(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
@@ -121,8 +157,7 @@ def create(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
   Example:
     >>> model = create('micronet', num_classes=100, depth_mult=2.0)
   """
-  factory, _ = _lookup(name)
-  return factory(num_classes=num_classes, **kwargs)
+  return _lookup(name).factory(num_classes=num_classes, **kwargs)
 
 
 def input_shape(name: str) -> tuple[int, int, int]:
@@ -138,7 +173,42 @@ def input_shape(name: str) -> tuple[int, int, int]:
     ``(height, width, channels)``.
 
   Raises:
-    ValueError: if ``name`` is not registered.
+    ValueError: if ``name`` is not registered, or was registered without an
+      input shape.
   """
-  _, shape = _lookup(name)
+  shape = _lookup(name).input_shape
+  if shape is None:
+    raise ValueError(f"model '{name}' was registered without an input shape")
   return shape
+
+
+def __getattr__(name: str) -> Any:
+  # `scaling` (the candidate table and its command line) imports this package, so
+  # the package imports it only on first access: `python -m ec2t_jax.models.scaling`
+  # then finds it not yet imported.
+  if name == 'scaling':
+    return importlib.import_module('ec2t_jax.models.scaling')
+  raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
+
+
+def _register_builtins() -> None:
+  mnist, cifar, imagenet = (28, 28, 1), (32, 32, 3), (224, 224, 3)
+  register('lenet5', LeNet5, input_shape=mnist)
+  for depth in (20, 32, 44, 56, 110):
+    register(f'resnet{depth}', functools.partial(CifarResNet, depth=depth), input_shape=cifar)
+  register('micronet', MicroNet, input_shape=cifar)
+  # Same architecture; two names for the paper's C10-/C100-MicroNet.
+  for name in ('micronet_c10', 'micronet_c100'):
+    register(name, functools.partial(micronet_scaled, **MICRONET_PHI35), input_shape=cifar)
+  for depth, (block, sizes) in STAGE_SIZES.items():
+    resnet = functools.partial(ResNet, block=block, stage_sizes=sizes)
+    register(f'resnet{depth}', resnet, input_shape=imagenet)
+  for variant, spec in EFFICIENTNET_VARIANTS.items():
+    register(
+      f'efficientnet_{variant}',
+      functools.partial(efficientnet.from_variant, variant),
+      input_shape=(spec.resolution, spec.resolution, 3),
+    )
+
+
+_register_builtins()

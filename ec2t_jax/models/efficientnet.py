@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ec2t_jax.models import layers, scaling
+from ec2t_jax.models import layers
 
 __all__ = [
   'BLOCK_ARGS',
@@ -140,14 +140,12 @@ class MBConvBlock(nn.Module):
     kernel: depthwise kernel size.
     strides: depthwise stride.
     expand_ratio: expansion of the inverted bottleneck.
+    conv: the EfficientNet's bias-free convolution with ``conv_init``; the block
+      adds groups and ``depthwise_init`` for the depthwise one, a bias for SE.
+    norm: the EfficientNet's BatchNorm, in train or eval mode.
     se_ratio: squeeze channels = ``max(1, int(input_filters·se_ratio))``.
     drop_connect_rate: stochastic-depth drop probability of this block.
     same_padding: TF "SAME" padding from the input size if True, else ``k//2``.
-    dtype: computation dtype.
-    param_dtype: parameter dtype.
-    bn_momentum: BatchNorm running-average momentum (flax convention).
-    bn_epsilon: BatchNorm epsilon.
-    axis_name: mapped axis over which BatchNorm averages batch statistics.
   """
 
   input_filters: int
@@ -155,37 +153,14 @@ class MBConvBlock(nn.Module):
   kernel: int
   strides: int
   expand_ratio: int
+  conv: layers.ModuleDef
+  norm: layers.ModuleDef
   se_ratio: float = 0.25
   drop_connect_rate: float = 0.0
   same_padding: bool = True
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  bn_momentum: float = 0.99
-  bn_epsilon: float = 1e-3
-  axis_name: str | None = None
 
-  def _norm(self, train: bool, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(
-      use_running_average=not train,
-      momentum=self.bn_momentum,
-      epsilon=self.bn_epsilon,
-      axis_name=self.axis_name,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name=name,
-    )
-
-  def _conv1x1(self, features: int, name: str, use_bias: bool = False) -> nn.Conv:
-    return layers.Conv(
-      features,
-      (1, 1),
-      padding='VALID',
-      use_bias=use_bias,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=conv_init,
-      name=name,
-    )
+  def _conv1x1(self, features: int, name: str, use_bias: bool = False) -> nn.Module:
+    return self.conv(features, (1, 1), padding='VALID', use_bias=use_bias, name=name)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -193,7 +168,7 @@ class MBConvBlock(nn.Module):
 
     Args:
       x: features, shape ``(N, H, W, input_filters)``.
-      train: batch statistics, ``batch_stats`` updates and stochastic depth if True.
+      train: apply stochastic depth if True (BatchNorm's mode is set by ``norm``).
 
     Returns:
       Features, shape ``(N, ceil(H/strides), ceil(W/strides), output_filters)``.
@@ -202,25 +177,22 @@ class MBConvBlock(nn.Module):
     channels = self.input_filters * self.expand_ratio
     if self.expand_ratio != 1:
       x = self._conv1x1(channels, 'expand_conv')(x)
-      x = nn.swish(self._norm(train, 'bn0')(x))
+      x = nn.swish(self.norm(name='bn0')(x))
     k, s = self.kernel, self.strides
     if self.same_padding:
       padding = [tf_same_padding(x.shape[1], k, s), tf_same_padding(x.shape[2], k, s)]
     else:
       padding = [(k // 2, k // 2), (k // 2, k // 2)]
-    x = layers.Conv(
+    x = self.conv(
       channels,
       (k, k),
       strides=s,
       padding=padding,
       feature_group_count=channels,
-      use_bias=False,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
       kernel_init=depthwise_init,
       name='depthwise_conv',
     )(x)
-    x = nn.swish(self._norm(train, 'bn1')(x))
+    x = nn.swish(self.norm(name='bn1')(x))
     if self.se_ratio and 0 < self.se_ratio <= 1:
       squeezed = max(1, int(self.input_filters * self.se_ratio))
       se = jnp.mean(x, axis=(1, 2), keepdims=True)
@@ -228,7 +200,7 @@ class MBConvBlock(nn.Module):
       se = self._conv1x1(channels, 'se_expand', use_bias=True)(se)
       x = x * nn.sigmoid(se)
     x = self._conv1x1(self.output_filters, 'project_conv')(x)
-    x = self._norm(train, 'bn2')(x)
+    x = self.norm(name='bn2')(x)
     if s == 1 and self.input_filters == self.output_filters:
       if train and self.drop_connect_rate > 0:
         x = _drop_connect(x, self.drop_connect_rate, self.make_rng('dropout'))
@@ -283,9 +255,9 @@ class EfficientNet(nn.Module):
   def _block_configs(self) -> list[dict[str, Any]]:
     configs = []
     for stage in BLOCK_ARGS:
-      in_f = scaling.round_filters(stage.input_filters, self.width)
-      out_f = scaling.round_filters(stage.output_filters, self.width)
-      for r in range(scaling.round_repeats(stage.repeats, self.depth)):
+      in_f = layers.round_filters(stage.input_filters, self.width)
+      out_f = layers.round_filters(stage.output_filters, self.width)
+      for r in range(layers.round_repeats(stage.repeats, self.depth)):
         configs.append(
           dict(
             input_filters=in_f if r == 0 else out_f,
@@ -309,63 +281,32 @@ class EfficientNet(nn.Module):
     Returns:
       Logits, shape ``(N, num_classes)``, dtype ``dtype``.
     """
-    norm = dict(
-      use_running_average=not train,
-      momentum=self.bn_momentum,
-      epsilon=self.bn_epsilon,
-      axis_name=self.axis_name,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-    )
+    conv = layers.with_dtypes(self, layers.Conv, use_bias=False, kernel_init=conv_init)
+    norm = layers.batch_norm(self, train)
     if self.same_padding:
       stem_pad = [tf_same_padding(x.shape[1], 3, 2), tf_same_padding(x.shape[2], 3, 2)]
     else:
       stem_pad = [(1, 1), (1, 1)]
-    x = layers.Conv(
-      scaling.round_filters(STEM_FILTERS, self.width),
-      (3, 3),
-      strides=2,
-      padding=stem_pad,
-      use_bias=False,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=conv_init,
-      name='conv_stem',
-    )(x)
-    x = nn.swish(nn.BatchNorm(name='bn0', **norm)(x))
+    stem = layers.round_filters(STEM_FILTERS, self.width)
+    x = conv(stem, (3, 3), strides=2, padding=stem_pad, name='conv_stem')(x)
+    x = nn.swish(norm(name='bn0')(x))
     configs = self._block_configs()
     for k, cfg in enumerate(configs):
       x = MBConvBlock(
         **cfg,
+        conv=conv,
+        norm=norm,
         drop_connect_rate=self.drop_connect_rate * k / len(configs),
         same_padding=self.same_padding,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        bn_momentum=self.bn_momentum,
-        bn_epsilon=self.bn_epsilon,
-        axis_name=self.axis_name,
         name=f'blocks_{k}',
       )(x, train=train)
-    x = layers.Conv(
-      scaling.round_filters(HEAD_FILTERS, self.width),
-      (1, 1),
-      padding='VALID',
-      use_bias=False,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=conv_init,
-      name='conv_head',
-    )(x)
-    x = nn.swish(nn.BatchNorm(name='bn1', **norm)(x))
+    head = layers.round_filters(HEAD_FILTERS, self.width)
+    x = conv(head, (1, 1), padding='VALID', name='conv_head')(x)
+    x = nn.swish(norm(name='bn1')(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(
-      self.num_classes,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=dense_init,
-      name='fc',
-    )(x)
+    dense = layers.with_dtypes(self, nn.Dense, kernel_init=dense_init)
+    return dense(self.num_classes, name='fc')(x)
 
 
 def from_variant(variant: str, num_classes: int, **kwargs: Any) -> EfficientNet:

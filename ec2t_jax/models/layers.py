@@ -6,20 +6,26 @@ backward pass on CPU computes the kernel gradient over chunks of 16 images.
 
 Why: XLA:CPU's kernel-gradient convolution (the inputs convolved with the
 output gradients, contracting over batch and space) falls off a performance
-cliff when the batch is large: on a 2-core x86 CPU, a 16-channel 3x3 layer at
-32x32 and batch 128 takes 260 ms, 25x its forward pass, and the same work split
-into 8 convolutions of 16 images takes 12 ms (docs/benchmarks.md). It
-dominated the train step of every CNN here. On GPU and TPU the backward pass is
-the stock one (`jax.lax.platform_dependent`), so results there do not change.
+cliff when the batch is large, far slower than the forward pass, while the same
+work split into convolutions over a few images each stays fast (measurements in
+docs/benchmarks.md). It dominated the train step of every CNN here. On GPU and
+TPU the backward pass is the stock one (`jax.lax.platform_dependent`), so
+results there do not change.
 
 The forward pass and the input gradient are always the stock XLA convolutions.
 Grouped or dilated convolutions fall back to `jax.lax.conv_general_dilated`.
+
+The networks build their layers once per call as shared partials
+(`with_dtypes`, `batch_norm`) and hand them to their blocks, which therefore
+do not repeat the dtype and BatchNorm settings; `round_filters` and
+`round_repeats` are the compound-scaling rules of MicroNet and EfficientNet.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -178,3 +184,116 @@ def conv_general_dilated(
 
 # `nn.Conv` with the fast kernel gradient; parameter names and shapes are unchanged.
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+
+# A layer constructor, e.g. `Conv` or a `functools.partial` of `nn.BatchNorm`.
+ModuleDef = Callable[..., nn.Module]
+
+
+def with_dtypes(net: nn.Module, layer: ModuleDef, **defaults: Any) -> ModuleDef:
+  """``layer`` computing in ``net.dtype`` with parameters in ``net.param_dtype``.
+
+  A network builds its convolutions (or dense layers) from one such partial and
+  hands it to its blocks, so the dtypes are spelled once per network.
+
+  Args:
+    net: the network; only its ``dtype`` and ``param_dtype`` attributes are read.
+    layer: the layer class, e.g. `Conv` or ``nn.Dense``.
+    **defaults: further default arguments, e.g. ``use_bias=False``, ``kernel_init``.
+
+  Returns:
+    A ``functools.partial`` of ``layer``; a call may override any default.
+
+  Example:
+    >>> from ec2t_jax.models.resnet_cifar import CifarResNet
+    >>> conv = with_dtypes(CifarResNet(dtype=jnp.bfloat16), Conv, use_bias=False)
+    >>> layer = conv(16, (3, 3))
+    >>> layer.dtype == jnp.bfloat16, layer.use_bias
+    (True, False)
+  """
+  return functools.partial(layer, dtype=net.dtype, param_dtype=net.param_dtype, **defaults)
+
+
+def batch_norm(net: nn.Module, train: bool) -> ModuleDef:
+  """``nn.BatchNorm`` with a network's BatchNorm settings, for it and its blocks to share.
+
+  Args:
+    net: the network; its ``bn_momentum``, ``bn_epsilon``, ``axis_name``,
+      ``dtype`` and ``param_dtype`` attributes are read.
+    train: normalize with the batch statistics and update the running averages
+      in ``batch_stats`` if True, else normalize with the running averages.
+
+  Returns:
+    A ``functools.partial`` of ``nn.BatchNorm``; call it with ``name=...``.
+  """
+  return with_dtypes(
+    net,
+    nn.BatchNorm,
+    use_running_average=not train,
+    momentum=net.bn_momentum,
+    epsilon=net.bn_epsilon,
+    axis_name=net.axis_name,
+  )
+
+
+def round_filters(
+  filters: int,
+  width_mult: float,
+  divisor: int = 8,
+  min_depth: int | None = None,
+) -> int:
+  """Scales a channel count by ``width_mult`` and rounds it to a multiple of ``divisor``.
+
+  The compound-scaling rule of the EfficientNet reference implementation
+  (docs/algorithm.md §8)::
+
+      f' = max(min_depth, int(f·w + divisor/2) // divisor · divisor)
+      f' += divisor   if f' < 0.9·f·w      (never round down by more than 10 %)
+
+  Args:
+    filters: the unscaled channel count.
+    width_mult: the width multiplier (``w**phi`` in compound scaling).
+    divisor: the channel count is rounded to a multiple of this.
+    min_depth: lower bound of the result; defaults to ``divisor``.
+
+  Returns:
+    The scaled channel count.
+
+  Raises:
+    ValueError: if ``width_mult`` or ``divisor`` is not positive.
+
+  Example:
+    >>> round_filters(64, 1.2**3.5)
+    120
+  """
+  if width_mult <= 0:
+    raise ValueError(f'width_mult must be > 0, got {width_mult}')
+  if divisor <= 0:
+    raise ValueError(f'divisor must be > 0, got {divisor}')
+  min_depth = divisor if min_depth is None else min_depth
+  scaled = filters * width_mult
+  new_filters = max(min_depth, int(scaled + divisor / 2) // divisor * divisor)
+  if new_filters < 0.9 * scaled:
+    new_filters += divisor
+  return int(new_filters)
+
+
+def round_repeats(repeats: int, depth_mult: float) -> int:
+  """Scales a block count by ``depth_mult``, rounding up: ``ceil(depth_mult · repeats)``.
+
+  Args:
+    repeats: the unscaled number of blocks.
+    depth_mult: the depth multiplier (``d**phi`` in compound scaling).
+
+  Returns:
+    The scaled number of blocks.
+
+  Raises:
+    ValueError: if ``depth_mult`` is not positive.
+
+  Example:
+    >>> round_repeats(7, 1.4**3.5)
+    23
+  """
+  if depth_mult <= 0:
+    raise ValueError(f'depth_mult must be > 0, got {depth_mult}')
+  return int(math.ceil(depth_mult * repeats))

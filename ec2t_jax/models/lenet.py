@@ -55,12 +55,13 @@ class LeNet5(nn.Module):
       Logits, shape ``(N, num_classes)``, dtype ``dtype``.
     """
     del train
-    common = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_torch_default_init)
-    x = layers.Conv(6, (5, 5), padding=((2, 2), (2, 2)), name='conv1', **common)(x)
+    conv = layers.with_dtypes(self, layers.Conv, kernel_init=_torch_default_init)
+    dense = layers.with_dtypes(self, nn.Dense, kernel_init=_torch_default_init)
+    x = conv(6, (5, 5), padding=((2, 2), (2, 2)), name='conv1')(x)
     x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
-    x = layers.Conv(16, (5, 5), padding='VALID', name='conv2', **common)(x)
+    x = conv(16, (5, 5), padding='VALID', name='conv2')(x)
     x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))  # NHWC order: (h, w, c).
-    x = nn.relu(nn.Dense(120, name='fc1', **common)(x))
-    x = nn.relu(nn.Dense(84, name='fc2', **common)(x))
-    return nn.Dense(self.num_classes, name='fc3', **common)(x)
+    x = nn.relu(dense(120, name='fc1')(x))
+    x = nn.relu(dense(84, name='fc2')(x))
+    return dense(self.num_classes, name='fc3')(x)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ec2t_jax.models import layers, scaling
+from ec2t_jax.models import layers
 
 __all__ = ['MicroNet', 'MicroNetBlock', 'micronet_scaled']
 
@@ -50,23 +50,17 @@ class MicroNetBlock(nn.Module):
 
   Attributes:
     planes: output channels.
+    conv: the MicroNet's bias-free He-normal convolution, for the 3x3 and 1x1 layers.
+    norm: the MicroNet's BatchNorm, in train or eval mode.
     strides: stride of ``conv1`` and of the projection shortcut.
     dropout_rate: dropout between the two convolutions (rng ``'dropout'``).
-    dtype: computation dtype.
-    param_dtype: parameter dtype.
-    bn_momentum: BatchNorm running-average momentum (flax convention).
-    bn_epsilon: BatchNorm epsilon.
-    axis_name: mapped axis over which BatchNorm averages batch statistics.
   """
 
   planes: int
+  conv: layers.ModuleDef
+  norm: layers.ModuleDef
   strides: int = 1
   dropout_rate: float = 0.2
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  bn_momentum: float = 0.9
-  bn_epsilon: float = 1e-5
-  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -74,39 +68,23 @@ class MicroNetBlock(nn.Module):
 
     Args:
       x: features, shape ``(N, H, W, C)``.
-      train: batch statistics, ``batch_stats`` updates and dropout if True.
+      train: apply dropout if True (BatchNorm's mode is set by ``norm``).
 
     Returns:
       Features, shape ``(N, H/strides, W/strides, planes)``.
     """
-    conv = functools.partial(
-      layers.Conv,
-      use_bias=False,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=kaiming_normal,
-    )
-    norm = functools.partial(
-      nn.BatchNorm,
-      use_running_average=not train,
-      momentum=self.bn_momentum,
-      epsilon=self.bn_epsilon,
-      axis_name=self.axis_name,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-    )
-    y = norm(name='bn1')(x)
-    y = conv(self.planes, (3, 3), strides=self.strides, padding=_PAD1, name='conv1')(y)
-    y = nn.relu(norm(name='bn2')(y))
+    y = self.norm(name='bn1')(x)
+    y = self.conv(self.planes, (3, 3), strides=self.strides, padding=_PAD1, name='conv1')(y)
+    y = nn.relu(self.norm(name='bn2')(y))
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-    y = conv(self.planes, (3, 3), padding=_PAD1, name='conv2')(y)
-    y = norm(name='bn3')(y)
+    y = self.conv(self.planes, (3, 3), padding=_PAD1, name='conv2')(y)
+    y = self.norm(name='bn3')(y)
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.planes:
-      shortcut = conv(
+      shortcut = self.conv(
         self.planes, (1, 1), strides=self.strides, padding='VALID', name='shortcut_conv'
       )(x)
-      shortcut = norm(name='shortcut_bn')(shortcut)
+      shortcut = self.norm(name='shortcut_bn')(shortcut)
     return y + shortcut.astype(y.dtype)
 
 
@@ -144,12 +122,12 @@ class MicroNet(nn.Module):
   @property
   def widths(self) -> tuple[int, int, int]:
     """Channels of the three stages after width scaling."""
-    return tuple(scaling.round_filters(f, self.width_mult) for f in BASE_WIDTHS)
+    return tuple(layers.round_filters(f, self.width_mult) for f in BASE_WIDTHS)
 
   @property
   def blocks_per_stage(self) -> int:
     """Blocks per stage after depth scaling: ``ceil(7·depth_mult)``."""
-    return scaling.round_repeats(BASE_BLOCKS, self.depth_mult)
+    return layers.round_repeats(BASE_BLOCKS, self.depth_mult)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -162,47 +140,19 @@ class MicroNet(nn.Module):
     Returns:
       Logits, shape ``(N, num_classes)``, dtype ``dtype``.
     """
-    x = layers.Conv(
-      scaling.round_filters(BASE_WIDTHS[0], self.width_mult),
-      (3, 3),
-      padding=_PAD1,
-      use_bias=False,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=kaiming_normal,
-      name='conv1',
-    )(x)
-    x = nn.BatchNorm(
-      use_running_average=not train,
-      momentum=self.bn_momentum,
-      epsilon=self.bn_epsilon,
-      axis_name=self.axis_name,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name='bn1',
-    )(x)
-    x = nn.relu(x)
-    for i, planes in enumerate(self.widths, start=1):
+    conv = layers.with_dtypes(self, layers.Conv, use_bias=False, kernel_init=kaiming_normal)
+    norm = layers.batch_norm(self, train)
+    widths = self.widths
+    x = conv(widths[0], (3, 3), padding=_PAD1, name='conv1')(x)
+    x = nn.relu(norm(name='bn1')(x))
+    block = functools.partial(MicroNetBlock, conv=conv, norm=norm, dropout_rate=self.dropout_rate)
+    for i, planes in enumerate(widths, start=1):
       for j in range(self.blocks_per_stage):
-        x = MicroNetBlock(
-          planes,
-          strides=2 if (i > 1 and j == 0) else 1,
-          dropout_rate=self.dropout_rate,
-          dtype=self.dtype,
-          param_dtype=self.param_dtype,
-          bn_momentum=self.bn_momentum,
-          bn_epsilon=self.bn_epsilon,
-          axis_name=self.axis_name,
-          name=f'layer{i}_{j}',
-        )(x, train=train)
+        strides = 2 if (i > 1 and j == 0) else 1
+        x = block(planes, strides=strides, name=f'layer{i}_{j}')(x, train=train)
     x = jnp.mean(nn.relu(x), axis=(1, 2))
-    return nn.Dense(
-      self.num_classes,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=kaiming_normal,
-      name='linear',
-    )(x)
+    dense = layers.with_dtypes(self, nn.Dense, kernel_init=kaiming_normal)
+    return dense(self.num_classes, name='linear')(x)
 
 
 def micronet_scaled(

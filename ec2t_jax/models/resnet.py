@@ -36,44 +36,20 @@ def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 class _Block(nn.Module):
-  """Fields and layer factories shared by the two block types."""
+  """Fields and the projection shortcut shared by the two block types."""
 
   planes: int
+  conv: layers.ModuleDef
+  norm: layers.ModuleDef
   strides: int = 1
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  bn_momentum: float = 0.9
-  bn_epsilon: float = 1e-5
-  axis_name: str | None = None
 
-  def _conv(self, features: int, kernel: int, strides: int, name: str) -> nn.Conv:
-    return layers.Conv(
-      features,
-      (kernel, kernel),
-      strides=strides,
-      padding=_pad(kernel),
-      use_bias=False,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=conv_init,
-      name=name,
-    )
+  def _conv(self, features: int, kernel: int, strides: int, name: str) -> nn.Module:
+    return self.conv(features, (kernel, kernel), strides=strides, padding=_pad(kernel), name=name)
 
-  def _norm(self, train: bool, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(
-      use_running_average=not train,
-      momentum=self.bn_momentum,
-      epsilon=self.bn_epsilon,
-      axis_name=self.axis_name,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name=name,
-    )
-
-  def _shortcut(self, x: jax.Array, out_features: int, train: bool) -> jax.Array:
+  def _shortcut(self, x: jax.Array, out_features: int) -> jax.Array:
     if self.strides != 1 or x.shape[-1] != out_features:
       x = self._conv(out_features, 1, self.strides, 'downsample_conv')(x)
-      x = self._norm(train, 'downsample_bn')(x)
+      x = self.norm(name='downsample_bn')(x)
     return x
 
 
@@ -85,32 +61,28 @@ class BasicBlock(_Block):
 
   Attributes:
     planes: output channels.
+    conv: the ResNet's bias-free convolution; the block sets kernel size, stride, padding.
+    norm: the ResNet's BatchNorm, in train or eval mode.
     strides: stride of ``conv1`` and of the projection shortcut.
-    dtype: computation dtype.
-    param_dtype: parameter dtype.
-    bn_momentum: BatchNorm running-average momentum (flax convention).
-    bn_epsilon: BatchNorm epsilon.
-    axis_name: mapped axis over which BatchNorm averages batch statistics.
   """
 
   expansion = 1
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     """Applies the block to NHWC features.
 
     Args:
       x: features, shape ``(N, H, W, C)``.
-      train: use batch statistics and update ``batch_stats`` if True.
 
     Returns:
       Features, shape ``(N, H/strides, W/strides, planes)``.
     """
     y = self._conv(self.planes, 3, self.strides, 'conv1')(x)
-    y = nn.relu(self._norm(train, 'bn1')(y))
+    y = nn.relu(self.norm(name='bn1')(y))
     y = self._conv(self.planes, 3, 1, 'conv2')(y)
-    y = self._norm(train, 'bn2')(y)
-    return nn.relu(y + self._shortcut(x, self.planes, train).astype(y.dtype))
+    y = self.norm(name='bn2')(y)
+    return nn.relu(y + self._shortcut(x, self.planes).astype(y.dtype))
 
 
 class Bottleneck(_Block):
@@ -121,35 +93,31 @@ class Bottleneck(_Block):
 
   Attributes:
     planes: bottleneck width; the output has ``4·planes`` channels.
+    conv: as for `BasicBlock`.
+    norm: as for `BasicBlock`.
     strides: stride of ``conv2`` and of the projection shortcut.
-    dtype: computation dtype.
-    param_dtype: parameter dtype.
-    bn_momentum: BatchNorm running-average momentum (flax convention).
-    bn_epsilon: BatchNorm epsilon.
-    axis_name: mapped axis over which BatchNorm averages batch statistics.
   """
 
   expansion = 4
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     """Applies the block to NHWC features.
 
     Args:
       x: features, shape ``(N, H, W, C)``.
-      train: use batch statistics and update ``batch_stats`` if True.
 
     Returns:
       Features, shape ``(N, H/strides, W/strides, 4·planes)``.
     """
     out_features = self.planes * self.expansion
     y = self._conv(self.planes, 1, 1, 'conv1')(x)
-    y = nn.relu(self._norm(train, 'bn1')(y))
+    y = nn.relu(self.norm(name='bn1')(y))
     y = self._conv(self.planes, 3, self.strides, 'conv2')(y)
-    y = nn.relu(self._norm(train, 'bn2')(y))
+    y = nn.relu(self.norm(name='bn2')(y))
     y = self._conv(out_features, 1, 1, 'conv3')(y)
-    y = self._norm(train, 'bn3')(y)
-    return nn.relu(y + self._shortcut(x, out_features, train).astype(y.dtype))
+    y = self.norm(name='bn3')(y)
+    return nn.relu(y + self._shortcut(x, out_features).astype(y.dtype))
 
 
 class ResNet(nn.Module):
@@ -196,46 +164,17 @@ class ResNet(nn.Module):
     blocks = {'basic': BasicBlock, 'bottleneck': Bottleneck}
     if self.block not in blocks:
       raise ValueError(f"block must be one of {sorted(blocks)}, got '{self.block}'")
-    block_cls = functools.partial(
-      blocks[self.block],
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      bn_momentum=self.bn_momentum,
-      bn_epsilon=self.bn_epsilon,
-      axis_name=self.axis_name,
-    )
-    x = layers.Conv(
-      64,
-      (7, 7),
-      strides=2,
-      padding=_pad(7),
-      use_bias=False,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=conv_init,
-      name='conv1',
-    )(x)
-    x = nn.BatchNorm(
-      use_running_average=not train,
-      momentum=self.bn_momentum,
-      epsilon=self.bn_epsilon,
-      axis_name=self.axis_name,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name='bn1',
-    )(x)
-    x = nn.relu(x)
+    conv = layers.with_dtypes(self, layers.Conv, use_bias=False, kernel_init=conv_init)
+    norm = layers.batch_norm(self, train)
+    block = functools.partial(blocks[self.block], conv=conv, norm=norm)
+    x = conv(64, (7, 7), strides=2, padding=_pad(7), name='conv1')(x)
+    x = nn.relu(norm(name='bn1')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
     for i, num_blocks in enumerate(self.stage_sizes, start=1):
       planes = 64 * 2 ** (i - 1)
       for j in range(num_blocks):
         strides = 2 if (i > 1 and j == 0) else 1
-        x = block_cls(planes, strides=strides, name=f'layer{i}_{j}')(x, train=train)
+        x = block(planes, strides=strides, name=f'layer{i}_{j}')(x)
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(
-      self.num_classes,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=dense_init,
-      name='fc',
-    )(x)
+    dense = layers.with_dtypes(self, nn.Dense, kernel_init=dense_init)
+    return dense(self.num_classes, name='fc')(x)

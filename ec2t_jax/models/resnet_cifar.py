@@ -5,7 +5,6 @@ He, Zhang, Ren & Sun, "Deep Residual Learning for Image Recognition", CVPR 2016
 channels, depth ``6n + 2``.
 """
 
-import functools
 from typing import Any
 
 import jax
@@ -31,55 +30,30 @@ class CifarBasicBlock(nn.Module):
 
   Attributes:
     planes: output channels.
+    conv: the network's 3x3 convolution (padding 1, no bias); the block sets the stride.
+    norm: the network's BatchNorm, in train or eval mode.
     strides: stride of ``conv1`` (1 or 2).
-    dtype: computation dtype.
-    param_dtype: parameter dtype.
-    bn_momentum: BatchNorm running-average momentum (flax convention).
-    bn_epsilon: BatchNorm epsilon.
-    axis_name: mapped axis over which BatchNorm averages batch statistics.
   """
 
   planes: int
+  conv: layers.ModuleDef
+  norm: layers.ModuleDef
   strides: int = 1
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  bn_momentum: float = 0.9
-  bn_epsilon: float = 1e-5
-  axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
     """Applies the block to NHWC features.
 
     Args:
       x: features, shape ``(N, H, W, C)``.
-      train: use batch statistics and update ``batch_stats`` if True.
 
     Returns:
       Features, shape ``(N, H/strides, W/strides, planes)``.
     """
-    conv = functools.partial(
-      layers.Conv,
-      kernel_size=(3, 3),
-      padding=_PAD1,
-      use_bias=False,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=kaiming_normal,
-    )
-    norm = functools.partial(
-      nn.BatchNorm,
-      use_running_average=not train,
-      momentum=self.bn_momentum,
-      epsilon=self.bn_epsilon,
-      axis_name=self.axis_name,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-    )
-    y = conv(self.planes, strides=self.strides, name='conv1')(x)
-    y = nn.relu(norm(name='bn1')(y))
-    y = conv(self.planes, name='conv2')(y)
-    y = norm(name='bn2')(y)
+    y = self.conv(self.planes, strides=self.strides, name='conv1')(x)
+    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.conv(self.planes, name='conv2')(y)
+    y = self.norm(name='bn2')(y)
     shortcut = x
     if self.strides != 1 or x.shape[-1] != self.planes:
       shortcut = x[:, :: self.strides, :: self.strides, :]
@@ -131,41 +105,22 @@ class CifarResNet(nn.Module):
     if self.depth < 8 or (self.depth - 2) % 6:
       raise ValueError(f'depth must be 6n + 2 with n >= 1, got {self.depth}')
     blocks_per_stage = (self.depth - 2) // 6
-    bn = dict(
-      momentum=self.bn_momentum,
-      epsilon=self.bn_epsilon,
-      axis_name=self.axis_name,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-    )
-    x = layers.Conv(
-      16,
-      (3, 3),
+    conv = layers.with_dtypes(
+      self,
+      layers.Conv,
+      kernel_size=(3, 3),
       padding=_PAD1,
       use_bias=False,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
       kernel_init=kaiming_normal,
-      name='conv1',
-    )(x)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, name='bn1', **bn)(x))
+    )
+    norm = layers.batch_norm(self, train)
+    x = conv(16, name='conv1')(x)
+    x = nn.relu(norm(name='bn1')(x))
     for i, planes in enumerate((16, 32, 64), start=1):
       for j in range(blocks_per_stage):
-        x = CifarBasicBlock(
-          planes,
-          strides=2 if (i > 1 and j == 0) else 1,
-          dtype=self.dtype,
-          param_dtype=self.param_dtype,
-          bn_momentum=self.bn_momentum,
-          bn_epsilon=self.bn_epsilon,
-          axis_name=self.axis_name,
-          name=f'layer{i}_{j}',
-        )(x, train=train)
+        strides = 2 if (i > 1 and j == 0) else 1
+        block = CifarBasicBlock(planes, conv=conv, norm=norm, strides=strides, name=f'layer{i}_{j}')
+        x = block(x)
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(
-      self.num_classes,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=kaiming_normal,
-      name='linear',
-    )(x)
+    dense = layers.with_dtypes(self, nn.Dense, kernel_init=kaiming_normal)
+    return dense(self.num_classes, name='linear')(x)

@@ -5,10 +5,15 @@ Networks", ICML 2019 (arXiv 1905.11946). EC2T (Marban et al., CVPR-W 2020,
 arXiv 2004.01077, §3.4) scales its CIFAR MicroNet with the same rules
 (docs/algorithm.md §8): at φ = 1 a grid search over depth and width
 coefficients ``(d, w)`` under ``d·w² ≈ 2`` (the resolution is fixed for CIFAR),
-then ``depth_mult = d**φ`` and ``width_mult = w**φ``. `round_filters` and
-`round_repeats` are used by the MicroNet and EfficientNet modules; `candidates`
-tabulates the grid for a given φ (blocks per stage, stage widths, parameters
-and multiply-accumulates of each candidate).
+then ``depth_mult = d**φ`` and ``width_mult = w**φ``, with channel and block
+counts rounded by `ec2t_jax.models.layers.round_filters` and
+`ec2t_jax.models.layers.round_repeats`. `candidates` tabulates the grid for a
+given φ (blocks per stage, stage widths, parameters and multiply-accumulates of
+each candidate).
+
+The package ``ec2t_jax.models`` does not import this module (``models.scaling``
+loads it on first access), so that ``python -m ec2t_jax.models.scaling`` runs it
+fresh as ``__main__``.
 
 Command line::
 
@@ -23,79 +28,16 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ec2t_jax import models
+from ec2t_jax.scoring import jaxprs
+
 __all__ = [
   'GRID',
   'Candidate',
   'candidates',
   'format_table',
   'main',
-  'round_filters',
-  'round_repeats',
 ]
-
-
-def round_filters(
-  filters: int,
-  width_mult: float,
-  divisor: int = 8,
-  min_depth: int | None = None,
-) -> int:
-  """Scales a channel count by ``width_mult`` and rounds it to a multiple of ``divisor``.
-
-  The rule of the EfficientNet reference implementation::
-
-      f' = max(min_depth, int(f·w + divisor/2) // divisor · divisor)
-      f' += divisor   if f' < 0.9·f·w      (never round down by more than 10 %)
-
-  Args:
-    filters: the unscaled channel count.
-    width_mult: the width multiplier (``w**phi`` in compound scaling).
-    divisor: the channel count is rounded to a multiple of this.
-    min_depth: lower bound of the result; defaults to ``divisor``.
-
-  Returns:
-    The scaled channel count.
-
-  Raises:
-    ValueError: if ``width_mult`` or ``divisor`` is not positive.
-
-  Example:
-    >>> round_filters(64, 1.2**3.5)
-    120
-  """
-  if width_mult <= 0:
-    raise ValueError(f'width_mult must be > 0, got {width_mult}')
-  if divisor <= 0:
-    raise ValueError(f'divisor must be > 0, got {divisor}')
-  min_depth = divisor if min_depth is None else min_depth
-  scaled = filters * width_mult
-  new_filters = max(min_depth, int(scaled + divisor / 2) // divisor * divisor)
-  if new_filters < 0.9 * scaled:
-    new_filters += divisor
-  return int(new_filters)
-
-
-def round_repeats(repeats: int, depth_mult: float) -> int:
-  """Scales a block count by ``depth_mult``, rounding up: ``ceil(depth_mult · repeats)``.
-
-  Args:
-    repeats: the unscaled number of blocks.
-    depth_mult: the depth multiplier (``d**phi`` in compound scaling).
-
-  Returns:
-    The scaled number of blocks.
-
-  Raises:
-    ValueError: if ``depth_mult`` is not positive.
-
-  Example:
-    >>> round_repeats(7, 1.4**3.5)
-    23
-  """
-  if depth_mult <= 0:
-    raise ValueError(f'depth_mult must be > 0, got {depth_mult}')
-  return int(math.ceil(depth_mult * repeats))
-
 
 # (d, w) at φ = 1: the baseline, then the docs/algorithm.md §8 grid under d·w² ≈ 2.
 GRID = (
@@ -167,9 +109,6 @@ def candidates(
     raise ValueError(f'model must be one of {list(_MODELS)}, got {model!r}')
   if phi < 0:
     raise ValueError(f'phi must be >= 0, got {phi}')
-  from ec2t_jax import models  # Local: the model zoo imports this module.
-  from ec2t_jax.scoring import jaxprs
-
   x = jax.ShapeDtypeStruct((1, *models.input_shape(model)), jnp.float32)
   rows = []
   for d, w in grid:
@@ -221,8 +160,6 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--phi', type=float, default=1.0, help='compound coefficient φ')
   parser.add_argument('--num-classes', type=int, default=10)
   args = parser.parse_args(argv)
-  from ec2t_jax import models
-
   rows = candidates(args.model, phi=args.phi, num_classes=args.num_classes)
   print(
     f'{args.model}, phi={args.phi:g}, {args.num_classes} classes '
