@@ -8,11 +8,13 @@ that does.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import optax
 
 from ec2t_jax import tree_util
@@ -20,16 +22,81 @@ from ec2t_jax import tree_util
 MaskOrFn = Any  # A pytree of bools, or a callable `params -> pytree of bools`.
 
 
-def _kernels_in_creation_order(params: Mapping[str, Any], prefix: str = '') -> list[str]:
-  """Paths of `kernel` leaves in dict insertion order (Flax: the order layers were created)."""
+# Leaf names that hold a layer's weight matrix: Flax's Dense/Conv `kernel` and the
+# `embedding` table of `nn.Embed` / `nnx.Embed` (an embedding counts as a first layer).
+_WEIGHT_NAMES = ('kernel', 'embedding')
+
+
+def _weights_in_insertion_order(params: Any, prefix: str = '') -> list[str]:
+  """Paths of weight leaves in dict insertion order (Flax: the order layers were created)."""
   out = []
   for key, value in params.items():
     path = f'{prefix}/{key}' if prefix else str(key)
-    if isinstance(value, Mapping):
-      out.extend(_kernels_in_creation_order(value, path))
-    elif key == 'kernel' and getattr(value, 'ndim', 0) >= 2:
+    if key in _WEIGHT_NAMES and getattr(value, 'ndim', 0) >= 2:
       out.append(path)
+    elif isinstance(value, Mapping):
+      out.extend(_weights_in_insertion_order(value, path))
   return out
+
+
+class _Dims(NamedTuple):
+  """What a weight reads and writes: channel counts (None: token ids, or unknown)."""
+
+  name: str
+  ins: tuple[int, ...]
+  outs: tuple[int, ...]
+  embedding: bool
+  conv: bool
+  dense: bool
+
+
+def _dims(name: str, shape: tuple[int, ...], all_outs: set[int]) -> _Dims:
+  if name.endswith('/embedding') or name == 'embedding':
+    return _Dims(name, (), (shape[-1],), True, False, False)
+  if len(shape) == 2:
+    return _Dims(name, (shape[0],), (shape[1],), False, False, True)
+  if len(shape) == 4:
+    cin, cout = shape[-2], shape[-1]
+    if cin == 1 and cout in all_outs:  # Depthwise: reads the channels it writes.
+      cin = cout
+    return _Dims(name, (cin,), (cout,), False, True, False)
+  # DenseGeneral (attention) and other layouts: count every plausible grouping
+  # as read and written, so they never look like an end of the network.
+  groupings = {shape[0], shape[-1], math.prod(shape[1:]), math.prod(shape[:-1])}
+  return _Dims(name, tuple(groupings), tuple(groupings), False, False, False)
+
+
+def _ends_from_shapes(weights: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str]]:
+  """First- and last-layer candidates found from shapes alone (independent of dict order).
+
+  A weight whose input channels no other weight produces reads the network's
+  input (a Dense after a flattened conv counts as fed by it when its input
+  size is a multiple of the conv's channels); a weight whose outputs no other
+  weight reads writes the network's output. Embeddings are always first layers.
+  """
+  outs_by = {n: s[-1] for n, s in weights.items()}
+  dims = {n: _dims(n, s, {o for m, o in outs_by.items() if m != n}) for n, s in weights.items()}
+  first, last = [], []
+  for name, d in dims.items():
+    others = [o for m, o in dims.items() if m != name]
+    produced = {c for o in others for c in o.outs}
+    consumed = {c for o in others for c in o.ins}
+    if d.embedding:
+      first.append(name)
+      continue
+    fed = all(
+      c in produced or (d.dense and any(o.conv and c % o.outs[0] == 0 for o in others))
+      for c in d.ins
+    )
+    read = all(
+      c in consumed or (d.conv and any(o.dense and o.ins[0] % c == 0 for o in others))
+      for c in d.outs
+    )
+    if not fed:
+      first.append(name)
+    if not read:
+      last.append(name)
+  return sorted(first), sorted(last)
 
 
 def call_order(model: Any, *args: Any, method: str = '__call__', **kwargs: Any) -> list[str]:
@@ -104,7 +171,7 @@ def from_regex(params: optax.Params, include: str, exclude: str | None = None) -
 
 
 def default_ternary_mask(
-  params: Mapping[str, Any],
+  params: Any,
   *,
   order: list[str] | None = None,
   keep_first: bool = True,
@@ -113,39 +180,84 @@ def default_ternary_mask(
 ) -> optax.Params:
   """The reference selection (docs/algorithm.md §1): every kernel except the first and last.
 
-  The first and last kernels are found in the order Flax created the layers
-  (the params dict's insertion order), i.e. the stem convolution and the
-  classifier. Kernels whose path matches `keep_pattern` (1x1 projection
-  shortcuts) stay full precision too. Biases, BatchNorm scales and all other
-  leaves are never selected.
+  Selects the `kernel` leaves of two or more dimensions (Dense, Conv,
+  DenseGeneral) except the network's first and last layer and kernels whose
+  path matches `keep_pattern` (1x1 projection shortcuts). Biases, norms,
+  embeddings and all other leaves stay full precision; an `nn.Embed`/`nnx.Embed`
+  table counts as a first layer.
+
+  Which layer is first and last is decided without trusting the params dict's
+  key order (`jax.jit`, `jax.eval_shape` and checkpoint restores rebuild dicts
+  with sorted keys):
+
+  * with `order` (module paths in forward order, `call_order(model, x)`), from it;
+  * otherwise from the shapes: the first layer is the one whose input channels
+    no other layer produces, the last the one whose outputs no other layer
+    reads. If the shapes name more or less than one of each, or disagree with
+    a creation order still visible in the dict, this refuses with a
+    `ValueError` that says what to pass instead. The same params therefore
+    give the same mask from `model.init`, `jax.jit(model.init)`, a restored
+    checkpoint or `nnx.state(model)`.
 
   Args:
-    params: a Flax params dict (as returned by `model.init(...)['params']`).
-    order: module paths in forward order (`call_order(model, x)`); without it
-      the params dict's insertion order is used, which is right for params
-      straight from `model.init` but not after `jit` rebuilt the dict.
-    keep_first: keep the first kernel in full precision.
-    keep_last: keep the last kernel in full precision.
+    params: the params pytree (linen `variables['params']` or NNX `nnx.state(model, nnx.Param)`).
+    order: module paths in forward order (`call_order(model, x)`).
+    keep_first: keep the first layer in full precision.
+    keep_last: keep the last layer in full precision.
     keep_pattern: regex of kernel paths that stay full precision, or None.
 
   Returns:
     A pytree of bools with the structure of `params`.
+
+  Raises:
+    ValueError: when the first and last layer cannot be told (see above).
+
+  Example:
+    >>> import numpy as np
+    >>> params = {'classifier': {'kernel': np.zeros((32, 10))},
+    ...           'body': {'kernel': np.zeros((784, 32))},
+    ...           'mlp': {'kernel': np.zeros((32, 32))}}
+    >>> default_ternary_mask(params)
+    {'body': {'kernel': False}, 'classifier': {'kernel': False}, 'mlp': {'kernel': True}}
   """
-  kernels = _kernels_in_creation_order(params)
+  weights = {
+    name: tuple(np.shape(leaf))
+    for name, leaf in tree_util.named_leaves(params)
+    if name.rsplit('/', 1)[-1] in _WEIGHT_NAMES and np.ndim(leaf) >= 2
+  }
   if order is not None:
     rank = {path: i for i, path in enumerate(order)}
-    missing = [k for k in kernels if k.rsplit('/', 1)[0] not in rank]
+    missing = [k for k in weights if k.rsplit('/', 1)[0] not in rank]
     if missing:
       raise ValueError(f'kernels {missing[:5]} are not in the given call order {order[:5]}...')
-    kernels = sorted(kernels, key=lambda k: rank[k.rsplit('/', 1)[0]])
-  chosen = list(kernels)
-  if keep_first and chosen:
-    chosen = chosen[1:]
-  if keep_last and chosen:
-    chosen = chosen[:-1]
-  if keep_pattern:
-    pattern = re.compile(keep_pattern)
-    chosen = [k for k in chosen if not pattern.search(k)]
+    ranked = sorted(weights, key=lambda k: rank[k.rsplit('/', 1)[0]])
+    first, last = ranked[:1], ranked[-1:]
+  else:
+    first, last = _ends_from_shapes(weights)
+    if any(name.endswith('/embedding') for name in first):
+      first = [name for name in first if name.endswith('/embedding')]
+    created = _weights_in_insertion_order(params) if isinstance(params, Mapping) else []
+    if created != sorted(created) and (created[:1], created[-1:]) != (first[:1], last):
+      first = []  # The dict still shows the creation order, and it disagrees: refuse.
+    if not first or len(last) != 1 or (len(first) > 1 and not first[0].endswith('/embedding')):
+      raise ValueError(
+        'cannot tell the first and last layer of these params from their names and shapes '
+        f'(first-layer candidates {first[:4]}, last-layer candidates {last[:4]}); pass '
+        'order=ec2t_jax.masks.call_order(model, example_input, train=False), or select the '
+        "ternary leaves yourself: ec2t_jax.masks.from_regex(params, r'...'), "
+        'ec2t_jax.masks.from_paths(params, [...]) or any function params -> bools'
+      )
+  kept = set()
+  if keep_first:
+    kept |= set(first)
+  if keep_last:
+    kept |= set(last)
+  pattern = re.compile(keep_pattern) if keep_pattern else None
+  chosen = [
+    k
+    for k in weights
+    if k.endswith('kernel') and k not in kept and not (pattern and pattern.search(k))
+  ]
   return from_paths(params, chosen)
 
 

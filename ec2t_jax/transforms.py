@@ -74,8 +74,18 @@ class LayerLayout:
     return cls(treedef, tuple(tuple(g) for g in groups.values()), max(sizes))
 
   def stack(self, tree: Any) -> tuple[jax.Array, ...]:
-    """One array per group, the group's leaves of `tree` stacked on a new leading axis."""
-    leaves = self.treedef.flatten_up_to(tree)
+    """One array per group, the group's leaves of `tree` stacked on a new leading axis.
+
+    `tree` is matched to the layout leaf by leaf, not node by node: a container
+    node around a placeholder (e.g. a Flax NNX `Param(MaskedNode())` where the
+    layout has a bare `MaskedNode()`) does not matter.
+    """
+    leaves = jax.tree.leaves(tree, is_leaf=tree_util.is_masked)
+    if len(leaves) != self.treedef.num_leaves:
+      raise ValueError(
+        f'the tree has {len(leaves)} leaves but the EC2T state was built for params with '
+        f'{self.treedef.num_leaves}: pass the same params structure to init and update'
+      )
     return tuple(jnp.stack([leaves[i] for i in members]) for members in self.groups)
 
   def unstack(self, stacks: Sequence[Any]) -> Any:

@@ -41,7 +41,14 @@ def is_masked(x: Any) -> bool:
 
 
 def path_str(path: tuple[Any, ...]) -> str:
-  """Joins a JAX key path into `'a/b/c'` (dict keys, attribute names and indices)."""
+  """Joins a JAX key path into `'a/b/c'` (dict keys, attribute names and indices).
+
+  The trailing `.value` attribute of a Flax NNX `Variable` (an `nnx.Param` in
+  `nnx.state(model)`) is left out, so NNX and linen params have the same names
+  (`'fc1/kernel'`).
+  """
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == 'value':
+    path = path[:-1]
   parts = []
   for key in path:
     if isinstance(key, jax.tree_util.DictKey):
