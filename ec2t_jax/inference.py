@@ -8,7 +8,8 @@ positive and negative weights),
 
     q ⊛ x = w_p · (A ⊛ x) - w_n · (B ⊛ x),
 
-where ``A ⊛ x`` only adds up the inputs that ``A`` selects. `ternary_conv` and
+where ``A ⊛ x`` only adds up the inputs that ``A`` selects (docs/scoring.md, rules 4
+and 5, counts exactly these operations). `ternary_conv` and
 `ternary_dot_general` compute exactly this; `apply` runs a whole model's
 eval-mode forward pass with every ternary layer evaluated this way and every
 other operation unchanged, by interpreting the model's traced jaxpr.

@@ -12,7 +12,8 @@ draws (matplotlib, headless: no pyplot, no display):
   assignment, with the decision thresholds of the entropy-constrained
   assignment marked. Assigning ``w`` to a level ``c`` costs
   ``(w - c)^2 + λ·I_c`` (EC2T, Marban et al., CVPR-W 2020, arXiv 2004.01077,
-  Eq. 5; ``I_c = -log2 P_c``), so ``w`` goes to ``+w_p`` rather than 0 above
+  Eq. 5, and docs/algorithm.md §4; ``I_c = -log2 P_c``), so ``w`` goes to
+  ``+w_p`` rather than 0 above
 
       t_p = w_p/2 + λ·(I_p - I_0) / (2·w_p)
 
@@ -136,10 +137,15 @@ def decision_thresholds(
 
 
 def phase_boundaries(config: Mapping[str, Any], total_steps: int) -> dict[str, int]:
-  """Steps at which EC2T starts and the assignment freezes (`train_and_evaluate`'s schedule).
+  """Steps at which EC2T starts and the assignment freezes (docs/algorithm.md §5).
 
   Every phase lasts its epochs times the same steps per epoch, so the steps
   per epoch are ``total_steps / (fp + ec2t + frozen epochs)``.
+
+  Example:
+    >>> config = {'fp': {'num_epochs': 1}, 'ec2t': {'num_epochs': 2, 'frozen_epochs': 1}}
+    >>> phase_boundaries(config, 12)
+    {'ec2t_start': 3, 'frozen_start': 9}
   """
   fp = int(config['fp']['num_epochs'] or 0)
   ec2t = int(config['ec2t']['num_epochs'] or 0)
@@ -250,17 +256,25 @@ def _mark_phases(ax: Any, phases: Mapping[str, int], *, legend: bool = False) ->
       ax.axvline(step, color='black', linestyle=style, linewidth=1, label=label if legend else None)
 
 
+def _plot_train_val(
+  ax: Any, metrics: Sequence[Mapping[str, float]], key: str, labels: tuple[str, str]
+) -> tuple[np.ndarray, np.ndarray]:
+  """Plots ``train/<key>`` (a line) and ``val/<key>`` (points); returns both series' values."""
+  steps, train = _series(metrics, f'train/{key}')
+  ax.plot(steps, train, color='#34495e', label=labels[0])
+  steps, val = _series(metrics, f'val/{key}')
+  if steps.size:
+    ax.plot(steps, val, 'o-', color='#e67e22', markersize=3, label=labels[1])
+  return train, val
+
+
 def plot_curves(run: RunData, path: str) -> None:
   """Loss, accuracy, sparsity/entropy and centroids against the step (2x2)."""
   fig = Figure(figsize=(10, 6.4), layout='constrained')
   axes = fig.subplots(2, 2, sharex=True)
   m = run.metrics
   ax = axes[0, 0]
-  steps, loss = _series(m, 'train/loss')
-  ax.plot(steps, loss, color='#34495e', label='train loss')
-  steps, val = _series(m, 'val/loss')
-  if steps.size:
-    ax.plot(steps, val, 'o-', color='#e67e22', markersize=3, label='val loss')
+  loss, val = _plot_train_val(ax, m, 'loss', ('train loss', 'val loss'))
   values = np.concatenate([loss, val])
   if values.size and values.min() > 0 and values.max() / values.min() > 20:
     ax.set_yscale('log')
@@ -268,11 +282,7 @@ def plot_curves(run: RunData, path: str) -> None:
   _mark_phases(ax, run.phases, legend=True)
   ax.legend(fontsize=8)
   ax = axes[0, 1]
-  steps, acc = _series(m, 'train/accuracy')
-  ax.plot(steps, acc, color='#34495e', label='train')
-  steps, val = _series(m, 'val/accuracy')
-  if steps.size:
-    ax.plot(steps, val, 'o-', color='#e67e22', markersize=3, label='validation')
+  acc, val = _plot_train_val(ax, m, 'accuracy', ('train', 'validation'))
   fp = run.summary.get('fp_test_accuracy')
   if fp is not None:
     ax.axhline(fp, color='#27ae60', linewidth=1, label=f'FP test {fp:.4f}')

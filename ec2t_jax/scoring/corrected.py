@@ -18,15 +18,7 @@ import math
 
 import numpy as np
 
-from ec2t_jax.scoring.costs import (
-  Row,
-  Widths,
-  bias_row,
-  cheapest_storage,
-  kernel_stats,
-  layer_row,
-  tree_bits,
-)
+from ec2t_jax.scoring import costs
 from ec2t_jax.scoring.graph import Graph, Layer, module_of
 
 __all__ = ['count_rows', 'params_total']
@@ -40,14 +32,14 @@ def _group(layer: Layer, first_conv: int | None) -> str:
   return 'projection' if layer.projection else 'body'
 
 
-def _layer_rows(layer: Layer, group: str, is_t: bool, w: Widths) -> list[Row]:
+def _layer_rows(layer: Layer, group: str, is_t: bool, w: costs.Widths) -> list[costs.Row]:
   """The layer's row and its folded bias's row."""
   zero_filters = layer.zero_filters()
   dead_out = np.zeros(layer.c_out, bool) if zero_filters is None else zero_filters
-  stats = kernel_stats(layer, dead_out, layer.zero_in)
+  stats = costs.kernel_stats(layer, dead_out, layer.zero_in)
   positions = layer.positions
   n_centroids = 2 * stats.c_out if is_t and layer.has_scale else 2
-  storage = cheapest_storage(stats.N, stats.nnz, stats.c_out, w.storage, is_t, n_centroids)
+  storage = costs.cheapest_storage(stats.N, stats.nnz, stats.c_out, w.storage, is_t, n_centroids)
   if layer.kernel is None:  # Abstract: a dense full-precision kernel.
     per_filter = np.full(stats.c_out, math.prod(layer.shape_oi[1:]), float)
     mults = float(per_filter.sum()) * positions
@@ -62,7 +54,9 @@ def _layer_rows(layer: Layer, group: str, is_t: bool, w: Widths) -> list[Row]:
       mults = float(np.sum((n_pos > 0).astype(int) + (n_neg > 0))) * positions
       if w.tree:
         bits = sum(
-          tree_bits(p, w.storage, 1) + tree_bits(q, w.storage, 1) + (w.add if p and q else 0)
+          costs.tree_bits(p, w.storage, 1)
+          + costs.tree_bits(q, w.storage, 1)
+          + (w.add if p and q else 0)
           for p, q in zip(n_pos.tolist(), n_neg.tolist(), strict=True)
         )
         adds = bits * positions / 32
@@ -73,7 +67,7 @@ def _layer_rows(layer: Layer, group: str, is_t: bool, w: Widths) -> list[Row]:
       mults = float(nz.sum()) * positions
       adds = w.adds(float(np.sum(np.maximum(nz - 1, 0))) * positions)
   rows = [
-    layer_row(
+    costs.layer_row(
       layer,
       stats,
       group=group,
@@ -89,7 +83,7 @@ def _layer_rows(layer: Layer, group: str, is_t: bool, w: Widths) -> list[Row]:
   ]
   if layer.has_bias:
     rows.append(
-      bias_row(
+      costs.bias_row(
         layer,
         w,
         values=stats.c_out,
@@ -101,7 +95,7 @@ def _layer_rows(layer: Layer, group: str, is_t: bool, w: Widths) -> list[Row]:
   return rows
 
 
-def count_rows(graph: Graph, ternary: dict[int, bool], w: Widths) -> list[Row]:
+def count_rows(graph: Graph, ternary: dict[int, bool], w: costs.Widths) -> list[costs.Row]:
   """Rows of every layer (with its folded bias) in call order, then of every other op.
 
   Args:
@@ -110,13 +104,13 @@ def count_rows(graph: Graph, ternary: dict[int, bool], w: Widths) -> list[Row]:
     w: the bit widths.
   """
   first_conv = next((i.index for i in graph.layers if i.kind != 'dense'), None)
-  rows: list[Row] = []
+  rows: list[costs.Row] = []
   for layer in graph.layers:
     rows.extend(_layer_rows(layer, _group(layer, first_conv), ternary[layer.index], w))
   for op in graph.ops:
     src = graph.layers[op.src].name if op.src is not None else 'input'
     rows.append(
-      Row(
+      costs.Row(
         f'{op.primitive} after {module_of(src)}',
         op.kind,
         shape=(op.size,),
@@ -130,6 +124,6 @@ def count_rows(graph: Graph, ternary: dict[int, bool], w: Widths) -> list[Row]:
   return rows
 
 
-def params_total(rows: list[Row]) -> float:
+def params_total(rows: list[costs.Row]) -> float:
   """The exact sum of the rows' scoring parameters."""
   return float(sum(r.params for r in rows))

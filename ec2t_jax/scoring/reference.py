@@ -20,16 +20,7 @@ import math
 
 import numpy as np
 
-from ec2t_jax.scoring.costs import (
-  KernelStats,
-  Row,
-  Widths,
-  bias_row,
-  cheapest_storage,
-  kernel_stats,
-  layer_row,
-  tree_bits,
-)
+from ec2t_jax.scoring import costs
 from ec2t_jax.scoring.graph import Graph, Layer
 
 __all__ = ['count_rows', 'params_total']
@@ -54,8 +45,8 @@ def _conv_rows(
   *,
   pyramidal: bool,
   is_t: bool,
-  w: Widths,
-) -> tuple[list[Row], np.ndarray]:
+  w: costs.Widths,
+) -> tuple[list[costs.Row], np.ndarray]:
   """The rows of one convolution of the list (layer, bias, ReLU) and its dead outputs."""
   group = 'stem' if is_stem else 'body'
   axes = tuple(range(1, len(layer.shape_oi)))
@@ -64,7 +55,7 @@ def _conv_rows(
   else:
     dead_out = np.sum(layer.kernel, axis=axes, dtype=np.float64) == 0
   dead_in, extra = _dead_inputs(layer, None if is_stem or layer.kind == 'depthwise' else prev_dead)
-  stats = kernel_stats(layer, dead_out, dead_in)
+  stats = costs.kernel_stats(layer, dead_out, dead_in)
   c_in, c_out = stats.c_in - extra, stats.c_out
   k_elems = math.prod(layer.shape_oi[2:])
   N = stats.N
@@ -72,17 +63,17 @@ def _conv_rows(
     N = c_in * c_out * k_elems
   stats = stats._replace(N=N, c_in=c_in)
   density = stats.nnz / N if N else 0.0
-  storage = cheapest_storage(N, stats.nnz, c_out, w.storage, is_t, 2)
+  storage = costs.cheapest_storage(N, stats.nnz, c_out, w.storage, is_t, 2)
   vl = k_elems * density if layer.kind == 'depthwise' else k_elems * c_in * density
   side = math.ceil(math.ceil(layer.in_side / layer.stride) + 2 * layer.pad - layer.shape_oi[2] + 1)
   n_out = side * side * c_out
   mults = 2 * n_out if is_t else vl * n_out
   if is_t and w.tree:
-    adds = tree_bits(vl - 1, w.storage, 1) * side * side * c_out / 32
+    adds = costs.tree_bits(vl - 1, w.storage, 1) * side * side * c_out / 32
   else:
     adds = w.adds((vl - 1) * n_out)
   rows = [
-    layer_row(
+    costs.layer_row(
       layer,
       stats,
       group=group,
@@ -99,7 +90,7 @@ def _conv_rows(
   odd = pyramidal and not is_stem and position % 2 == 1
   if layer.folded or pyramidal:  # The second conv of a pyramidal block has its first BN too.
     rows.append(
-      bias_row(
+      costs.bias_row(
         layer,
         w,
         values=(c_in + c_out) if odd else c_out,
@@ -109,7 +100,7 @@ def _conv_rows(
     )
   if (pyramidal and not odd) or (not pyramidal and layer.activation is not None):
     rows.append(
-      Row(
+      costs.Row(
         f'relu after {layer.module}',
         'activation',
         shape=(n_out,),
@@ -120,7 +111,7 @@ def _conv_rows(
   return rows, dead_out
 
 
-def _fc_rows(layer: Layer, is_t: bool, w: Widths) -> list[Row]:
+def _fc_rows(layer: Layer, is_t: bool, w: costs.Widths) -> list[costs.Row]:
   """The classifier's row (rule 8) and its bias's row."""
   c_out, c_in = layer.shape_oi[:2]
   N = c_out * c_in
@@ -129,12 +120,12 @@ def _fc_rows(layer: Layer, is_t: bool, w: Widths) -> list[Row]:
   if is_t:  # The published counter stores a ternary classifier as two masks, always.
     storage = ('two-masks', 2 * N / 32 + 2 * w.storage / 32)
   else:
-    storage = cheapest_storage(N, nnz, c_out, w.storage, False, 2)
+    storage = costs.cheapest_storage(N, nnz, c_out, w.storage, False, 2)
   n = layer.positions
   rows = [
-    layer_row(
+    costs.layer_row(
       layer,
-      KernelStats(keep=None, N=N, nnz=nnz, c_in=c_in, c_out=c_out),  # No dead channels here.
+      costs.KernelStats(keep=None, N=N, nnz=nnz, c_in=c_in, c_out=c_out),  # No dead channels here.
       group='fc',
       sparsity=1 - density,
       ternary=is_t,
@@ -145,19 +136,16 @@ def _fc_rows(layer: Layer, is_t: bool, w: Widths) -> list[Row]:
     )
   ]
   if layer.has_bias:
-    rows.append(bias_row(layer, w, values=c_out, adds=c_out * n, group='fc'))
+    rows.append(costs.bias_row(layer, w, values=c_out, adds=c_out * n, group='fc'))
   return rows
 
 
-def count_rows(graph: Graph, ternary: dict[int, bool], w: Widths) -> list[Row]:
+def count_rows(graph: Graph, ternary: dict[int, bool], w: costs.Widths) -> list[costs.Row]:
   """Rows of the stem and the body convolutions, then the classifier, then the last skip.
 
-  Args:
-    graph: the traced network.
-    ternary: per layer index, whether the layer is ternary.
-    w: the bit widths.
+  The arguments are those of `ec2t_jax.scoring.corrected.count_rows`.
   """
-  rows: list[Row] = []
+  rows: list[costs.Row] = []
   convs = [layer for layer in graph.layers if layer.kind != 'dense']
   stem = convs[0] if convs else None
   body = [c for c in convs[1:] if not c.projection]
@@ -181,13 +169,15 @@ def count_rows(graph: Graph, ternary: dict[int, bool], w: Widths) -> list[Row]:
       rows.extend(_fc_rows(layer, ternary[layer.index], w))
     elif layer.projection and layer is not stem:
       rows.append(
-        Row(layer.name, layer.kind, shape=layer.kernel_shape, group='projection', counted=False)
+        costs.Row(
+          layer.name, layer.kind, shape=layer.kernel_shape, group='projection', counted=False
+        )
       )
   residuals = [op for op in graph.ops if op.kind == 'residual']
   if residuals:  # The published counter keeps only the last block's skip addition.
     last = residuals[-1]
     rows.append(
-      Row(
+      costs.Row(
         'skip addition (last block only)',
         'residual',
         shape=(last.size,),
@@ -198,7 +188,7 @@ def count_rows(graph: Graph, ternary: dict[int, bool], w: Widths) -> list[Row]:
   return rows
 
 
-def params_total(rows: list[Row]) -> float:
+def params_total(rows: list[costs.Row]) -> float:
   """The rows' scoring parameters, truncated to an integer per group, as published."""
   groups: dict[str, float] = {}
   for r in rows:
