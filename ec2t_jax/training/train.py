@@ -41,7 +41,7 @@ import optax
 from jax.experimental import multihost_utils
 
 import ec2t_jax
-from ec2t_jax import models, tree_util
+from ec2t_jax import tree_util
 from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import datasets, input_pipeline, metric_writers
 from ec2t_jax.training import schedule as schedule_lib
@@ -67,8 +67,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   Raises:
     ValueError: naming the bad value and what would be valid.
   """
-  if config.model not in models.names():
-    raise ValueError(f'unknown model {config.model!r}; valid names: {", ".join(models.names())}')
+  state_lib.model_factory(config.model)  # Raises a ValueError naming the valid forms.
   datasets.get_spec(config.dataset)  # Raises a ValueError listing the valid names.
   for name in ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps'):
     if config.get(name) is not None and config[name] <= 0:
