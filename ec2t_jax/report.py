@@ -48,6 +48,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ec2t_jax.training import schedule as schedule_lib
+
 __all__ = [
   'LayerState',
   'RunData',
@@ -136,23 +138,22 @@ def decision_thresholds(
   return t_n, t_p
 
 
-def phase_boundaries(config: Mapping[str, Any], total_steps: int) -> dict[str, int]:
+def phase_boundaries(schedule: schedule_lib.Schedule) -> dict[str, int]:
   """Steps at which EC2T starts and the assignment freezes (docs/algorithm.md §5).
 
-  Every phase lasts its epochs times the same steps per epoch, so the steps
-  per epoch are ``total_steps / (fp + ec2t + frozen epochs)``.
+  Read from the run's schedule (`Workdir.schedule`), the one value the trainer
+  computed its stages from.
 
   Example:
+    >>> from ec2t_jax.training import schedule as schedule_lib
     >>> config = {'fp': {'num_epochs': 1}, 'ec2t': {'num_epochs': 2, 'frozen_epochs': 1}}
-    >>> phase_boundaries(config, 12)
+    >>> phase_boundaries(schedule_lib.create_schedule(config, steps_per_epoch=3))
     {'ec2t_start': 3, 'frozen_start': 9}
   """
-  fp = int(config['fp']['num_epochs'] or 0)
-  ec2t = int(config['ec2t']['num_epochs'] or 0)
-  frozen = int(config['ec2t']['frozen_epochs'] or 0)
-  epochs = fp + ec2t + frozen
-  per_epoch = total_steps / epochs if epochs else 0
-  return {'ec2t_start': round(fp * per_epoch), 'frozen_start': round((fp + ec2t) * per_epoch)}
+  return {
+    'ec2t_start': schedule.stage(schedule_lib.EC2T).start,
+    'frozen_start': schedule.stage(schedule_lib.FROZEN).start,
+  }
 
 
 def _label(workdir: str, taken: set[str]) -> str:
@@ -225,7 +226,7 @@ def load_run(workdir: str, label: str, *, best: bool = False) -> RunData:
     'bound_bits': coded.entropy_bound_bits,
   }
   metrics = metric_writers.read_metrics(workdir)
-  phases = phase_boundaries(run.config.to_dict(), int(summary.get('steps') or run.step))
+  phases = phase_boundaries(run.schedule)
   return RunData(workdir, label, summary, metrics, phases, _layer_states(run), cost, sizes)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ec2t_jax import report, ternary
+from ec2t_jax.training import schedule as schedule_lib
 
 
 @pytest.mark.parametrize('seed, gamma', [(0, 0.0), (1, 0.15), (2, 0.5), (3, 2.0)])
@@ -25,11 +26,13 @@ def test_thresholds_reproduce_the_assignment(seed, gamma):
     assert t_p > 0.06 and t_n < -0.045  # λ > 0 widens the zero interval.
 
 
-def test_phase_boundaries():
+def test_phase_boundaries_come_from_the_schedule():
   config = {'fp': {'num_epochs': 8}, 'ec2t': {'num_epochs': 10, 'frozen_epochs': 5}}
-  assert report.phase_boundaries(config, 23 * 215) == {'ec2t_start': 1720, 'frozen_start': 3870}
+  schedule = schedule_lib.create_schedule(config, steps_per_epoch=215)
+  assert report.phase_boundaries(schedule) == {'ec2t_start': 1720, 'frozen_start': 3870}
   config = {'fp': {'num_epochs': 0}, 'ec2t': {'num_epochs': 2, 'frozen_epochs': 0}}
-  assert report.phase_boundaries(config, 10) == {'ec2t_start': 0, 'frozen_start': 10}
+  schedule = schedule_lib.create_schedule(config, steps_per_epoch=5)
+  assert report.phase_boundaries(schedule) == {'ec2t_start': 0, 'frozen_start': 10}
 
 
 def test_report_of_two_runs(trained_workdir, tmp_path):
