@@ -31,6 +31,15 @@ Augmentations are numpy (and PIL for ImageNet) grain transforms, per recipe:
 * imagenet2012: train random-resized crop (scale 0.08-1, ratio 3/4-4/3) and
   flip; eval resize of the shorter side to `image_size / 0.875` and central
   crop; ImageNet mean/std normalization.
+* the user's data (`tfds:NAME`, `npz:/path`, `folder:/path`, see
+  `ec2t_jax.training.datasets`): no augmentation (the right one depends on
+  the data: a flip suits photographs, not digits); images of varying size
+  (tfds) are resized to `image_size`; per-channel normalization computed
+  from the training records (`compute_normalization`).
+
+The recipe is the dataset spec's `recipe` ('none', 'cifar', 'imagenet',
+'resize'); `normalization=` overrides the dataset's mean and std
+(`parse_normalization` reads `config.normalization`).
 
 The validation set is held out from the 'train' split by index (`split_indices`):
 train and validation pipelines read the same source through disjoint index sets.
@@ -44,6 +53,7 @@ Example:
   >>> state = it.get_state()  # bytes, for the checkpoint
 """
 
+import ast
 import hashlib
 import json
 import math
@@ -57,13 +67,16 @@ import PIL.Image
 
 from ec2t_jax.training import datasets
 
-# Per-channel mean and std of pixel values scaled to [0, 1].
+Normalization = datasets.Normalization
+
+# Per-channel mean and std of pixel values scaled to [0, 1] of the built-in datasets
+# (their registry entries, `DatasetSpec.normalization`, are the source).
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-  'mnist': ((0.1307,), (0.3081,)),
-  'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-  'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-  'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+  name: datasets.get_spec(name).normalization
+  for name in ('mnist', 'cifar10', 'cifar100', 'imagenet2012')
 }
+# Records read by `compute_normalization` from a source that is not in memory.
+NORMALIZATION_MAX_RECORDS = 10_000
 
 DEFAULT_IMAGENET_SIZE = 224
 IMAGENET_CROP_FRACTION = 0.875
@@ -439,6 +452,23 @@ class ResizeCenterCrop(grain.transforms.Map):
     return {**element, 'image': _pil_resize(image, (self.size, self.size), box)}
 
 
+class Resize(grain.transforms.Map):
+  """Resizes the whole image to `size` x `size` (PIL bilinear; the aspect ratio is not kept)."""
+
+  def __init__(self, size: int):
+    if size <= 0:
+      raise ValueError(f'size must be > 0, got {size}')
+    self.size = size
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    image = element['image']
+    height, width = image.shape[:2]
+    if (height, width) == (self.size, self.size):
+      return element
+    box = (0.0, 0.0, float(width), float(height))
+    return {**element, 'image': _pil_resize(image, (self.size, self.size), box)}
+
+
 def _pil_resize(image: np.ndarray, size: tuple[int, int], box: tuple[float, ...]) -> np.ndarray:
   """Bilinear resize of the `box` (left, top, right, bottom) of a uint8 HWC image."""
   squeeze = image.shape[-1] == 1
@@ -477,16 +507,24 @@ class NormalizeBatch(grain.transforms.Map):
 
 
 def preprocess_ops(
-  dataset: str, *, train: bool, augment: bool | None = None, image_size: int | None = None
+  dataset: str | datasets.DatasetSpec,
+  *,
+  train: bool,
+  augment: bool | None = None,
+  image_size: int | None = None,
+  normalization: Normalization | None = None,
 ) -> list[grain.transforms.Map | grain.transforms.RandomMap]:
   """The per-example transforms of a dataset's recipe (before batching).
 
   Args:
-    dataset: a registered dataset name (see `ec2t_jax.training.datasets.DATASETS`).
+    dataset: a registered dataset name (see `ec2t_jax.training.datasets.valid_forms`)
+      or its `DatasetSpec`; its `recipe` chooses the transforms.
     train: training (`True`) or evaluation transforms.
     augment: apply the random augmentations; defaults to `train`.
-    image_size: output side for ImageNet (default 224); for the fixed-size
-      datasets `None` or their native size.
+    image_size: output side for ImageNet (default 224) and for the 'resize'
+      recipe (required); for the fixed-size datasets `None` or their native size.
+    normalization: the `(mean, std)` in use when it is not the dataset's
+      (Cutout fills its hole with the mean).
 
   Returns:
     A list of grain transforms, uint8 HWC records in, images of the output
@@ -494,6 +532,10 @@ def preprocess_ops(
 
   Raises:
     ValueError: unknown dataset, or an `image_size` the recipe cannot give.
+
+  Example:
+    >>> [type(op).__name__ for op in preprocess_ops('cifar10', train=True)]
+    ['SelectFeatures', 'RandomCropFlip', 'ColorJitter', 'Cutout']
   """
   spec = datasets.get_spec(dataset)
   augment = train if augment is None else augment
@@ -501,27 +543,134 @@ def preprocess_ops(
   if spec.image_shape is not None:
     if image_size not in (None, spec.image_shape[0]):
       raise ValueError(
-        f'dataset {dataset!r} has fixed {spec.image_shape[0]}-pixel images; '
+        f'dataset {spec.name!r} has fixed {spec.image_shape[0]}-pixel images; '
         f'image_size must be None or {spec.image_shape[0]}, got {image_size}'
       )
-  if dataset == 'mnist':
+  if spec.recipe == 'none':
     return ops
-  if dataset in ('cifar10', 'cifar100'):
+  if spec.recipe == 'cifar':
     if augment:
+      mean = (normalization or spec.normalization)[0]
       ops += [
         RandomCropFlip(pad=4),
         ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.075),
-        Cutout(size=16, fill=NORMALIZATION[dataset][0]),
+        Cutout(size=16, fill=mean),
       ]
     return ops
-  if dataset == 'imagenet2012':
+  if spec.recipe == 'imagenet':
     size = DEFAULT_IMAGENET_SIZE if image_size is None else image_size
     if augment:
       ops.append(RandomResizedCrop(size))
     else:
       ops.append(ResizeCenterCrop(size))
     return ops
-  raise ValueError(f'no preprocessing recipe for dataset {dataset!r}')  # pragma: no cover
+  if spec.recipe == 'resize':
+    if image_size is None:
+      raise ValueError(f'dataset {spec.name!r} has images of varying size; pass image_size')
+    return [*ops, Resize(image_size)]
+  raise ValueError(f'no preprocessing recipe {spec.recipe!r} (dataset {spec.name!r})')
+
+
+# ----------------------------------------------------------------------------
+# Normalization.
+# ----------------------------------------------------------------------------
+
+
+def compute_normalization(
+  data_source: Any,
+  indices: Sequence[int] | np.ndarray | None = None,
+  *,
+  max_records: int = NORMALIZATION_MAX_RECORDS,
+  chunk_size: int = 4096,
+) -> Normalization:
+  """Per-channel mean and standard deviation of the pixel values (scaled to [0, 1]).
+
+  Over every pixel of the records `indices` (default all) of `data_source`;
+  the same numbers as `x.mean((0, 1, 2))` and `x.std((0, 1, 2))` of their
+  stacked images `x / 255`, computed in float64 a chunk at a time. An
+  `InMemorySource` is read whole; from any other source (files) at most
+  `max_records` evenly spaced records are read, which may vary in size. A
+  channel of zero spread gets std 1 (it is only centred).
+
+  Args:
+    data_source: random-access source of uint8 HWC images (`record['image']`).
+    indices: the records to use, e.g. the training records without the
+      validation ones (`split_indices`).
+    max_records: the most records read from a source that is not in memory.
+    chunk_size: records per vectorized step (in memory).
+
+  Returns:
+    `(mean, std)`, tuples of one Python float per channel.
+
+  Raises:
+    ValueError: for an empty set of records.
+
+  Example:
+    >>> train_idx, _ = split_indices(len(source), 500)
+    >>> mean, std = compute_normalization(source, train_idx)
+  """
+  indices = np.arange(len(data_source)) if indices is None else np.asarray(indices, np.int64)
+  if indices.size == 0:
+    raise ValueError('cannot compute a normalization from no records')
+  if isinstance(data_source, datasets.InMemorySource):
+    chunks = (
+      data_source.images[indices[i : i + chunk_size]] for i in range(0, indices.size, chunk_size)
+    )
+  else:
+    if indices.size > max_records:
+      indices = indices[np.linspace(0, indices.size - 1, max_records).round().astype(np.int64)]
+    chunks = (np.asarray(SelectFeatures().map(data_source[int(i)])['image'])[None] for i in indices)
+  total = squares = None
+  count = 0
+  for chunk in chunks:
+    x = chunk.reshape(-1, chunk.shape[-1]).astype(np.float64) / 255.0
+    total = x.sum(0) if total is None else total + x.sum(0)
+    squares = (x * x).sum(0) if squares is None else squares + (x * x).sum(0)
+    count += x.shape[0]
+  mean = total / count
+  std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
+  std = np.where(std > 0, std, 1.0)
+  return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def parse_normalization(value: Any, channels: int) -> Normalization | None:
+  """Reads a normalization setting (`config.normalization`): `(mean, std)` or None.
+
+  Args:
+    value: '' / None / () (the dataset's own), a pair of per-channel
+      sequences, or its text as written on a command line,
+      e.g. '((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))'.
+    channels: the images' channels; mean and std need one value per channel.
+
+  Returns:
+    `(mean, std)` as tuples of floats, or None for the dataset's own.
+
+  Raises:
+    ValueError: not a pair of `channels` numbers each, or a std that is not > 0.
+
+  Example:
+    >>> parse_normalization('[[0.5], [0.25]]', channels=1)
+    ((0.5,), (0.25,))
+  """
+  if value is None or (isinstance(value, (str, tuple, list)) and len(value) == 0):
+    return None
+  text = value
+  expected = f'a pair (mean, std) of {channels} per-channel values each, e.g. ' + repr(
+    str(((0.5,) * channels, (0.25,) * channels))
+  )
+  try:
+    if isinstance(value, str):
+      value = ast.literal_eval(value)
+    mean, std = (tuple(float(v) for v in part) for part in value)
+  except (ValueError, TypeError, SyntaxError):
+    raise ValueError(f'config.normalization must be {expected}; got {text!r}') from None
+  if len(mean) != channels or len(std) != channels:
+    raise ValueError(
+      f'config.normalization must be {expected}: the images have {channels} channels; got {text!r}'
+    )
+  if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+    raise ValueError(f'config.normalization needs finite means and stds > 0; got {text!r}')
+  return mean, std
 
 
 class ArrayBatchIterator:
@@ -653,8 +802,9 @@ def create_split(
   batch_size: int,
   train: bool,
   seed: int,
-  dataset: str = 'cifar10',
+  dataset: str | datasets.DatasetSpec = 'cifar10',
   image_size: int | None = None,
+  normalization: Normalization | None = None,
   indices: Sequence[int] | np.ndarray | None = None,
   shard_index: int | None = None,
   shard_count: int | None = None,
@@ -680,8 +830,14 @@ def create_split(
       `batch_size * shard_count`).
     train: training (shuffle, augment, drop remainder) or evaluation.
     seed: non-negative 32-bit seed of the shuffle and the augmentations.
-    dataset: the recipe ('mnist', 'cifar10', 'cifar100', 'imagenet2012').
-    image_size: output size for ImageNet (default 224).
+    dataset: the dataset whose recipe and normalization apply: a name
+      ('mnist', 'cifar10', 'cifar100', 'imagenet2012', 'npz:/path/data.npz',
+      ...) or its `DatasetSpec`.
+    image_size: output size for ImageNet (default 224) and for tfds data of
+      varying image size.
+    normalization: `(mean, std)` per channel on the [0, 1] scale; required
+      for datasets without their own (the user's data: see
+      `compute_normalization`), else overrides theirs.
     indices: the records of `data_source` to use (see `split_indices`).
     shard_index: this process's shard; default `jax.process_index()`.
     shard_count: number of shards; default `jax.process_count()`.
@@ -723,8 +879,16 @@ def create_split(
     raise ValueError(f'evaluation makes exactly one pass; got num_epochs={num_epochs}')
   if read_threads is None:
     read_threads = 0 if isinstance(data_source, datasets.InMemorySource) else 8
-  mean, std = NORMALIZATION[datasets.get_spec(dataset).name]
-  ops = preprocess_ops(dataset, train=train, augment=augment, image_size=image_size)
+  spec = datasets.get_spec(dataset)
+  if normalization is None and spec.normalization is None:
+    raise ValueError(
+      f'dataset {spec.name!r} has no normalization of its own; pass normalization=(mean, std), '
+      'e.g. compute_normalization(data_source, indices)'
+    )
+  mean, std = normalization or spec.normalization
+  ops = preprocess_ops(
+    spec, train=train, augment=augment, image_size=image_size, normalization=normalization
+  )
 
   if train:
     source = IndexedSource(data_source, indices)
@@ -748,7 +912,7 @@ def create_split(
     # Only recipes without any random transform, so that `augment` never changes the order.
     and all(
       isinstance(op, SelectFeatures)
-      for op in preprocess_ops(dataset, train=True, augment=True, image_size=image_size)
+      for op in preprocess_ops(spec, train=True, augment=True, image_size=image_size)
     )
   ):
     # No per-record work to do: gather whole batches with numpy instead.

@@ -68,7 +68,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     ValueError: naming the bad value and what would be valid.
   """
   state_lib.model_factory(config.model)  # Raises a ValueError naming the valid forms.
-  datasets.get_spec(config.dataset)  # Raises a ValueError listing the valid names.
+  # Raises a ValueError listing the valid forms, or naming what is wrong with the user's data.
+  datasets.spec_for_config(config)
   for name in ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps'):
     if config.get(name) is not None and config[name] <= 0:
       raise ValueError(f'config.{name} must be > 0, got {config[name]}')
@@ -156,6 +157,9 @@ class Data(NamedTuple):
     image_shape: one input image, `(height, width, channels)`.
     batch_size: training batch size of this process.
     eval_batch_size: evaluation batch size of this process.
+    spec: the dataset's `datasets.DatasetSpec` (recipe, sizes, classes).
+    normalization: per-channel `(mean, std)` of the pipelines: the config's,
+      else the dataset's, else computed from the training records.
   """
 
   train_source: Any
@@ -167,19 +171,28 @@ class Data(NamedTuple):
   image_shape: tuple[int, ...]
   batch_size: int
   eval_batch_size: int
+  spec: datasets.DatasetSpec | None = None
+  normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
 def open_data(config: ml_collections.ConfigDict) -> Data:
-  """Opens the config's dataset and splits off the validation records.
+  """Opens the config's dataset, splits off the validation records, fixes the normalization.
+
+  The user's data (`tfds:`, `npz:`, `folder:`) hold out 10 % of the training
+  records (at most 5,000) unless `config.validation_size` says otherwise, and
+  are normalized with the mean and std of the remaining training records
+  unless `config.normalization` gives them.
 
   Raises:
-    datasets.DatasetNotPreparedError: for a stock dataset not prepared yet.
-    ValueError: for a validation size or batch size the data cannot satisfy.
+    datasets.DatasetNotPreparedError: for a tfds dataset not prepared yet.
+    ValueError: for bad data, or a validation size, batch size or
+      normalization the data cannot satisfy.
   """
-  spec = datasets.get_spec(config.dataset)
-  in_memory = config.get('in_memory', spec.name != 'imagenet2012')
+  spec = datasets.spec_for_config(config)
+  # Images of varying size (ImageNet, some tfds data) cannot be held in memory.
+  in_memory = config.get('in_memory', True) and spec.image_shape is not None
   open_split = functools.partial(
-    datasets.get_data_source, config.dataset, data_dir=config.data_dir or None, in_memory=in_memory
+    datasets.get_data_source, spec, data_dir=config.data_dir or None, in_memory=in_memory
   )
   train_source, test_source = open_split('train'), open_split(spec.test_split)
   num_train = config.get('num_train_examples') or len(train_source)
@@ -200,6 +213,27 @@ def open_data(config: ml_collections.ConfigDict) -> Data:
       'lower config.batch_size'
     )
   num_classes, image_shape = datasets.classes_and_shape(config)
+  normalization = input_pipeline.parse_normalization(
+    config.get('normalization'), channels=image_shape[-1]
+  )
+  if normalization is None and spec.normalization is None:
+    normalization = input_pipeline.compute_normalization(train_source, train_indices)
+    logging.info(
+      'normalization of %s from its %d training records: mean %s, std %s '
+      '(--config.normalization sets it)',
+      spec.name,
+      len(train_indices),
+      *(', '.join(f'{v:.4f}' for v in part) for part in normalization),
+    )
+  if spec.normalization is None and isinstance(train_source, datasets.InMemorySource):
+    val_classes = np.unique(train_source.labels[val_indices]).size
+    if val_classes == 1 and spec.num_classes > 1:
+      logging.warning(
+        'the validation set of %s (the last %d training records) holds one class only: '
+        'are the training records sorted by class? Shuffle them.',
+        spec.name,
+        len(val_indices),
+      )
   return Data(
     train_source=train_source,
     test_source=test_source,
@@ -210,6 +244,8 @@ def open_data(config: ml_collections.ConfigDict) -> Data:
     image_shape=image_shape,
     batch_size=batch_size,
     eval_batch_size=(config.eval_batch_size or config.batch_size) // jax.process_count(),
+    spec=spec,
+    normalization=normalization,
   )
 
 
@@ -220,8 +256,9 @@ def create_input_iter(config: ml_collections.ConfigDict, data: Data) -> Prefetch
     batch_size=data.batch_size,
     train=True,
     seed=config.seed,
-    dataset=config.dataset,
+    dataset=data.spec or config.dataset,
     image_size=data.image_shape[0],
+    normalization=data.normalization,
     indices=data.train_indices,
     worker_count=config.get('worker_count', 0),
   )
@@ -246,8 +283,9 @@ def eval_batches(
     batch_size=data.eval_batch_size,
     train=False,
     seed=config.seed,
-    dataset=config.dataset,
+    dataset=data.spec or config.dataset,
     image_size=data.image_shape[0],
+    normalization=data.normalization,
     indices=indices,
     num_epochs=1,
   )
