@@ -478,9 +478,10 @@ def _markdown(runs: Sequence[RunData], images: Mapping[str, list[tuple[str, str]
   ]
   for r in runs:
     for mode, t in r.cost.items():
+      score = 'n/a' if math.isnan(t['score']) else f'{t["score"]:.3g}'  # No reference network.
       lines.append(
         f'| {r.label} | {mode} | {t["params"]:,.0f} | {t["mults"]:,.0f} | {t["adds"]:,.0f} '
-        f'| {t["flops"]:,.0f} | {t["score"]:.3g} |'
+        f'| {t["flops"]:,.0f} | {score} |'
       )
   lines += [
     '',

@@ -1,5 +1,7 @@
 """Tests of `ec2t_jax.scoring`: published reference counts, hand-computed layers, the CLI."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -303,3 +305,12 @@ def test_score_cli_refuses_a_bad_json_path_before_the_work(tmp_path, capsys, whe
   assert score.main(['--workdir', str(tmp_path / 'nothing'), '--json', str(bad)]) == 2
   err = capsys.readouterr().err
   assert err.startswith('error: --json') and message in err and err.count('\n') == 1
+
+
+def test_score_needs_a_reference_network_that_fits_the_dataset(abstract_variables):
+  assert scoring.reference_for('mnist', (28, 28, 1)) is None
+  assert scoring.reference_for('tfds:cifar10', (32, 32, 3)) == (36.5e6, 10.49e9)
+  model, shapes = abstract_variables('lenet5', 10)
+  report = scoring.count(model, shapes, input_shape=(28, 28, 1), dataset='mnist')
+  assert math.isnan(report.totals['score']) and report.totals['params'] > 0
+  assert "no reference network for dataset 'mnist'" in report.format()

@@ -105,17 +105,26 @@ REFERENCE_NETWORKS = {
 }
 
 
-def reference_for(dataset: str | None, input_shape: Sequence[int]) -> tuple[float, float]:
-  """``(P_ref, F_ref)`` of the MicroNet score for a dataset name or an input size.
+def reference_for(dataset: str | None, input_shape: Sequence[int]) -> tuple[float, float] | None:
+  """``(P_ref, F_ref)`` of the MicroNet score for a dataset name or an input size, or None.
 
-  ImageNet (any name containing ``'imagenet'``, or inputs larger than 64
-  pixels) uses MobileNetV2-1.4; everything else (CIFAR-10/100, and MNIST, which
-  has no published reference) uses WRN-28-10.
+  The MicroNet challenge defines a reference network for CIFAR (WRN-28-10) and
+  for ImageNet (MobileNetV2-1.4) only. A dataset name containing ``'imagenet'``
+  or ``'cifar'`` picks its reference; any other named dataset (MNIST, your
+  own data) has none, and then the score is not defined. Without a name, the
+  input size decides (ImageNet above 64 pixels, CIFAR otherwise).
+
+  Example:
+    >>> reference_for('cifar100', (32, 32, 3)), reference_for('mnist', (28, 28, 1))
+    ((36500000.0, 10490000000.0), None)
   """
   if dataset:
-    if 'imagenet' in dataset.lower():
+    name = dataset.lower()
+    if 'imagenet' in name:
       return REFERENCE_NETWORKS['imagenet']
-    return REFERENCE_NETWORKS['cifar']
+    if 'cifar' in name:
+      return REFERENCE_NETWORKS['cifar']
+    return None
   side = batch_one(input_shape)[1]
   return REFERENCE_NETWORKS['imagenet' if side > 64 else 'cifar']
 
@@ -210,7 +219,7 @@ def count(
     if input_shape is None:
       raise ValueError('input_shape is required when a module (not a registered name) is given')
     shape = batch_one(input_shape)
-  p_ref, f_ref = reference_for(dataset, shape)
+  reference = reference_for(dataset, shape)
   graph = trace(model, variables, shape)
   if not graph.layers:
     raise ValueError('the traced forward pass has no convolution or dense layer with a kernel leaf')
@@ -239,8 +248,12 @@ def count(
   totals['macs'] = float(
     sum(math.prod(layer.shape_oi[1:]) * layer.c_out * layer.positions for layer in graph.layers)
   )
-  totals['P_ref'], totals['F_ref'] = p_ref, f_ref
-  totals['score'] = totals['params'] / p_ref + totals['flops'] / f_ref
+  if reference is None:  # No reference network fits this dataset: no score.
+    totals['P_ref'] = totals['F_ref'] = totals['score'] = float('nan')
+  else:
+    p_ref, f_ref = reference
+    totals['P_ref'], totals['F_ref'] = p_ref, f_ref
+    totals['score'] = totals['params'] / p_ref + totals['flops'] / f_ref
   return Report(rows, totals, mode, settings, list(graph.warnings))
 
 

@@ -182,10 +182,17 @@ class Report:
       )
     t = self.totals
     lines.append('-' * len(head))
+    if math.isnan(t['score']):
+      dataset = self.settings.get('dataset')
+      score = (
+        f'no score: the MicroNet challenge has no reference network for dataset {dataset!r} '
+        '(only CIFAR and ImageNet)'
+      )
+    else:
+      score = f'score {t["score"]:.5f} (P_ref {t["P_ref"]:.3g}, F_ref {t["F_ref"]:.4g})'
     lines.append(
       f'total ({self.mode}): params {t["params"]:,.0f}, mults {t["mults"] / 1e6:.3f}M, '
-      f'adds {t["adds"] / 1e6:.3f}M, FLOPs {t["flops"] / 1e6:.3f}M, '
-      f'score {t["score"]:.5f} (P_ref {t["P_ref"]:.3g}, F_ref {t["F_ref"]:.4g})'
+      f'adds {t["adds"] / 1e6:.3f}M, FLOPs {t["flops"] / 1e6:.3f}M, {score}'
     )
     for w in self.warnings:
       lines.append(f'warning: {w}')
