@@ -62,6 +62,9 @@ class Workdir(NamedTuple):
     prune_mask: bools of the pruned (ECP) leaves, or None.
     image_shape: one input image, `(height, width, channels)`.
     schedule: the run's `Schedule` (its stages and their steps).
+    normalization: per-channel `(mean, std)` the run's input pipeline applied to
+      images scaled to [0, 1], or None for checkpoints of older versions whose
+      dataset registers none.
   """
 
   config: ml_collections.ConfigDict
@@ -73,6 +76,7 @@ class Workdir(NamedTuple):
   prune_mask: Any
   image_shape: tuple[int, ...]
   schedule: schedule_lib.Schedule
+  normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
 def flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -165,6 +169,20 @@ def _data_facts(config: ml_collections.ConfigDict, extra: Mapping[str, Any]):
   return train.open_data(config).steps_per_epoch, num_classes, image_shape
 
 
+def _normalization(config: ml_collections.ConfigDict, extra: Mapping[str, Any]):
+  """The run's input normalization from a checkpoint, else the dataset's registered one."""
+  if 'normalization' in extra:
+    mean, std = extra['normalization']
+    return tuple(map(float, mean)), tuple(map(float, std))
+  try:  # Checkpoints of older versions (imports tfds).
+    from ec2t_jax.training import datasets
+
+    normalization = datasets.get_spec(config.dataset).normalization
+  except (ValueError, ImportError):
+    return None
+  return None if normalization is None else (tuple(normalization[0]), tuple(normalization[1]))
+
+
 def load_workdir(workdir: str, *, best: bool = False) -> Workdir:
   """Reads the newest (or the best-by-validation) checkpoint of a run, without its dataset.
 
@@ -192,9 +210,9 @@ def load_workdir(workdir: str, *, best: bool = False) -> Workdir:
       if not steps:
         raise FileNotFoundError(f'{workdir!r} has no checkpoint')
       step = steps[-1]
-    steps_per_epoch, num_classes, image_shape = _data_facts(
-      config, ckpt.read_extra(ckpt.steps()[-1])
-    )
+    extra = ckpt.read_extra(ckpt.steps()[-1])
+    steps_per_epoch, num_classes, image_shape = _data_facts(config, extra)
+    normalization = _normalization(config, extra)
     schedule = schedule_lib.create_schedule(config, steps_per_epoch)
     setup = state_lib.create_setup(
       config, schedule, num_classes=num_classes, image_shape=image_shape, load_pretrained=False
@@ -213,4 +231,5 @@ def load_workdir(workdir: str, *, best: bool = False) -> Workdir:
     prune_mask=setup.prune_mask,
     image_shape=setup.image_shape,
     schedule=schedule,
+    normalization=normalization,
   )
