@@ -1,13 +1,10 @@
-"""CIFAR-100 recipes: `:micronet` (default, the published C100-MicroNet) and `:smoke`."""
+"""CIFAR-100 recipes: `:micronet` (default, the published C100-MicroNet) and `:smoke`.
 
-from configs import cifar10
+The recipe lives in the package as `ec2t_jax/configs/cifar100.py` (an installed `ec2t-train`
+finds it as `--config=cifar100`); this file re-exports its `get_config` for
+`--config=configs/cifar100.py` and `from configs import cifar100`.
+"""
 
+from ec2t_jax.configs.cifar100 import get_config
 
-def get_config(variant: str = 'micronet'):
-  """CIFAR-100; `variant` in 'micronet', 'resnet20', 'smoke'."""
-  variant = variant or 'micronet'
-  config = cifar10.get_config(variant)
-  config.dataset = 'cifar100'
-  if variant == 'micronet':
-    config.model = 'micronet_c100'
-  return config
+__all__ = ['get_config']

@@ -1,83 +1,10 @@
-"""Base configuration: every field the training program reads, with the original recipe.
+"""Base configuration (every field the training program reads).
 
-Recipes in this directory import this file and override what differs. Fields
-follow the Flax examples where they exist (`model`, `dataset`, `batch_size`,
-`half_precision`, `log_every_steps`, `seed`); EC2T settings live in `config.ec2t`.
+The recipe lives in the package as `ec2t_jax/configs/default.py` (an installed `ec2t-train`
+finds it as `--config=default`); this file re-exports its `get_config` for
+`--config=configs/default.py` and `from configs import default`.
 """
 
-import ml_collections
+from ec2t_jax.configs.default import get_config
 
-
-def get_config():
-  """The base config (LeNet-5 on the embedded MNIST)."""
-  config = ml_collections.ConfigDict()
-
-  # --- model and data ---------------------------------------------------------------
-  config.model = 'lenet5'
-  config.model_kwargs = ml_collections.ConfigDict()
-  config.dataset = 'mnist'
-  config.data_dir = ''  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
-  config.num_classes = 0  # 0 = the dataset's.
-  config.image_size = 224  # Used when the dataset has no fixed image shape (ImageNet).
-  config.validation_size = -1  # Held out from the END of 'train'; -1 = the dataset's default.
-  config.num_train_examples = 0  # 0 = the source's size (tfds mock data needs a number).
-  config.num_eval_examples = 0  # 0 = all; a limit for smoke runs.
-  config.steps_per_epoch = 0  # 0 = len(train) // batch_size; a cap for smoke runs.
-  config.in_memory = True  # Small datasets are read into RAM once (much faster).
-  config.worker_count = 0  # grain worker processes (0 = in-process).
-
-  # --- training ----------------------------------------------------------------------
-  config.batch_size = 256  # Global, over all devices and processes.
-  config.eval_batch_size = 1000
-  config.half_precision = False  # bfloat16 compute; params and EC2T state stay float32.
-  config.seed = 0
-  config.init_from = ''  # Pretrained variables: orbax dir (save_variables) or .pt/.pth.
-  config.skip_nonfinite = False  # True: skip (and count) steps with NaN/inf instead of stopping.
-  config.num_devices = 0  # 0 = every device; n = the first n (one host only).
-  config.distributed = False  # True: jax.distributed.initialize() (multi-host).
-  config.coordinator_address = ''  # 'host:port' of process 0; '' = auto-detect (TPU, SLURM).
-  config.num_processes = 0  # 0 = auto-detect.
-  config.process_id = -1  # -1 = auto-detect.
-
-  # --- phase 0: full-precision training (0 epochs with init_from) ----------------------
-  config.fp = ml_collections.ConfigDict()
-  config.fp.num_epochs = 0
-  config.fp.optimizer = 'adam'  # 'sgd' or 'adam'
-  config.fp.learning_rate = 1e-3
-  config.fp.schedule = 'cosine'  # 'cosine' or 'constant'
-  config.fp.momentum = 0.9
-  config.fp.nesterov = True
-  config.fp.weight_decay = 0.0  # Coupled L2 added to the gradient.
-
-  # --- phases 1 and 2: EC2T, then frozen assignment (docs/algorithm.md §3–5) -------------
-  config.ec2t = ml_collections.ConfigDict()
-  config.ec2t.num_epochs = 20
-  config.ec2t.frozen_epochs = 15
-  config.ec2t.gamma = 0.15  # Entropy gain γ (the original's --lambda-max-divrs).
-  config.ec2t.init_scale = 0.3  # Initial centroid scale s (the original's --ini-c-divrs).
-  config.ec2t.sustain = 0.05
-  config.ec2t.p0_min = 0.5
-  config.ec2t.centroid_floor_std = 0.675
-  config.ec2t.latent_learning_rate = 1e-4  # Adam, latent weights.
-  config.ec2t.centroid_learning_rate = 1e-5  # Adam, centroids.
-  config.ec2t.learning_rate = 1e-4  # Adam, all other params ...
-  config.ec2t.weight_decay = 5e-6  # ... with coupled L2.
-  config.ec2t.reference_parity = False  # True reproduces the original's quirks.
-  # Which kernels are ternary: all conv/dense kernels except first, last and shortcuts,
-  # unless ternary_pattern (a regex on 'layer/kernel' paths) is given.
-  config.ec2t.keep_first = True
-  config.ec2t.keep_last = True
-  config.ec2t.keep_pattern = '(shortcut|downsample)'
-  config.ec2t.ternary_pattern = ''
-  config.ec2t.ternary_exclude = ''
-  config.ec2t.prune_pattern = ''  # Kernels to prune with ECP (docs/algorithm.md §6).
-
-  # --- logging and checkpoints ---------------------------------------------------------
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 1000
-  config.max_to_keep = 3
-  config.overwrite = False  # True: reuse a workdir that holds a run of another config.
-  # JAX's persistent compilation cache: a resumed or repeated run loads its compiled
-  # steps instead of compiling again. '' = off; $JAX_COMPILATION_CACHE_DIR wins if set.
-  config.compilation_cache_dir = '~/.cache/ec2t_jax/xla'
-  return config
+__all__ = ['get_config']
