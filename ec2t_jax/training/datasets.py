@@ -66,6 +66,7 @@ import io
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -546,11 +547,16 @@ class InMemorySource:
     """Reads every record of a random-access source (fixed-size images only)."""
     n = len(source)
     images, labels = None, np.empty((n,), np.int64)
+    batched = hasattr(source, '__getitems__')
     for start in range(0, n, chunk_size):
       keys = list(range(start, min(start + chunk_size, n)))
-      if hasattr(source, '__getitems__'):
-        records = source.__getitems__(keys)
-      else:
+      records = None
+      if batched:
+        try:
+          records = source.__getitems__(keys)
+        except TypeError:  # tfds.testing.mock_data's sources lack a working __getitems__.
+          batched = False
+      if records is None:
         records = [source[k] for k in keys]
       for k, record in zip(keys, records, strict=True):
         image = np.asarray(record['image'])
@@ -769,7 +775,7 @@ def _tfds_spec(argument: str, *, data_dir: str, image_size: int | None) -> Datas
   try:
     builder = tfds.builder(argument, data_dir=data_dir)
   except Exception as e:  # noqa: BLE001 - DatasetNotFoundError and its relatives.
-    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip('.')
     raise ValueError(
       f'dataset {name!r}: {first_line}; NAME must be a tfds builder name (tfds.list_builders()), '
       'optionally with its config, e.g. tfds:fashion_mnist or tfds:imagenette/160px'
@@ -791,6 +797,8 @@ def _tfds_spec(argument: str, *, data_dir: str, image_size: int | None) -> Datas
   provisional = DatasetSpec(name, argument, 0, None, {}, 'test', 0)
   if not sizes:  # Not prepared, or under tfds.testing.mock_data: try to open the splits.
     for split in ('train', 'test', 'validation'):
+      if split == 'validation' and 'test' in sizes:
+        break
       try:
         source = tfds.data_source(argument, split=split, data_dir=data_dir, download=False)
         sizes[split] = len(source)
@@ -851,6 +859,11 @@ def _npz_spec(argument: str, *, data_dir: str, image_size: int | None) -> Datase
 def _npz_spec_cached(name: str, path: str, image_size: int | None, *file_version) -> DatasetSpec:
   del file_version  # Only the cache's key: a rewritten file is read again.
   needed = ('x_train', 'y_train', 'x_test', 'y_test')
+  if not zipfile.is_zipfile(path):
+    raise ValueError(
+      f'dataset {name!r}: {path!r} is not an .npz file (not a zip archive); write it with '
+      'np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)'
+    )
   try:
     with np.load(path, allow_pickle=False) as npz:
       found = sorted(npz.files)
@@ -865,7 +878,9 @@ def _npz_spec_cached(name: str, path: str, image_size: int | None, *file_version
   except ValueError as e:
     if str(e).startswith(f'dataset {name!r}'):
       raise
-    raise ValueError(f'dataset {name!r}: cannot read {path!r} as .npz ({e})') from None
+    raise ValueError(
+      f'dataset {name!r}: cannot read {path!r} as .npz ({e}); store numeric arrays only'
+    ) from None
   except Exception as e:  # noqa: BLE001 - zipfile, OSError, pickle: all mean a bad file.
     raise ValueError(
       f'dataset {name!r}: cannot read {path!r} as .npz ({type(e).__name__}: {e}); write it '
@@ -1149,6 +1164,8 @@ def _read_folder(name, classes, split_files, image_size, version):
         raise _image_error(name, path, e) from None
     labels = np.array([label for label, _ in files], np.int64)
     images = np.stack(images)
+    if images.ndim == 3:  # Grey: one channel.
+      images = images[..., None]
     if split == 'train':
       order = np.random.default_rng(0).permutation(len(labels))
       images, labels = images[order], labels[order]
