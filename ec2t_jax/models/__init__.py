@@ -27,6 +27,7 @@ Example:
 
 import functools
 import importlib
+import inspect
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -52,6 +53,7 @@ __all__ = [
   'MicroNet',
   'MicroNetBlock',
   'ResNet',
+  'check_name',
   'create',
   'efficientnet',
   'input_shape',
@@ -134,15 +136,49 @@ def names() -> list[str]:
 
 def _lookup(name: str) -> _Entry:
   if name not in _registry:
-    raise ValueError(f"Unknown model '{name}'; valid names: {', '.join(names())}")
+    raise ValueError(
+      f"unknown model '{name}'; valid names: {', '.join(names())}, or "
+      "'package.module:factory' for your own"
+    )
   return _registry[name]
 
 
+def _import_factory(name: str) -> Callable[..., nn.Module]:
+  """The callable named by `'package.module:attribute'`."""
+  module_name, _, attr = name.partition(':')
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ValueError(
+      f'model {name!r}: cannot import {module_name!r} ({e}); is it on PYTHONPATH?'
+    ) from e
+  factory = module
+  for part in attr.split('.'):
+    factory = getattr(factory, part, None)
+  if not callable(factory):
+    raise ValueError(f'model {name!r}: {module_name!r} has no callable {attr!r}')
+  return factory
+
+
+def check_name(name: str) -> None:
+  """Raises a ValueError unless `create` can build `name` (a registered name or an import)."""
+  if ':' in name:
+    _import_factory(name)
+  else:
+    _lookup(name)
+
+
 def create(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
-  """Creates a registered model.
+  """Creates a registered model, or your own one named `'package.module:factory'`.
+
+  A `'package.module:factory'` names any importable callable that returns a
+  linen module (a class or a function), applied as
+  `model.apply(variables, images, train=...)` to NHWC images. It is called with
+  `num_classes` and `kwargs`; a `dtype` it does not accept is left out.
 
   Args:
-    name: one of `names()`, e.g. ``'resnet20'`` or ``'efficientnet_b1'``.
+    name: one of `names()`, e.g. ``'resnet20'`` or ``'efficientnet_b1'``, or
+      ``'mypackage.nets:MyNet'``.
     num_classes: number of output logits.
     **kwargs: module attributes, e.g. ``dtype=jnp.bfloat16``, ``axis_name='batch'``,
       ``bn_momentum``, ``depth_mult``/``width_mult`` for ``'micronet'``,
@@ -152,12 +188,23 @@ def create(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
     The unbound linen module.
 
   Raises:
-    ValueError: if ``name`` is not registered (the message lists the valid names).
+    ValueError: if ``name`` is not registered (the message lists the valid
+      names) or cannot be imported.
 
   Example:
     >>> model = create('micronet', num_classes=100, depth_mult=2.0)
   """
-  return _lookup(name).factory(num_classes=num_classes, **kwargs)
+  if ':' not in name:
+    return _lookup(name).factory(num_classes=num_classes, **kwargs)
+  factory = _import_factory(name)
+  if 'dtype' in kwargs:
+    try:
+      parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+      parameters = {}
+    if 'dtype' not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+      kwargs = {k: v for k, v in kwargs.items() if k != 'dtype'}
+  return factory(num_classes=num_classes, **kwargs)
 
 
 def input_shape(name: str) -> tuple[int, int, int]:

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
-import inspect
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -32,7 +29,6 @@ from ec2t_jax.training import schedule as schedule_lib
 
 __all__ = [
   'Setup',
-  'model_factory',
   'TrainState',
   'abstract_train_state',
   'compression_masks',
@@ -80,54 +76,15 @@ class Setup(NamedTuple):
   prune_mask: Any
 
 
-def model_factory(name: str) -> Callable[..., Any]:
-  """The factory of `config.model`: a registered name, or `'package.module:factory'`.
-
-  A `'package.module:factory'` names any importable callable that returns a
-  linen module (a class or a function); it is called with `num_classes`, the
-  entries of `config.model_kwargs`, and `dtype` if it accepts one. The module
-  is applied as `model.apply(variables, images, train=...)` to NHWC images.
-
-  Raises:
-    ValueError: for an unknown name or a factory that cannot be imported.
-  """
-  if ':' not in name:
-    if name not in models.names():
-      raise ValueError(
-        f'unknown model {name!r}; valid names: {", ".join(models.names())}, or '
-        "'package.module:factory' for your own"
-      )
-    return functools.partial(models.create, name)
-  module_name, _, attr = name.partition(':')
-  try:
-    module = importlib.import_module(module_name)
-  except ImportError as e:
-    raise ValueError(
-      f'config.model={name!r}: cannot import {module_name!r} ({e}); is it on PYTHONPATH?'
-    ) from e
-  factory = module
-  for part in attr.split('.'):
-    factory = getattr(factory, part, None)
-  if not callable(factory):
-    raise ValueError(f'config.model={name!r}: {module_name!r} has no callable {attr!r}')
-  return factory
-
-
 def create_model(config: ml_collections.ConfigDict, num_classes: int):
-  """The linen module of `config.model`, in bfloat16 if `config.half_precision`."""
+  """The linen module of `config.model` (registered, or `'package.module:factory'`).
+
+  Built with `num_classes`, the entries of `config.model_kwargs`, and bfloat16
+  compute (`dtype`) if `config.half_precision`.
+  """
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   kwargs = dict(config.get('model_kwargs') or {})
-  factory = model_factory(config.model)
-  if ':' in config.model:
-    try:
-      parameters = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-      parameters = {}
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    if takes_any or 'dtype' in parameters:
-      kwargs['dtype'] = dtype
-    return factory(num_classes=num_classes, **kwargs)
-  return factory(num_classes=num_classes, dtype=dtype, **kwargs)
+  return models.create(config.model, num_classes=num_classes, dtype=dtype, **kwargs)
 
 
 def initial_variables(model, image_shape: tuple[int, ...], seed: int) -> dict[str, Any]:

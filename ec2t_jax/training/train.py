@@ -41,7 +41,7 @@ import optax
 from jax.experimental import multihost_utils
 
 import ec2t_jax
-from ec2t_jax import tree_util
+from ec2t_jax import models, tree_util
 from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import datasets, input_pipeline, metric_writers
 from ec2t_jax.training import schedule as schedule_lib
@@ -67,7 +67,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   Raises:
     ValueError: naming the bad value and what would be valid.
   """
-  state_lib.model_factory(config.model)  # Raises a ValueError naming the valid forms.
+  models.check_name(config.model)  # Raises a ValueError naming the valid forms.
   # Raises a ValueError listing the valid forms, or naming what is wrong with the user's data.
   datasets.spec_for_config(config)
   for name in ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps'):
