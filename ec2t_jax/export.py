@@ -53,7 +53,7 @@ import math
 import os
 import struct
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -65,12 +65,16 @@ from ec2t_jax import ternary, tree_util
 __all__ = [
   'FORMAT_VERSION',
   'MAGIC',
+  'MODEL_INFO_KEYS',
   'ExportStats',
   'dumps',
   'entropy_bound_bits',
   'load',
+  'load_predictor',
   'loads',
   'main',
+  'model_info',
+  'run_model_info',
   'save',
   'ternary_leaves',
 ]
@@ -211,6 +215,41 @@ def _categorical(counts: Sequence[int]):
   return c.stream.model.Categorical(p / p.sum(), perfect=False)
 
 
+# What a file records about its network (all optional, so that older files still load):
+# the model's registered name (or 'package.module:factory') and constructor keywords,
+# the classifier's outputs, one input image's (height, width, channels), and the per-channel
+# (mean, std) applied to images scaled to [0, 1].
+MODEL_INFO_KEYS = ('name', 'kwargs', 'num_classes', 'input_shape', 'normalization', 'dataset')
+
+
+def _check_model_info(model: Mapping[str, Any] | None) -> dict[str, Any] | None:
+  """Validates `model` metadata for `dumps` (JSON-serializable, known keys)."""
+  if model is None:
+    return None
+  unknown = sorted(set(model) - set(MODEL_INFO_KEYS))
+  if unknown:
+    raise ValueError(f'unknown model info keys {unknown}; valid: {list(MODEL_INFO_KEYS)}')
+  out = dict(model)
+  try:
+    json.dumps(out)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'model info must be JSON-serializable: {e}') from e
+  return out
+
+
+def model_info(path: str) -> dict[str, Any] | None:
+  """The network description a file records (`save(..., model=...)`), or None if it has none.
+
+  The file is checked (magic, length, checksum) as by `load`.
+  """
+  with open(path, 'rb') as f:
+    manifest = _manifest(f.read())
+  info = manifest.get('model')
+  if info is not None and not isinstance(info, dict):
+    raise ValueError(f'corrupt manifest: model info is a {type(info).__name__}, not an object')
+  return info
+
+
 def dumps(
   variables: Any,
   opt_state: optax.OptState | None = None,
@@ -218,8 +257,10 @@ def dumps(
   entropy_coding: bool = False,
   fp_dtype: str = 'float32',
   centroid_dtype: str = 'float32',
+  model: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, ExportStats]:
   """Serializes ``variables`` (see `save`) and returns ``(file bytes, stats)``."""
+  model = _check_model_info(model)
   if fp_dtype not in _FP_DTYPES:
     raise ValueError(f'fp_dtype must be one of {list(_FP_DTYPES)}, got {fp_dtype!r}')
   if centroid_dtype not in _FP_DTYPES:
@@ -296,6 +337,8 @@ def dumps(
     'collections': sorted(variables),  # Empty ones (LeNet's batch_stats) come back too.
     'entries': entries,
   }
+  if model is not None:
+    manifest['model'] = model
   if entropy_coding and symbols:
     c = _constriction()
     encoder = c.stream.queue.RangeEncoder()
@@ -337,6 +380,7 @@ def save(
   entropy_coding: bool = False,
   fp_dtype: str = 'float32',
   centroid_dtype: str = 'float32',
+  model: Mapping[str, Any] | None = None,
 ) -> ExportStats:
   """Writes ``variables`` to one self-describing file.
 
@@ -349,6 +393,10 @@ def save(
       instead of mask + sign bits (``N + nnz`` bits).
     fp_dtype: ``'float32'`` or ``'float16'``, for the full-precision leaves.
     centroid_dtype: ``'float32'`` (bit-exact) or ``'float16'`` for ``w_p, w_n``.
+    model: what it takes to run the network, stored in the file (see
+      `MODEL_INFO_KEYS`; `python -m ec2t_jax.export` fills it from the run):
+      ``{'name', 'kwargs', 'num_classes', 'input_shape', 'normalization'}``.
+      `ec2t_jax.inference.load_predictor` turns such a file into a function.
 
   Returns:
     `ExportStats` of the written file.
@@ -368,6 +416,7 @@ def save(
     entropy_coding=entropy_coding,
     fp_dtype=fp_dtype,
     centroid_dtype=centroid_dtype,
+    model=model,
   )
   with open(path, 'wb') as f:
     f.write(data)
@@ -395,8 +444,13 @@ def _dtype(name: Any, what: str) -> np.dtype:
     raise ValueError(f'corrupt manifest: {what} has an unknown dtype {name!r}') from e
 
 
-def loads(data: bytes) -> dict[str, Any]:
-  """Decodes the bytes of `save` / `dumps` (see `load`)."""
+def _manifest(data: bytes) -> dict[str, Any]:
+  """The checked manifest of a file's bytes (magic, version, length, checksum, JSON)."""
+  return _parse(data)[0]
+
+
+def _parse(data: bytes) -> tuple[dict[str, Any], int, bytes]:
+  """`(manifest, flags, payload)` of a file's bytes, after every whole-file check."""
   if len(data) < _HEADER.size + _DIGEST:
     raise ValueError(
       f'not an ec2t_jax export: {len(data)} bytes is shorter than the '
@@ -421,7 +475,12 @@ def loads(data: bytes) -> dict[str, Any]:
     raise ValueError(f'corrupt manifest: {e}') from e
   if not isinstance(manifest, dict) or not isinstance(manifest.get('entries'), list):
     raise ValueError('corrupt manifest: no list of entries')
-  payload = body[_HEADER.size + manifest_len :]
+  return manifest, flags, body[_HEADER.size + manifest_len :]
+
+
+def loads(data: bytes) -> dict[str, Any]:
+  """Decodes the bytes of `save` / `dumps` (see `load`)."""
+  manifest, flags, payload = _parse(data)
   decoder = None
   if flags & _FLAG_ENTROPY and 'entropy_stream' in manifest:
     stream = _slice(payload, manifest['entropy_stream'].get('range'), 'the entropy stream')
@@ -547,7 +606,86 @@ def load(path: str) -> dict[str, Any]:
     return loads(f.read())
 
 
+def load_predictor(path: str, *, dtype: Any = None) -> Callable[[Any], jax.Array]:
+  """Turns a file with model info into a jitted function `images -> logits`.
+
+  The file must record its network (`python -m ec2t_jax.export` writes that;
+  `save(..., model=...)` in your own code). The function takes a batch of
+  images as the run's dataset holds them, `(N, height, width, channels)` or
+  `(N, height, width)`: uint8 pixels are divided by 255, float pixels are taken
+  on [0, 1]; then the run's normalization is applied and the network runs in
+  eval mode (BatchNorm statistics from the file). Images must already have the
+  recorded `input_shape` (resize/crop as the run's evaluation did).
+
+  Args:
+    path: an `.ec2t` file.
+    dtype: compute dtype passed to the model (e.g. `jnp.bfloat16`); default float32.
+
+  Returns:
+    `predict(images) -> logits`, float32 `(N, num_classes)`; `predict.info` is the model info.
+
+  Raises:
+    ValueError: if the file records no model (older files) or is not a valid export.
+
+  Example:
+    >>> predict = load_predictor('lenet5.ec2t')  # doctest: +SKIP
+    >>> logits = predict(mnist_test_images)       # doctest: +SKIP
+  """
+  import jax.numpy as jnp
+
+  from ec2t_jax import models  # Local: flax only for this function.
+
+  info = model_info(path)
+  if not info or 'name' not in info or 'num_classes' not in info:
+    raise ValueError(
+      f'{path!r} records no model; export it with python -m ec2t_jax.export, or pass '
+      "model={'name': ..., 'num_classes': ..., ...} to ec2t_jax.export.save"
+    )
+  variables = load(path)
+  kwargs = dict(info.get('kwargs') or {})
+  if dtype is not None:
+    kwargs['dtype'] = dtype
+  model = models.create(info['name'], num_classes=int(info['num_classes']), **kwargs)
+  shape = tuple(info.get('input_shape') or ())
+  mean, std = info.get('normalization') or ((0.0,), (1.0,))
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+  @jax.jit
+  def apply(images):
+    x = images.astype(jnp.float32)
+    if images.dtype == jnp.uint8:
+      x = x * np.float32(1.0 / 255.0)
+    if shape and x.ndim == len(shape):  # (N, H, W) grayscale: add the channel axis.
+      x = x[..., None]
+    return model.apply(variables, (x - mean) / std, train=False).astype(jnp.float32)
+
+  def predict(images):
+    images = jnp.asarray(images)
+    if shape and tuple(images.shape[1:]) not in (shape, shape[:-1]):
+      raise ValueError(f'images of shape {images.shape[1:]} given; the network takes {shape}')
+    return apply(images)
+
+  predict.info = info
+  return predict
+
+
 # --- command line ----------------------------------------------------------------------------
+
+
+def run_model_info(run: Any) -> dict[str, Any]:
+  """The `model` metadata of a run read by `ec2t_jax.training.workdir.load_workdir`."""
+  kwargs = run.config.get('model_kwargs') or {}
+  kwargs = kwargs.to_dict() if hasattr(kwargs, 'to_dict') else dict(kwargs)
+  info = {
+    'name': run.config.model,
+    'kwargs': kwargs,
+    'num_classes': int(run.num_classes),
+    'input_shape': [int(d) for d in run.image_shape],
+    'dataset': run.config.dataset,
+  }
+  if run.normalization is not None:
+    info['normalization'] = [list(run.normalization[0]), list(run.normalization[1])]
+  return info
 
 
 def _kb(n: float) -> str:
@@ -588,6 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   options = dict(
     fp_dtype='float16' if args.fp16 else 'float32',
     centroid_dtype='float16' if args.fp16_centroids else 'float32',
+    model=run_model_info(run),
   )
   packed, p_stats = dumps(run.variables, run.opt_state, entropy_coding=False, **options)
   coded, e_stats = dumps(run.variables, run.opt_state, entropy_coding=True, **options)

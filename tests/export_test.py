@@ -3,6 +3,7 @@
 import hashlib
 import json
 import math
+import os
 import struct
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from ec2t_jax import export, tree_util
+from ec2t_jax.training import datasets
 from ec2t_jax.training import workdir as workdir_lib
 
 
@@ -207,3 +209,31 @@ def test_keys_must_be_strings_without_slashes():
     export.dumps({'params': {1: np.zeros(2)}})
   with pytest.raises(ValueError, match='must not contain "/"'):
     export.dumps({'params': {'a/b': np.zeros(2)}})
+
+
+def test_file_records_its_network_and_reproduces_test_accuracy(trained_workdir, tmp_path):
+  path = str(tmp_path / 'tiny.ec2t')
+  assert export.main(['--workdir', trained_workdir, '--out', path, '--entropy-coding']) == 0
+  info = export.model_info(path)
+  assert info['name'] == 'lenet5' and info['num_classes'] == 10
+  assert info['input_shape'] == [28, 28, 1] and info['dataset'] == 'mnist'
+  assert info['normalization'] == [[0.1307], [0.3081]]
+  predict = export.load_predictor(path)
+  images, labels = datasets.load_embedded_mnist()['test']
+  with open(os.path.join(trained_workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  n = 128  # The tiny run evaluates num_eval_examples=128 test images.
+  accuracy = float(np.mean(np.argmax(predict(images[:n]), -1) == labels[:n]))
+  assert accuracy == summary['test_accuracy']
+
+
+def test_files_without_model_info_still_load_but_have_no_predictor(trained_workdir, tmp_path):
+  run = workdir_lib.load_workdir(trained_workdir)
+  path = str(tmp_path / 'plain.ec2t')
+  export.save(path, run.variables, run.opt_state)
+  assert export.model_info(path) is None
+  assert export.load(path)['params']['fc1']['kernel'].shape == (400, 120)
+  with pytest.raises(ValueError, match='records no model'):
+    export.load_predictor(path)
+  with pytest.raises(ValueError, match='unknown model info keys'):
+    export.save(path, run.variables, model={'name': 'lenet5', 'colour': 'red'})

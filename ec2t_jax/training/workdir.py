@@ -61,6 +61,7 @@ class Workdir(NamedTuple):
     ternary_mask: bools shaped like the params: the ternary leaves.
     prune_mask: bools of the pruned (ECP) leaves, or None.
     image_shape: one input image, `(height, width, channels)`.
+    num_classes: the classifier's outputs.
     schedule: the run's `Schedule` (its stages and their steps).
     normalization: per-channel `(mean, std)` the run's input pipeline applied to
       images scaled to [0, 1], or None for checkpoints of older versions whose
@@ -75,6 +76,7 @@ class Workdir(NamedTuple):
   ternary_mask: Any
   prune_mask: Any
   image_shape: tuple[int, ...]
+  num_classes: int
   schedule: schedule_lib.Schedule
   normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
@@ -230,6 +232,7 @@ def load_workdir(workdir: str, *, best: bool = False) -> Workdir:
     ternary_mask=setup.ternary_mask,
     prune_mask=setup.prune_mask,
     image_shape=setup.image_shape,
+    num_classes=num_classes,
     schedule=schedule,
     normalization=normalization,
   )
