@@ -418,16 +418,9 @@ def test_tfds_dataset_of_varying_size_under_mock_data(tmp_path, tiny_mnist):
 def test_register_a_dataset_and_a_form(monkeypatch, tmp_path):
   monkeypatch.setattr(datasets, 'DATASETS', dict(datasets.DATASETS))
   monkeypatch.setattr(datasets, '_FACTORIES', dict(datasets._FACTORIES))
-  digits = datasets.DatasetSpec(
-    name='digits',
-    tfds_name=None,
-    num_classes=3,
-    image_shape=(8, 8, 1),
-    split_sizes={'train': 30, 'test': 30},
-    test_split='test',
-    validation_size=3,
-    arrays={'train': make_images(30, 8), 'test': make_images(30, 8)},
-  )
+  arrays = {'train': make_images(30, 8), 'test': make_images(30, 8)}
+  sizes = {'train': 30, 'test': 30}
+  digits = datasets.DatasetSpec('digits', None, 3, (8, 8, 1), sizes, 'test', 3, arrays=arrays)
   datasets.register('digits', digits)
   assert datasets.get_spec('digits') is digits
   assert len(datasets.get_data_source('digits', 'test')) == 30

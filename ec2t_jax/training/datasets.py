@@ -1211,34 +1211,25 @@ register(
     channels=1,
   ),
 )
-register(
-  'cifar10',
-  DatasetSpec(
-    name='cifar10',
-    tfds_name='cifar10',
-    num_classes=10,
-    image_shape=(32, 32, 3),
-    split_sizes={'train': 50_000, 'test': 10_000},
-    test_split='test',
-    validation_size=5_000,
-    normalization=((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    recipe='cifar',
-  ),
-)
-register(
-  'cifar100',
-  DatasetSpec(
-    name='cifar100',
-    tfds_name='cifar100',
-    num_classes=100,
-    image_shape=(32, 32, 3),
-    split_sizes={'train': 50_000, 'test': 10_000},
-    test_split='test',
-    validation_size=5_000,
-    normalization=((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    recipe='cifar',
-  ),
-)
+for _name, _classes, _mean, _std in (
+  ('cifar10', 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+  ('cifar100', 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+):
+  register(
+    _name,
+    DatasetSpec(
+      name=_name,
+      tfds_name=_name,
+      num_classes=_classes,
+      image_shape=(32, 32, 3),
+      split_sizes={'train': 50_000, 'test': 10_000},
+      test_split='test',
+      validation_size=5_000,
+      normalization=(_mean, _std),
+      recipe='cifar',
+    ),
+  )
+del _name, _classes, _mean, _std
 register(
   'imagenet2012',
   DatasetSpec(

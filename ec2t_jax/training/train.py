@@ -220,7 +220,7 @@ def open_data(config: ml_collections.ConfigDict) -> Data:
     normalization = input_pipeline.compute_normalization(train_source, train_indices)
     logging.info(
       'normalization of %s from its %d training records: mean %s, std %s '
-      '(--config.normalization sets it)',
+      '(config.normalization overrides it)',
       spec.name,
       len(train_indices),
       *(', '.join(f'{v:.4f}' for v in part) for part in normalization),
