@@ -158,3 +158,9 @@ def test_registry_is_consistent():
     assert spec.test_split in spec.split_sizes
     assert 0 < spec.validation_size < spec.split_sizes['train']
   assert datasets.get_spec('mnist').embedded
+  for name in ('mnist', 'cifar10', 'cifar100', 'imagenet2012'):
+    spec = datasets.get_spec(name)
+    mean, std = spec.normalization
+    channels = spec.image_shape[-1] if spec.image_shape else spec.channels
+    assert len(mean) == len(std) == channels
+  assert datasets.valid_forms()[4:] == ['tfds:NAME', 'npz:/path/data.npz', 'folder:/path/to/images']

@@ -400,3 +400,24 @@ def test_in_memory_mnist_fast_path_is_exact_and_resumable():
   np.testing.assert_allclose(
     first[0]['image'].mean(), ((images[:90] / 255.0 - 0.1307) / 0.3081).mean(), atol=0.5
   )
+
+
+def test_resize_recipe_and_explicit_normalization():
+  spec = datasets.DatasetSpec(
+    'varying', 'varying', 2, None, {'train': 8, 'test': 8}, 'test', 0, recipe='resize'
+  )
+  with pytest.raises(ValueError, match='pass image_size'):
+    input_pipeline.preprocess_ops(spec, train=True)
+  ops = input_pipeline.preprocess_ops(spec, train=True, image_size=12)
+  assert [type(op).__name__ for op in ops] == ['SelectFeatures', 'Resize']
+  image = RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+  assert ops[1].map(element(image))['image'].shape == (12, 12, 3)
+  same = RNG.integers(0, 256, (12, 12, 1), dtype=np.uint8)
+  assert ops[1].map(element(same))['image'] is same
+  source = indexed_source(16, shape=(8, 8, 1))
+  kwargs = {'batch_size': 4, 'train': False, 'seed': 0, 'dataset': spec, 'image_size': 12}
+  with pytest.raises(ValueError, match='has no normalization of its own'):
+    input_pipeline.create_split(source, **kwargs)
+  batch = next(input_pipeline.create_split(source, **kwargs, normalization=((0.5,), (0.5,))))
+  assert batch['image'].shape == (4, 12, 12, 1)
+  assert -1.0 <= batch['image'].min() and batch['image'].max() <= 1.0
