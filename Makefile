@@ -9,15 +9,24 @@ WORKDIR ?= workdir/mnist
 
 .PHONY: demo test test-fast lint bench clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	touch $@
+
+# make demo: the training program only (the [train] extra; no torch, no test tools).
+$(VENV)/.installed-train: setup.cfg pyproject.toml | $(VENV)/.created
+	$(PY) -m pip install -q -e '.[train]'
+	touch $@
+
+# make test: everything the suite uses ([test] includes [train], [export] and [report]).
+$(VENV)/.installed: setup.cfg pyproject.toml | $(VENV)/.created
 	# torch: the CPU build only (an optional extra, used by the PyTorch parity tests).
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
-	touch $@
+	touch $@ $(VENV)/.installed-train
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed-train
 	$(PY) main.py --config=configs/mnist.py --workdir=$(WORKDIR)
 
 lint: $(VENV)/.installed
