@@ -320,7 +320,8 @@ def test_compute_and_parse_normalization():
       input_pipeline.parse_normalization(bad, 1)
 
 
-def test_builtin_normalization_is_unchanged():
+def test_builtin_normalization_is_unchanged(tiny_mnist):
+  assert train.open_data(tiny_mnist()).normalization == ((0.1307,), (0.3081,))
   assert input_pipeline.NORMALIZATION['mnist'] == ((0.1307,), (0.3081,))
   assert datasets.get_spec('cifar10').normalization == input_pipeline.NORMALIZATION['cifar10']
   assert [

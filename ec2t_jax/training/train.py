@@ -216,7 +216,9 @@ def open_data(config: ml_collections.ConfigDict) -> Data:
   normalization = input_pipeline.parse_normalization(
     config.get('normalization'), channels=image_shape[-1]
   )
-  if normalization is None and spec.normalization is None:
+  if normalization is None:
+    normalization = spec.normalization
+  if normalization is None:
     normalization = input_pipeline.compute_normalization(train_source, train_indices)
     logging.info(
       'normalization of %s from its %d training records: mean %s, std %s '
