@@ -19,6 +19,9 @@ def get_config():
   config.data_dir = ''  # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
   config.num_classes = 0  # 0 = the dataset's.
   config.image_size = 224  # Used when the dataset has no fixed image shape (ImageNet).
+  # Per-channel (mean, std) of pixels scaled to [0, 1], e.g. '((0.5,), (0.25,))';
+  # '' = the dataset's (your own data: computed from its training records).
+  config.normalization = ''
   config.validation_size = -1  # Held out from the END of 'train'; -1 = the dataset's default.
   config.num_train_examples = 0  # 0 = the source's size (tfds mock data needs a number).
   config.num_eval_examples = 0  # 0 = all; a limit for smoke runs.
