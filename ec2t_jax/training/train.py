@@ -262,18 +262,30 @@ def effective_normalization(data: Data) -> tuple[tuple[float, ...], tuple[float,
 
 def create_input_iter(config: ml_collections.ConfigDict, data: Data) -> Prefetch:
   """The endless, checkpointable iterator of training batches, prefetched in a thread."""
-  split = input_pipeline.create_split(
-    data.train_source,
-    batch_size=data.batch_size,
-    train=True,
+  return Prefetch(
+    _create_split(
+      config,
+      data,
+      data.train_source,
+      data.train_indices,
+      batch_size=data.batch_size,
+      train=True,
+      worker_count=config.get('worker_count', 0),
+    )
+  )
+
+
+def _create_split(config, data, source, indices, **kwargs):
+  """`input_pipeline.create_split` of `source` with the run's recipe and normalization."""
+  return input_pipeline.create_split(
+    source,
     seed=config.seed,
     dataset=data.spec or config.dataset,
     image_size=data.image_shape[0],
     normalization=data.normalization,
-    indices=data.train_indices,
-    worker_count=config.get('worker_count', 0),
+    indices=indices,
+    **kwargs,
   )
-  return Prefetch(split)
 
 
 def eval_batches(
@@ -289,16 +301,8 @@ def eval_batches(
   limit = config.get('num_eval_examples')
   if limit:
     indices = np.arange(min(limit, len(source))) if indices is None else indices[:limit]
-  return input_pipeline.create_split(
-    source,
-    batch_size=data.eval_batch_size,
-    train=False,
-    seed=config.seed,
-    dataset=data.spec or config.dataset,
-    image_size=data.image_shape[0],
-    normalization=data.normalization,
-    indices=indices,
-    num_epochs=1,
+  return _create_split(
+    config, data, source, indices, batch_size=data.eval_batch_size, train=False, num_epochs=1
   )
 
 
