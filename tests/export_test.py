@@ -64,7 +64,7 @@ def test_float16_centroids_and_leaves_tolerance(run):
     np.testing.assert_array_less(err, np.abs(orig) * 2.0**-11 + 2.0**-24 + 1e-30, err_msg=name)
     if name in tern:  # Still ternary, zeros exact.
       assert np.array_equal(got[name] == 0, orig == 0)
-      assert export._ternary_levels(got[name]) is not None
+      assert tree_util.ternary_levels(got[name]) is not None
 
 
 def test_entropy_coding_is_within_two_percent_of_the_entropy(run):

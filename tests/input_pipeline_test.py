@@ -116,13 +116,13 @@ def test_color_jitter():
 
 
 def test_hue_rotation_keeps_luma_and_inverts():
-  m = input_pipeline._hue_matrix(0.075)
+  m = input_pipeline.hue_rotation_matrix(0.075)
   luma = np.array([0.299, 0.587, 0.114])
   np.testing.assert_allclose(luma @ m, luma, atol=1e-6)  # Y unchanged
   np.testing.assert_allclose(
-    input_pipeline._hue_matrix(-0.075) @ m, np.eye(3), atol=1e-6
+    input_pipeline.hue_rotation_matrix(-0.075) @ m, np.eye(3), atol=1e-6
   )  # R(-θ) R(θ) = I
-  np.testing.assert_allclose(input_pipeline._hue_matrix(0.0), np.eye(3), atol=1e-6)
+  np.testing.assert_allclose(input_pipeline.hue_rotation_matrix(0.0), np.eye(3), atol=1e-6)
   gray = np.full(3, 0.5)
   np.testing.assert_allclose(m @ gray, gray, atol=1e-6)  # grays have no hue
 

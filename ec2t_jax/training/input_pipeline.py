@@ -314,14 +314,14 @@ class ColorJitter(grain.transforms.RandomMap):
         x *= s
         x += (1.0 - s) * gray
       elif op == 3 and self.hue:
-        x = x @ _hue_matrix(h).T
+        x = x @ hue_rotation_matrix(h).T
       else:
         continue
       np.clip(x, 0.0, 1.0, out=x)
     return {**element, 'image': x}
 
 
-def _hue_matrix(turns: float) -> np.ndarray:
+def hue_rotation_matrix(turns: float) -> np.ndarray:
   """RGB → RGB matrix rotating the hue by `turns` of a full circle (via YIQ).
 
   `YIQ⁻¹ · R(θ) · YIQ` with `R(θ)` the rotation of the (I, Q) plane, expanded
