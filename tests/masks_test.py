@@ -31,7 +31,9 @@ class _Transformer(nn.Module):
   def __call__(self, ids):
     h = nn.Embed(100, 32, name='embed')(ids)
     for i in range(2):
-      h = h + nn.SelfAttention(num_heads=4, name=f'attn{i}')(nn.LayerNorm(name=f'ln{i}')(h))
+      h = h + nn.MultiHeadDotProductAttention(num_heads=4, name=f'attn{i}')(
+        nn.LayerNorm(name=f'ln{i}')(h)
+      )
       h = h + nn.Dense(32, name=f'mlp_out{i}')(nn.gelu(nn.Dense(128, name=f'mlp_in{i}')(h)))
     return nn.Dense(5, name='head')(h.mean(1))
 
