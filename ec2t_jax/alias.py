@@ -10,6 +10,8 @@ from ec2t_jax import masks as masks_lib
 from ec2t_jax import transforms, tree_util
 
 TERNARY, PRUNE, FULL_PRECISION = 'ternary', 'prune', 'full_precision'
+# Integer and boolean leaves (step counters, indices): no optimizer changes them.
+NON_FLOAT = 'non_float'
 
 
 def default_fp_optimizer(
@@ -27,7 +29,11 @@ def param_labels(
   ternary_mask: masks_lib.MaskOrFn,
   prune_mask: masks_lib.MaskOrFn | None = None,
 ) -> optax.Params:
-  """Labels each leaf `'ternary'`, `'prune'` or `'full_precision'`, validating the masks.
+  """Labels each leaf `'ternary'`, `'prune'`, `'full_precision'` or `'non_float'`, validating.
+
+  Integer and boolean leaves that no mask selects are `'non_float'`: `ec2t`
+  leaves them unchanged (a zero update) instead of giving them to the
+  full-precision optimizer, which would round its float update into them.
 
   Raises:
     ValueError: if the ternary mask selects nothing, a leaf is selected by both
@@ -55,7 +61,15 @@ def param_labels(
       + (' ...' if len(names) > 8 else '')
       + ' (see ec2t_jax.masks.default_ternary_mask)'
     )
-  return jax.tree.map(lambda t, p: TERNARY if t else (PRUNE if p else FULL_PRECISION), tern, prune)
+
+  def label(t, p, leaf):
+    if t:
+      return TERNARY
+    if p:
+      return PRUNE
+    return FULL_PRECISION if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) else NON_FLOAT
+
+  return jax.tree.map(label, tern, prune, params)
 
 
 @transforms.with_arguments_of(
@@ -67,6 +81,7 @@ def ec2t(
   fp_optimizer: optax.GradientTransformation | None = None,
   prune_mask: masks_lib.MaskOrFn | None = None,
   reset_optimizers_at_freeze: bool = True,
+  skip_nonfinite: bool = True,
   **hyperparams,
 ) -> optax.GradientTransformation:
   """Entropy-Constrained Trained Ternarization as one optax optimizer.
@@ -97,6 +112,13 @@ def ec2t(
     freeze_assignment_at: first step of the frozen-assignment phase, or None.
     reset_optimizers_at_freeze: restart the centroid and full-precision
       optimizer states at that step, as the original does.
+    skip_nonfinite: an update whose gradients hold a NaN or inf leaves the
+      params and every optimizer state as they were (zero updates), instead
+      of making the latent weights, centroids and Adam moments NaN for good.
+      Without it the ternary and pruned leaves still skip such an update, but
+      `fp_optimizer` does not. To count the skipped updates, wrap the
+      optimizer in `optax.apply_if_finite`. (`ec2t_jax.training` passes False:
+      its trainer stops, or skips and counts, such steps itself.)
     reference_parity: reproduce the original's quirks (docs/algorithm.md §3–4).
     group_layers: batch the per-layer math of same-shaped leaves with
       `jax.vmap` (see `ternary_training`).
@@ -121,10 +143,58 @@ def ec2t(
   freeze = hyperparams['freeze_assignment_at']
   if reset_optimizers_at_freeze and freeze is not None:
     fp = transforms.reset_at_step(fp, freeze)
-  parts = {TERNARY: ternary_tx, FULL_PRECISION: fp}
+  # NON_FLOAT holds no state, so the optimizer state of a float-only model is unchanged.
+  parts = {TERNARY: ternary_tx, FULL_PRECISION: fp, NON_FLOAT: optax.set_to_zero()}
   if prune_mask is not None:
     parts[PRUNE] = transforms.entropy_constrained_pruning(**hyperparams)
-  return optax.partition(parts, _cached_labels(ternary_mask, prune_mask))
+  labels = _cached_labels(ternary_mask, prune_mask)
+  inner = optax.partition(parts, labels)
+
+  def init_fn(params):
+    state = inner.init(params)  # Refuses bad masks and compressed-leaf dtypes first.
+    if fp_optimizer is None:
+      _check_default_fp_dtypes(params, labels(params))
+    return state
+
+  if not skip_nonfinite:
+    return optax.GradientTransformation(init_fn, inner.update)
+
+  def update_fn(updates, state, params=None):
+    # One NaN/inf gradient anywhere skips the whole update (every part keeps its
+    # state), so the ternary and full-precision parts never step out of line.
+    new_updates, new_state = inner.update(updates, state, params)
+    finite = _all_finite(updates)
+    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+    new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+    return new_updates, new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _all_finite(tree: optax.Updates) -> jax.Array:
+  """A bool scalar: every floating element of `tree` is finite."""
+  checks = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+  ]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.ones((), bool)
+
+
+def _check_default_fp_dtypes(params: optax.Params, labels: optax.Params) -> None:
+  """Refuses float16 leaves for the default full-precision optimizer (Adam underflows there)."""
+  for (name, leaf), label in zip(
+    tree_util.named_leaves(params), jax.tree.leaves(labels), strict=True
+  ):
+    dtype = jnp.result_type(leaf)
+    if label == FULL_PRECISION and jnp.issubdtype(dtype, jnp.floating):
+      if str(dtype) not in transforms.SUPPORTED_DTYPES:
+        raise ValueError(
+          f'{name} has dtype {dtype}; the default full-precision optimizer (Adam, eps 1e-8) '
+          f'needs {", ".join(transforms.SUPPORTED_DTYPES)} params (in float16 its moments '
+          'underflow and the updates become NaN): keep the params in float32 and compute in '
+          "half precision with the model's dtype, or pass your own fp_optimizer"
+        )
 
 
 def _cached_labels(ternary_mask, prune_mask):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -197,25 +198,101 @@ def is_compression_state(x: Any) -> bool:
   return isinstance(x, _STATE_TYPES)
 
 
+# The dtypes a compressed leaf may have. float16 is refused: the latent weights and
+# their Adam moments would live in float16, where Adam's eps (1e-8) and the squared
+# gradients underflow to 0, the centroids become NaN and every weight 0.
+SUPPORTED_DTYPES = ('float32', 'bfloat16', 'float64')
+
+
 def _check_floating(params: optax.Params, what: str) -> None:
   for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=tree_util.is_masked)[0]:
     if tree_util.is_masked(leaf):
       continue
-    if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(
-        f'{what} selects {jax.tree_util.keystr(path)} of dtype {jnp.asarray(leaf).dtype}; '
+        f'{what} selects {jax.tree_util.keystr(path)} of dtype {dtype}; '
         'only floating-point leaves (kernels) can be compressed.'
+      )
+    if str(dtype) not in SUPPORTED_DTYPES:
+      raise ValueError(
+        f'{what} selects {jax.tree_util.keystr(path)} of dtype {dtype}; compressed leaves must '
+        f'be {", ".join(SUPPORTED_DTYPES)} (in float16 the latent weights and their optimizer '
+        'underflow and the layer silently becomes zeros): keep the params in float32 and '
+        "compute in half precision with the model's dtype (e.g. nn.Dense(dtype=jnp.float16))"
       )
 
 
-def _check_scalar(name: str, value: Any, *, minimum: float, strict: bool) -> None:
-  """Validates a hyperparameter when it is a concrete Python number."""
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    return  # Arrays and tracers (optax.inject_hyperparams) are not checked here.
-  bad = value <= minimum if strict else value < minimum
-  if bad or value != value:
-    relation = '>' if strict else '>='
-    raise ValueError(f'{name} must be {relation} {minimum:g}, got {value}')
+def check_hyperparameter(
+  name: str, value: Any, *, minimum: float, strict: bool, below: float | None = None
+) -> None:
+  """Validates a concrete hyperparameter: a Python number or a concrete scalar array.
+
+  Tracers (`optax.inject_hyperparams` inside `jit`) are not checked.
+
+  Args:
+    name: the argument's name, for the error.
+    value: its value.
+    minimum: the lower bound.
+    strict: whether the lower bound itself is excluded.
+    below: an exclusive upper bound, or None.
+
+  Raises:
+    TypeError: for a function (a schedule passed directly) or a non-number.
+    ValueError: for an array of more than one value, a non-finite value or
+      one out of range.
+  """
+  if isinstance(value, jax.core.Tracer) or isinstance(value, bool):
+    return
+  if callable(value):
+    raise TypeError(
+      f'{name} is a function ({getattr(value, "__name__", type(value).__name__)}); to change '
+      f'it during training wrap the optimizer in optax.inject_hyperparams, e.g. '
+      f"optax.inject_hyperparams(ec2t_jax.ec2t, static_args=('ternary_mask',))(mask, "
+      f'{name}=schedule)'
+    )
+  if not isinstance(value, (int, float)):
+    try:
+      dtype, shape = jnp.result_type(value), jnp.shape(value)
+    except TypeError:
+      raise TypeError(f'{name} must be a number, got {type(value).__name__}') from None
+    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+      raise TypeError(f'{name} must be a real number, got dtype {dtype}')
+    if shape != ():
+      raise ValueError(
+        f'{name} must be one number for every layer, got an array of shape {shape}; for '
+        'per-layer values use one ec2t_jax.ternary_training per group of layers under '
+        'optax.partition'
+      )
+  v = float(value)
+  if not math.isfinite(v):
+    raise ValueError(f'{name} must be a finite number, got {v}')
+  if below is not None and not (minimum < v < below if strict else minimum <= v < below):
+    raise ValueError(f'{name} must be in {"(" if strict else "["}{minimum:g}, {below:g}), got {v}')
+  if v <= minimum if strict else v < minimum:
+    raise ValueError(f'{name} must be {">" if strict else ">="} {minimum:g}, got {v}')
+
+
+def _all_finite(arrays: Sequence[jax.Array]) -> jax.Array:
+  """A bool scalar: every element of every array is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
+
+
+def _check_shapes(layout: LayerLayout, groups: Sequence[LayerGroup], tree: Any, what: str) -> None:
+  """Refuses a tree whose leaves do not have the shapes the state was built for (at trace time)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=tree_util.is_masked)[0]
+  if len(flat) != layout.treedef.num_leaves:
+    return  # `LayerLayout.stack` names the leaf counts.
+  for members, group in zip(layout.groups, groups, strict=True):
+    want = tuple(group.latent.shape[1:])
+    for i in members:
+      path, leaf = flat[i]
+      if tuple(jnp.shape(leaf)) != want:
+        raise ValueError(
+          f'{what} leaf {jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(leaf))}, but the '
+          f'optimizer state was built (by init) for shape {want}: the params changed shape or '
+          'order between init and update; call init again with the new params'
+        )
 
 
 def check_step(name: str, value: Any) -> None:
@@ -245,12 +322,11 @@ def _compression_factory(prune: bool):
     reference_parity: bool = False,
     group_layers: bool = True,
   ) -> optax.GradientTransformation:
-    _check_scalar('gamma', gamma, minimum=0.0, strict=False)
-    _check_scalar('init_scale', init_scale, minimum=0.0, strict=True)
-    _check_scalar('sustain', sustain, minimum=0.0, strict=False)
-    _check_scalar('centroid_floor_std', centroid_floor_std, minimum=0.0, strict=False)
-    if isinstance(p0_min, (int, float)) and not 0.0 <= p0_min < 1.0:
-      raise ValueError(f'p0_min must be in [0, 1), got {p0_min}')
+    check_hyperparameter('gamma', gamma, minimum=0.0, strict=False)
+    check_hyperparameter('init_scale', init_scale, minimum=0.0, strict=True)
+    check_hyperparameter('sustain', sustain, minimum=0.0, strict=False)
+    check_hyperparameter('centroid_floor_std', centroid_floor_std, minimum=0.0, strict=False)
+    check_hyperparameter('p0_min', p0_min, minimum=0.0, strict=False, below=1.0)
     check_step('freeze_assignment_at', freeze_assignment_at)
     latent_optimizer = latent_optimizer or optax.adam(1e-4)
     centroid_optimizer = centroid_optimizer or optax.adam(1e-5)
@@ -291,6 +367,8 @@ def _compression_factory(prune: bool):
       if params is None:
         raise ValueError(f'{what} needs the current params: call update(grads, state, params).')
       count, layout, groups = state.count, state.layout, state.groups
+      _check_shapes(layout, groups, updates, f'{what}: the gradient')
+      _check_shapes(layout, groups, params, f'{what}: the params')
       if freeze_assignment_at is None:
         frozen = jnp.zeros((), bool)
       else:
@@ -304,9 +382,10 @@ def _compression_factory(prune: bool):
         g_w, g_c = ternary.map_gradient(g, a, c, reference_parity=reference_parity, prune=prune)
         return g_w.astype(w.dtype), g_c
 
+      stacked_grads = layout.stack(updates)
       mapped = [
         jax.vmap(map_gradient)(g, s.assignment, s.centroids, s.latent)
-        for g, s in zip(layout.stack(updates), groups, strict=True)
+        for g, s in zip(stacked_grads, groups, strict=True)
       ]
       latent_grads = tuple(m[0] for m in mapped)
       centroid_grads = tuple(m[1] for m in mapped)
@@ -369,6 +448,11 @@ def _compression_factory(prune: bool):
         layout=layout,
       )
       stacked_updates = [f[0] for f in finished]
+      # A NaN/inf gradient would make the latent weights and centroids NaN for good
+      # (and the layer all zeros): skip the update instead, keeping the state.
+      finite = _all_finite(stacked_grads)
+      new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+      stacked_updates = [jnp.where(finite, u, jnp.zeros_like(u)) for u in stacked_updates]
       if _FENCE_UPDATES:
         # Keeps XLA:GPU from fusing a group's whole update math into each layer's
         # slice of it (as many large kernels as layers, instead of one per group).

@@ -30,6 +30,7 @@ order, so its input rows are permuted as well.
 
 import math
 import os
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -224,24 +225,73 @@ def _load(path: str | os.PathLike) -> Mapping[str, Any]:
       f'loading {os.fspath(path)!r} needs PyTorch, an optional extra: '
       "pip install 'ec2t_jax[torch]' (or pass the state_dict as a mapping of arrays)"
     ) from e
-  obj = torch.load(os.fspath(path), map_location='cpu', weights_only=True)
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'no PyTorch file at {path!r}')
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    # torch's message suggests weights_only=False, which would run the file's code: never.
+    lines = [s.strip() for s in str(e).splitlines()]
+    detail = next((s for s in lines if 'Unsupported' in s or 'Trying to load' in s), lines[0])
+    if 'GLOBAL' not in detail and 'global' not in detail:  # Not a pickle of tensors at all.
+      raise ValueError(
+        f'{path!r} cannot be read as a PyTorch file ({detail[:120]}); is it truncated, or not '
+        'written by torch.save?'
+      ) from e
+    raise ValueError(
+      f'{path!r} is not a plain PyTorch state_dict ({detail[:120]}): it holds objects that only '
+      'a full unpickling, which runs code from the file, could rebuild; save the weights with '
+      'torch.save(model.state_dict(), path)'
+    ) from e
+  except Exception as e:  # noqa: BLE001 - torch.load raises many types on bad files.
+    detail = ' '.join(str(e).split())[:160] or 'no detail'
+    raise ValueError(
+      f'{path!r} cannot be read as a PyTorch file ({type(e).__name__}: {detail}); is it empty, '
+      'truncated, or not written by torch.save?'
+    ) from e
   if isinstance(obj, Mapping):
     # Training checkpoints often wrap the weights: {'state_dict': {...}, 'epoch': ...}.
     for key in ('state_dict', 'model_state_dict', 'model'):
       if isinstance(obj.get(key), Mapping) and not hasattr(obj.get(key), 'detach'):
         return obj[key]
     return obj
-  raise ValueError(f'{os.fspath(path)!r} holds a {type(obj).__name__}, not a state_dict')
+  raise ValueError(f'{path!r} holds a {type(obj).__name__}, not a state_dict')
 
 
 def _normalize(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  out = {}
+  """Strips DataParallel's `module.` prefix, drops `num_batches_tracked`, checks the names.
+
+  Raises:
+    TypeError: for a name that is not a string.
+    ValueError: for two entries that name one tensor (`conv1.weight` and
+      `module.conv1.weight`).
+  """
+  out, original = {}, {}
   for name, value in state_dict.items():
-    name = name.removeprefix('module.')  # torch.nn.DataParallel / DDP.
-    if name.endswith('num_batches_tracked'):
+    if not isinstance(name, str):
+      raise TypeError(f'state_dict keys must be strings, got {name!r}')
+    short = name.removeprefix('module.')  # torch.nn.DataParallel / DDP.
+    if short.endswith('num_batches_tracked'):
       continue
-    out[name] = value
+    if short in out:
+      raise ValueError(
+        f'state_dict holds both {original[short]!r} and {name!r}, which name the same tensor; '
+        'keep one'
+      )
+    out[short], original[short] = value, name
   return out
+
+
+def _check_values(name: str, value: np.ndarray) -> None:
+  """Refuses complex or non-finite tensors (a real network's weights are neither)."""
+  if value.dtype.kind == 'c':
+    raise ValueError(f'{name} is complex ({value.dtype}); the models have real weights')
+  if value.dtype.kind == 'f' and not np.all(np.isfinite(value)):
+    bad = int(np.size(value) - np.sum(np.isfinite(value)))
+    raise ValueError(f'{name} holds {bad} NaN/inf values; is the checkpoint broken?')
+  if value.dtype.kind not in 'fiub':
+    raise ValueError(f'{name} has dtype {value.dtype}, not a number type')
 
 
 _CLASSIFIER = {
@@ -320,6 +370,11 @@ def from_pytorch(
     >>> variables = from_pytorch(sd, 'resnet20')
     >>> logits = models.create('resnet20', num_classes=10).apply(variables, x)
   """
+  if not isinstance(model_name, str):
+    raise TypeError(
+      f'model_name must be a model name such as {supported_models()[0]!r}, got '
+      f'{type(model_name).__name__}; supported: {list(supported_models())}'
+    )
   family = _check_model_name(model_name)
   if isinstance(state_dict, (str, os.PathLike)):
     state_dict = _load(state_dict)
@@ -329,9 +384,11 @@ def from_pytorch(
   if num_classes is None:
     bias = given.get(_CLASSIFIER[family])
     if bias is None:
+      names = sorted(given)
       raise ValueError(
-        f'cannot infer num_classes: {_CLASSIFIER[family]!r} is not in the state_dict; '
-        'pass num_classes'
+        f'cannot infer num_classes: the state_dict has no {_CLASSIFIER[family]!r} (the '
+        f'classifier bias of {model_name}), so it may be the weights of another model '
+        f'(its first names: {names[:4]}); check the model name, or pass num_classes'
       )
     num_classes = int(np.shape(_to_numpy(bias))[0])
   model = models.create(model_name, num_classes=num_classes, **model_kwargs)
@@ -344,6 +401,7 @@ def from_pytorch(
   for e in entries:
     if e.torch_name in given:
       value = _to_numpy(given[e.torch_name])
+      _check_values(e.torch_name, value)
       if value.shape != e.torch_shape:
         wrong.append((e, value.shape))
       else:

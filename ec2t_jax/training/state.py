@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -170,6 +171,9 @@ def create_ec2t_optimizer(
     prune_mask=prune_mask,
     freeze_assignment_at=freeze_at,
     reference_parity=cfg.reference_parity,
+    # The trainer stops on (or, with config.skip_nonfinite, skips and counts) a NaN/inf
+    # step itself, for both stages alike.
+    skip_nonfinite=False,
   )
 
 
@@ -192,15 +196,30 @@ def _check_variables(loaded: Any, expected: Any, source: str) -> None:
 
 
 def load_init_from(config: ml_collections.ConfigDict, expected: dict[str, Any]) -> dict[str, Any]:
-  """Pretrained variables from `config.init_from` (orbax directory or PyTorch file)."""
-  source = config.init_from
-  if source.endswith(('.pt', '.pth')):
-    from ec2t_jax.models import pytorch  # Local: torch is optional.
+  """Pretrained variables from `config.init_from` (orbax directory or PyTorch file).
 
-    kwargs = dict(config.get('model_kwargs') or {})
-    loaded = pytorch.from_pytorch(source, config.model, num_classes=config.num_classes, **kwargs)
-  else:
-    loaded = checkpoint_lib.load_variables(source)
+  Raises:
+    ValueError: naming `config.init_from` for a file or directory that cannot
+      be read, holds no `params`, or does not fit the model.
+    FileNotFoundError: if it does not exist.
+    ImportError: for a PyTorch file without torch installed.
+  """
+  source = config.init_from
+  try:
+    if source.endswith(('.pt', '.pth')):
+      from ec2t_jax.models import pytorch  # Local: torch is optional.
+
+      kwargs = dict(config.get('model_kwargs') or {})
+      loaded = pytorch.from_pytorch(source, config.model, num_classes=config.num_classes, **kwargs)
+    else:
+      loaded = checkpoint_lib.load_variables(source)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'config.init_from={source!r}: {e}') from e
+  if not isinstance(loaded, Mapping) or not isinstance(loaded.get('params'), Mapping):
+    raise ValueError(
+      f"config.init_from={source!r} holds no 'params' collection; it must be a directory "
+      'written by ec2t_jax.training.checkpoint.save_variables, or a .pt/.pth state_dict'
+    )
   loaded = {'params': loaded['params'], 'batch_stats': loaded.get('batch_stats') or {}}
   _check_variables(loaded, expected, source)
   return jax.tree.map(lambda x, e: jnp.asarray(x, e.dtype), loaded, expected)
