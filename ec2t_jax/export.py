@@ -34,8 +34,13 @@ leaf is bit-identical to the trained one. ``'float16'`` rounds each layer's
 two levels to 11 significant bits: every weight of the layer moves by at most
 ``2^-11`` of its magnitude (0.05 %), and since the error is one scale factor
 per sign group, the layer's output changes by the same relative amount.
-``fp_dtype='float16'`` rounds the full-precision leaves likewise (relative
-error ``2^-11``, within float16's range). Measured on the LeNet-5 MNIST demo
+``fp_dtype='float16'`` rounds the full-precision leaves likewise: every value
+moves by at most ``2^-11`` of its leaf's largest magnitude. A leaf that
+float16 cannot hold that closely (a value beyond its range, 65504, or a leaf
+of values so small that they would flush to zero) stays in float32, and so do
+centroids that float16 cannot hold within ``2^-11`` of their own value; the
+file records the dtype of every entry, `ExportStats.float32_leaves` names
+them and the command line prints them. Measured on the LeNet-5 MNIST demo
 (``configs/mnist.py``, 98.67 % test accuracy): float16 centroids, float16
 full-precision leaves, or both change none of the 10,000 test predictions.
 
@@ -49,6 +54,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 import struct
@@ -86,6 +92,28 @@ _DIGEST = 32
 _FLAG_ENTROPY = 1
 _FP_DTYPES = ('float16', 'float32')
 _KINDS = ('ternary', 'ternary_ec', 'sparse', 'dense')
+# The leaf dtypes a file may hold (the writer refuses others; the reader accepts no others).
+_LEAF_DTYPES = (
+  'bool',
+  'int8',
+  'int16',
+  'int32',
+  'int64',
+  'uint8',
+  'uint16',
+  'uint32',
+  'uint64',
+  'float16',
+  'float32',
+  'float64',
+  'bfloat16',
+)
+_TERNARY_DTYPES = ('float16', 'float32', 'float64')  # `_ternary_levels` packs only these.
+# A file may decode to at most this many times its own size (plus 1 MiB): a forged
+# manifest cannot make the reader allocate more than the bytes present justify.
+_MAX_EXPANSION = 1 << 16
+_MAX_DEPTH = 32  # Nesting of the manifest's JSON.
+_FLOAT16_RTOL = 2.0**-11
 
 
 class ExportStats(NamedTuple):
@@ -101,6 +129,8 @@ class ExportStats(NamedTuple):
     entropy_bound_bits: ``Σ_l N_l·H(P_l)`` over the ternary leaves.
     num_ternary: ternary weights.
     ternary_leaves: their count.
+    float32_leaves: leaves kept in float32 although float16 was asked for
+      (values or centroids that float16 cannot hold within ``2^-11``).
   """
 
   total_bytes: int
@@ -112,6 +142,7 @@ class ExportStats(NamedTuple):
   entropy_bound_bits: float
   num_ternary: int
   ternary_leaves: int
+  float32_leaves: tuple[str, ...] = ()
 
 
 # --- which leaves are ternary ----------------------------------------------------------------
@@ -138,11 +169,36 @@ def _check_variables(variables: Any) -> None:
 
 
 def _named_arrays(variables: Any) -> list[tuple[str, np.ndarray]]:
-  """``[(leaf name, array)]`` of a nested mapping of arrays (`tree_util.named_leaves` order)."""
+  """``[(leaf name, array)]`` of a nested mapping of arrays (`tree_util.named_leaves` order).
+
+  Raises:
+    ValueError: for a leaf whose dtype a file cannot hold (object, complex, strings).
+  """
   _check_variables(variables)
-  return [
+  out = [
     (name, np.asarray(jax.device_get(value))) for name, value in tree_util.named_leaves(variables)
   ]
+  for name, value in out:
+    if str(value.dtype) not in _LEAF_DTYPES:
+      raise ValueError(
+        f'{name} has dtype {value.dtype}; an export holds {", ".join(_LEAF_DTYPES)} leaves'
+      )
+  return out
+
+
+def _float16_holds(values: np.ndarray, *, per_value: bool) -> bool:
+  """Whether float16 holds every finite value within ``2^-11`` (of itself, or of the leaf's
+  largest magnitude), without overflowing to inf."""
+  v = np.asarray(values, np.float64)
+  v = v[np.isfinite(v)]
+  if v.size == 0:
+    return True
+  with np.errstate(over='ignore'):
+    h = v.astype(np.float16).astype(np.float64)
+  if not np.all(np.isfinite(h)):
+    return False
+  scale = np.abs(v) if per_value else np.max(np.abs(v))
+  return bool(np.all(np.abs(h - v) <= _FLOAT16_RTOL * scale))
 
 
 def _ternary_levels(values: np.ndarray) -> tuple[float, float] | None:
@@ -273,6 +329,7 @@ def dumps(
   symbols: list[tuple[np.ndarray, list[int]]] = []
   tern_bits = centroid_bytes = fp_bytes = num_tern = 0
   bound = 0.0
+  kept_float32 = []
 
   def put(blob: bytes) -> tuple[int, int]:
     nonlocal offset
@@ -292,9 +349,13 @@ def dumps(
       flat_v = value.ravel()
       nonzero = flat_v != 0
       counts = _symbol_counts(flat_v)
-      cent = np.asarray([w_p, w_n], centroid_dtype).tobytes()
+      leaf_centroid_dtype = centroid_dtype
+      if centroid_dtype == 'float16' and not _float16_holds([w_p, w_n], per_value=True):
+        leaf_centroid_dtype = 'float32'
+        kept_float32.append(name)
+      cent = np.asarray([w_p, w_n], leaf_centroid_dtype).tobytes()
       entry.update(
-        centroid_dtype=centroid_dtype,
+        centroid_dtype=leaf_centroid_dtype,
         counts=counts,
         centroids=list(put(cent)),
       )
@@ -313,7 +374,12 @@ def dumps(
         entry['signs'] = list(put(signs))
         tern_bits += 8 * (len(mask) + len(signs))
     else:
-      stored = value.astype(fp_dtype) if value.dtype.kind == 'f' else value
+      leaf_dtype = fp_dtype
+      if fp_dtype == 'float16' and value.dtype.kind == 'f':
+        if not _float16_holds(value, per_value=False):
+          leaf_dtype = 'float32'
+          kept_float32.append(name)
+      stored = value.astype(leaf_dtype) if value.dtype.kind == 'f' else value
       nonzero = stored.ravel() != 0
       nnz = int(nonzero.sum())
       dense_size = stored.nbytes
@@ -368,7 +434,13 @@ def dumps(
     entropy_bound_bits=bound,
     num_ternary=num_tern,
     ternary_leaves=len(tern),
+    float32_leaves=tuple(kept_float32),
   )
+  if kept_float32:
+    logging.warning(
+      'kept in float32 (float16 cannot hold their values within 2^-11): %s',
+      ', '.join(kept_float32),
+    )
   return data, stats
 
 
@@ -437,11 +509,67 @@ def _slice(payload: bytes, where: Any, what: str) -> bytes:
   return payload[where[0] : where[0] + where[1]]
 
 
-def _dtype(name: Any, what: str) -> np.dtype:
-  try:
-    return np.dtype(jax.numpy.dtype(name))
-  except TypeError as e:
-    raise ValueError(f'corrupt manifest: {what} has an unknown dtype {name!r}') from e
+def _dtype(name: Any, what: str, allowed: Sequence[str] = _LEAF_DTYPES) -> np.dtype:
+  """The dtype `name` of an entry, if it is one the writer produces for that field."""
+  if not isinstance(name, str) or name not in allowed:
+    raise ValueError(
+      f'corrupt manifest: {what} has dtype {name!r}; this field holds one of {list(allowed)}'
+    )
+  return np.dtype(jax.numpy.dtype(name))
+
+
+def _depth(value: Any) -> int:
+  """The nesting depth of a parsed JSON value (iteratively: no recursion limit)."""
+  deepest, stack = 0, [(value, 1)]
+  while stack:
+    node, depth = stack.pop()
+    if isinstance(node, (dict, list)):
+      deepest = max(deepest, depth)
+      if deepest > _MAX_DEPTH:
+        return deepest
+      stack.extend(
+        (child, depth + 1) for child in (node.values() if isinstance(node, dict) else node)
+      )
+  return deepest
+
+
+def _check_sizes(manifest: dict[str, Any], payload: bytes, file_bytes: int) -> None:
+  """Refuses entries that would decode to more than the bytes present can justify.
+
+  Raises:
+    ValueError: when the entries declare more than `_MAX_EXPANSION` times the
+      file's size (plus 1 MiB), or an entropy-coded entry's symbol counts carry
+      more information (``N·H(P)`` bits) than the stream holds.
+  """
+  total, info_bits = 0, 0.0
+  for i, entry in enumerate(manifest['entries']):
+    if not isinstance(entry, dict):
+      raise ValueError(f'corrupt manifest: entry {i} is not an object')
+    shape = entry.get('shape')
+    if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**63 for d in shape)):
+      raise ValueError(f'corrupt manifest: entry {i} has shape {shape!r}')
+    n = math.prod(shape)
+    total += n * 8  # Decoding holds at most 8 bytes per value at a time.
+    counts = entry.get('counts')
+    if entry.get('kind') == 'ternary_ec' and isinstance(counts, list) and len(counts) == 3:
+      if all(type(c) is int and c >= 0 for c in counts) and sum(counts) == n and n:
+        p = np.asarray([c for c in counts if c], np.float64) / n
+        info_bits += 0.999 * n * float(-np.sum(p * np.log2(p)))  # N·H(P), rounded down.
+  limit = _MAX_EXPANSION * file_bytes + (1 << 20)
+  if total > limit:
+    raise ValueError(
+      f'corrupt or forged export: its entries declare {total:,d} bytes of values, more than '
+      f'{_MAX_EXPANSION}x the {file_bytes:,d}-byte file'
+    )
+  stream = manifest.get('entropy_stream')
+  if info_bits and isinstance(stream, dict):
+    where = stream.get('range')
+    have = 8 * where[1] if isinstance(where, list) and len(where) == 2 else 0
+    if isinstance(have, int) and info_bits > have + 64 * len(manifest['entries']):
+      raise ValueError(
+        f'corrupt or forged export: the entropy-coded entries need at least '
+        f'{info_bits:,.0f} bits, the stream holds {have:,d}'
+      )
 
 
 def _manifest(data: bytes) -> dict[str, Any]:
@@ -473,9 +601,15 @@ def _parse(data: bytes) -> tuple[dict[str, Any], int, bytes]:
     manifest = json.loads(body[_HEADER.size : _HEADER.size + manifest_len].decode('utf-8'))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ValueError(f'corrupt manifest: {e}') from e
+  except RecursionError as e:
+    raise ValueError(f'corrupt manifest: nested more than {_MAX_DEPTH} levels deep') from e
   if not isinstance(manifest, dict) or not isinstance(manifest.get('entries'), list):
     raise ValueError('corrupt manifest: no list of entries')
-  return manifest, flags, body[_HEADER.size + manifest_len :]
+  if _depth(manifest) > _MAX_DEPTH:
+    raise ValueError(f'corrupt manifest: nested more than {_MAX_DEPTH} levels deep')
+  payload = body[_HEADER.size + manifest_len :]
+  _check_sizes(manifest, payload, len(data))
+  return manifest, flags, payload
 
 
 def loads(data: bytes) -> dict[str, Any]:
@@ -518,13 +652,19 @@ def _decode_entry(entry: dict[str, Any], payload: bytes, decoder: Any, i: int) -
     raise ValueError(f'corrupt manifest: {name} has kind {kind!r}; valid kinds: {list(_KINDS)}')
   if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
     raise ValueError(f'corrupt manifest: {name} has shape {shape!r}')
-  dtype = _dtype(entry.get('dtype'), name)
+  ternary_kind = kind in ('ternary', 'ternary_ec')
+  dtype = _dtype(entry.get('dtype'), name, _TERNARY_DTYPES if ternary_kind else _LEAF_DTYPES)
   n = math.prod(shape)
-  if kind in ('ternary', 'ternary_ec'):
+  if ternary_kind:
     counts = entry.get('counts')
-    if not (isinstance(counts, list) and len(counts) == 3 and sum(counts) == n):
+    if not (
+      isinstance(counts, list)
+      and len(counts) == 3
+      and all(type(c) is int and c >= 0 for c in counts)
+      and sum(counts) == n
+    ):
       raise ValueError(f'corrupt manifest: {name} has symbol counts {counts!r} for {n} weights')
-    cdtype = _dtype(entry.get('centroid_dtype'), name)
+    cdtype = _dtype(entry.get('centroid_dtype'), f'{name} centroids', _FP_DTYPES)
     cent = np.frombuffer(_slice(payload, entry.get('centroids'), f'{name} centroids'), cdtype)
     if cent.size != 2:
       raise ValueError(f'corrupt payload: {name} has {cent.size} centroid values, expected 2')
@@ -565,7 +705,11 @@ def _decode_entry(entry: dict[str, Any], payload: bytes, decoder: Any, i: int) -
       table = np.asarray([-w_n, 0, w_p], dtype)
       values = table[sym]
     return values.reshape(shape)
-  stored = _dtype(entry.get('stored_dtype'), name)
+  if dtype.kind == 'f':
+    allowed = _FP_DTYPES
+  else:  # bfloat16, integers and bools are stored as they are.
+    allowed = (str(dtype),)
+  stored = _dtype(entry.get('stored_dtype'), f'{name} (stored)', allowed)
   if kind == 'dense':
     raw = _slice(payload, entry.get('values'), f'{name} values')
     if len(raw) != n * stored.itemsize:
@@ -728,16 +872,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     centroid_dtype='float16' if args.fp16_centroids else 'float32',
     model=run_model_info(run),
   )
-  packed, p_stats = dumps(run.variables, run.opt_state, entropy_coding=False, **options)
-  coded, e_stats = dumps(run.variables, run.opt_state, entropy_coding=True, **options)
-  data = coded if args.entropy_coding else packed
-  with open(args.out, 'wb') as f:
-    f.write(data)
+  try:
+    packed, p_stats = dumps(run.variables, run.opt_state, entropy_coding=False, **options)
+    coded, e_stats = dumps(run.variables, run.opt_state, entropy_coding=True, **options)
+    data = coded if args.entropy_coding else packed
+    with open(args.out, 'wb') as f:
+      f.write(data)
+  except (ValueError, OSError) as e:
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+    return 2
   ref = p_stats.float32_bytes
   print(
-    f'{p_stats.ternary_leaves} ternary leaves ({p_stats.num_ternary:,d} weights); '
-    f'full-precision leaves in {options["fp_dtype"]}, centroids in {options["centroid_dtype"]}'
+    f'checkpoint {run.step}: {p_stats.ternary_leaves} ternary leaves '
+    f'({p_stats.num_ternary:,d} weights); full-precision leaves in {options["fp_dtype"]}, '
+    f'centroids in {options["centroid_dtype"]}'
   )
+  if not p_stats.ternary_leaves:
+    from ec2t_jax.training import schedule as schedule_lib
+
+    if run.schedule.optimizer_at(run.step) == schedule_lib.FP:
+      print(
+        f'note: checkpoint {run.step} is in the full-precision stage (EC2T starts at step '
+        f'{run.schedule.stage(schedule_lib.FP).end}): every leaf is stored as full precision'
+      )
+  if p_stats.float32_leaves:
+    print(
+      'kept in float32 (float16 cannot hold their values within 2^-11): '
+      + ', '.join(p_stats.float32_leaves)
+    )
   print(f'{"":<24} {"size":>14} {"ratio":>8}')
   for label, size in (
     ('float32 checkpoint', ref),
@@ -746,10 +908,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   ):
     print(f'{label:<24} {_kb(size):>14} {ref / size:>7.1f}x')
   bound = e_stats.entropy_bound_bits
+  overhead = (
+    f'coded {100 * (e_stats.ternary_payload_bits / bound - 1):+.2f}%' if bound > 0 else 'no bound'
+  )
   print(
     f'ternary payload: packed {p_stats.ternary_payload_bits:,d} bits, entropy coded '
-    f'{e_stats.ternary_payload_bits:,d} bits, sum N*H(P) = {bound:,.0f} bits '
-    f'(coded +{100 * (e_stats.ternary_payload_bits / max(bound, 1) - 1):.2f}%)'
+    f'{e_stats.ternary_payload_bits:,d} bits, sum N*H(P) = {bound:,.0f} bits ({overhead})'
   )
   kind = 'entropy coded' if args.entropy_coding else 'packed'
   print(f'wrote {args.out} ({kind}, {len(data):,d} bytes)')
