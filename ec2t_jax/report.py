@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import sys
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -508,7 +509,7 @@ def _markdown(runs: Sequence[RunData], images: Mapping[str, list[tuple[str, str]
   for r in runs:
     lines += ['', f'## {r.label}', '']
     for title, image in images[r.label]:
-      lines += [f'### {title}', '', f'![{title}]({image})', '']
+      lines += [f'### {title}', '', f'![{title}]({urllib.parse.quote(image)})', '']
     lines += [
       'Ternary layers of the final state (`t_n`, `t_p`: decision thresholds of the last '
       'assignment; `±w/2` would be plain nearest neighbour):',
@@ -526,7 +527,7 @@ def _markdown(runs: Sequence[RunData], images: Mapping[str, list[tuple[str, str]
   if 'comparison' in images:
     lines += ['', '## Comparison', '']
     for title, image in images['comparison']:
-      lines += [f'### {title}', '', f'![{title}]({image})', '']
+      lines += [f'### {title}', '', f'![{title}]({urllib.parse.quote(image)})', '']
   return '\n'.join(lines) + '\n'
 
 
