@@ -14,6 +14,7 @@ one with the best validation accuracy.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from typing import Any
@@ -66,12 +67,25 @@ class Checkpointer:
 
   Args:
     workdir: the run's directory.
-    max_to_keep: how many periodic checkpoints to keep.
+    max_to_keep: how many periodic checkpoints to keep (>= 1).
+    cleanup_tmp: remove the temporary directories of saves that never
+      finished (a run killed while writing). Only the run that holds the
+      workdir may do this: a reader would delete a save in progress.
+
+  Raises:
+    ValueError: for `max_to_keep` < 1.
   """
 
-  def __init__(self, workdir: str, *, max_to_keep: int = 3):
+  def __init__(self, workdir: str, *, max_to_keep: int = 3, cleanup_tmp: bool = False):
+    if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
+      raise ValueError(
+        f'max_to_keep must be an integer >= 1 (checkpoints kept on disk), got {max_to_keep!r}'
+      )
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+      max_to_keep=max_to_keep,
+      create=True,
+      enable_async_checkpointing=False,
+      cleanup_tmp_directories=cleanup_tmp,
     )
     self._manager = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, 'checkpoints')),
@@ -84,6 +98,7 @@ class Checkpointer:
       best_fn=lambda metrics: metrics['val_accuracy'],
       best_mode='max',
       enable_async_checkpointing=False,
+      cleanup_tmp_directories=cleanup_tmp,
     )
     self._best = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, 'best')),
@@ -96,22 +111,42 @@ class Checkpointer:
     self._manager.reload()
     return sorted(self._manager.all_steps())
 
+  def _write(self, manager: ocp.CheckpointManager, step: int, **kwargs: Any) -> None:
+    """One orbax save; a failed write is an `OSError` naming the step and what is kept."""
+    try:
+      _clear_step(manager, step)
+      manager.save(step, force=True, **kwargs)
+      manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types.
+      kept = sorted(manager.all_steps())
+      first_line = ' '.join(str(e).split())[:300]
+      raise OSError(
+        getattr(e, 'errno', None) or errno.EIO,
+        f'checkpoint {step} could not be written to {str(manager.directory)!r} '
+        f'({type(e).__name__}: {first_line}); the checkpoints on disk ({kept or "none"}) are '
+        'intact: free space or fix the filesystem, then rerun the same command to resume',
+      ) from e
+
   def save(self, step: int, state: Any, extra: dict[str, Any]) -> None:
-    """Saves `state` (any pytree of arrays) and JSON `extra` as checkpoint `step`."""
-    _clear_step(self._manager, step)
-    self._manager.save(step, args=_save_args(state, extra), force=True)
-    self._manager.wait_until_finished()
+    """Saves `state` (any pytree of arrays) and JSON `extra` as checkpoint `step`.
+
+    Raises:
+      OSError: if the write fails (disk full, read-only filesystem, ...).
+    """
+    self._write(self._manager, step, args=_save_args(state, extra))
 
   def save_best(self, step: int, state: Any, extra: dict[str, Any], val_accuracy: float) -> None:
-    """Offers checkpoint `step` to the best-by-validation slot."""
-    _clear_step(self._best, step)
-    self._best.save(
+    """Offers checkpoint `step` to the best-by-validation slot.
+
+    Raises:
+      OSError: if the write fails.
+    """
+    self._write(
+      self._best,
       step,
       args=_save_args(state, extra),
       metrics={'val_accuracy': float(val_accuracy)},
-      force=True,
     )
-    self._best.wait_until_finished()
 
   def best_step(self) -> int | None:
     """The step held in the best slot, or None."""
@@ -177,9 +212,20 @@ class Checkpointer:
 
 
 def save_variables(path: str, variables: Any) -> None:
-  """Writes model variables (`{'params': ..., 'batch_stats': ...}`) as an orbax checkpoint."""
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(path), variables, force=True)
+  """Writes model variables (`{'params': ..., 'batch_stats': ...}`) as an orbax checkpoint.
+
+  Raises:
+    OSError: if the write fails (disk full, read-only filesystem, ...).
+  """
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.abspath(path), variables, force=True)
+  except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types.
+    raise OSError(
+      getattr(e, 'errno', None) or errno.EIO,
+      f'{path!r} could not be written ({type(e).__name__}: {" ".join(str(e).split())[:300]}); '
+      'free space or fix the filesystem, then rerun the same command to resume',
+    ) from e
 
 
 def load_variables(path: str) -> Any:
@@ -187,5 +233,11 @@ def load_variables(path: str) -> Any:
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f'no orbax checkpoint directory at {path}')
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(path)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(path)
+  except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types.
+    raise ValueError(
+      f'{path!r} cannot be read as variables written by save_variables '
+      f'({type(e).__name__}: {" ".join(str(e).split())[:200]})'
+    ) from e

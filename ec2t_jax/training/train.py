@@ -27,6 +27,7 @@ import functools
 import logging
 import os
 import queue
+import re
 import signal
 import threading
 import time
@@ -73,6 +74,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps'):
     if config.get(name) is not None and config[name] <= 0:
       raise ValueError(f'config.{name} must be > 0, got {config[name]}')
+  _validate_run_settings(config)
   n = config.get('num_devices') or jax.device_count()
   if config.batch_size % n:
     raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the {n} devices')
@@ -87,6 +89,67 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f'config.{stage}.{key} must be > 0, got {value}')
   if config.fp.num_epochs == 0 and not config.init_from:
     logging.warning('config.fp.num_epochs=0 and no config.init_from: EC2T starts from random init.')
+
+
+# Settings that are counts where 0 means "no limit" (negative ones are refused).
+_LIMITS = {
+  'steps_per_epoch': '0 = every batch of the training set',
+  'num_eval_examples': '0 = the whole evaluation set',
+}
+
+
+def _validate_run_settings(config: ml_collections.ConfigDict) -> None:
+  """Refuses bad checkpointing, limit and EC2T settings (`validate_config`'s non-data part).
+
+  Raises:
+    ValueError: naming the field, the bad value and what is valid.
+  """
+  max_to_keep = config.get('max_to_keep', 3)
+  if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
+    raise ValueError(
+      f'config.max_to_keep must be an integer >= 1 (how many checkpoints stay on disk; a '
+      f'stopped run resumes from the newest), got {max_to_keep!r}'
+    )
+  for name, meaning in _LIMITS.items():
+    value = config.get(name)
+    if value is not None and (isinstance(value, bool) or value < 0):
+      raise ValueError(f'config.{name} must be >= 0 ({meaning}), got {value!r}')
+  ec2t_cfg = config.get('ec2t') or {}
+  for name in ('gamma', 'init_scale', 'sustain', 'p0_min', 'centroid_floor_std'):
+    value = ec2t_cfg.get(name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not np.isfinite(value):
+      raise ValueError(f'config.ec2t.{name} must be a finite number, got {value}')
+  for name in ('ternary_pattern', 'ternary_exclude', 'keep_pattern', 'prune_pattern'):
+    pattern = ec2t_cfg.get(name)
+    if pattern:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(
+          f'config.ec2t.{name}={pattern!r} is not a valid regular expression ({e}); it is '
+          "matched against leaf paths like 'conv1/kernel'"
+        ) from e
+
+
+def check_backend() -> list[jax.Device]:
+  """`jax.devices()`, or a one-line ValueError when JAX cannot start its backend.
+
+  JAX reports a platform that is asked for (`JAX_PLATFORMS=cuda`) but cannot
+  start with a bare `AssertionError` or a long `RuntimeError`.
+
+  Raises:
+    ValueError: naming `JAX_PLATFORMS` and the fix.
+  """
+  try:
+    return jax.devices()
+  except (RuntimeError, AssertionError) as e:
+    platforms = os.environ.get('JAX_PLATFORMS') or jax.config.jax_platforms or ''
+    detail = ' '.join(str(e).split())[:200] or 'no backend could be initialized'
+    raise ValueError(
+      f'JAX cannot start a backend for JAX_PLATFORMS={platforms!r} ({type(e).__name__}: '
+      f'{detail}); install the jax plugin of that accelerator (e.g. pip install '
+      "'jax[cuda12]'), or set JAX_PLATFORMS=cpu"
+    ) from e
 
 
 def enable_compilation_cache(path: str) -> str | None:
@@ -424,27 +487,48 @@ class Prefetch:
 
 
 class Preemption:
-  """Turns SIGTERM into a flag the training loop checks after each step."""
+  """Turns SIGTERM and Ctrl-C (SIGINT) into a flag the training loop checks after each step.
+
+  On the flag the loop saves a checkpoint and returns, so the same command
+  resumes bit for bit. A second Ctrl-C raises `KeyboardInterrupt` at once (the
+  checkpoints already on disk stay intact). Outside the main thread signals
+  are left alone.
+
+  Attributes:
+    requested: True once a signal asked the run to stop.
+    signal_name: `'SIGTERM'` or `'SIGINT'`, the first signal received.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal_name = ''
+    self._previous: dict[int, Any] = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread: no signal handling.
-      self._previous = None
+    for signum in self.SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # Not the main thread: no signal handling.
+        break
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
+    del frame
+    name = signal.Signals(signum).name
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt(f'second {name}: stopping at once')
+    if not self.requested:
+      self.signal_name = name
+      more = ' (Ctrl-C again to stop at once)' if signum == signal.SIGINT else ''
+      logging.warning('%s received: saving a checkpoint and stopping%s.', name, more)
     self.requested = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+    self._previous = {}
 
 
 def _format_eta(seconds: float) -> str:
@@ -547,18 +631,28 @@ def _evaluate_fp(evaluate_split, state, writer, step: int) -> dict[str, float]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the configured job in `workdir` (resuming if it holds checkpoints).
 
+  The workdir is locked for the run (`workdir_lib.WorkdirLock`: a second run
+  on it is refused at once); SIGTERM or Ctrl-C save a checkpoint and return;
+  rerunning a finished run changes nothing on disk and returns its saved
+  summary. `config.overwrite=True` moves an earlier run aside and starts over.
+
   Args:
     config: a config from `configs/` (see `configs/default.py` for every field).
     workdir: where checkpoints, metrics, TensorBoard files and `summary.json` go.
 
   Returns:
     The summary dict also written to `workdir/summary.json`, or
-    `{'preempted': True, 'step': step}` after SIGTERM.
+    `{'preempted': True, 'step': step}` after SIGTERM or Ctrl-C.
+
+  Raises:
+    ValueError: for a bad config, an unusable workdir or backend (one line each).
+    OSError: when a checkpoint cannot be written.
+    NonFiniteError: when the loss or a gradient becomes NaN/inf.
   """
   start_time = time.time()
   initialize_distributed(config)
   logging.info(
-    'JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(), jax.process_count()
+    'JAX devices: %s (process %d of %d)', check_backend(), jax.process_index(), jax.process_count()
   )
   validate_config(config)
   logging.info(
@@ -568,78 +662,121 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Everything that can refuse the config (data, masks, init_from) runs before the
   # workdir is touched.
   mesh = create_mesh(config)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   data = open_data(config)
   schedule = schedule_lib.create_schedule(config, data.steps_per_epoch)
   setup = state_lib.create_setup(
     config, schedule, num_classes=data.num_classes, image_shape=data.image_shape
   )
-  workdir_lib.claim_workdir(config, workdir)
+  lock = workdir_lib.claim_workdir(config, workdir)
+  try:
+    with Preemption() as preemption:
+      return _train(config, workdir, mesh, data, setup, preemption, start_time)
+  finally:
+    if lock is not None:
+      lock.release()
 
-  p_train_step = jax.jit(
-    functools.partial(train_step, skip_nonfinite=config.get('skip_nonfinite', False)),
-    donate_argnums=(0,),
-    out_shardings=(replicated, replicated),
-  )
-  p_eval_step = jax.jit(eval_step, out_shardings=replicated)
-  p_statistics = jax.jit(ec2t_jax.statistics)
-  new_state = {  # One compiled program per optimizer instead of many eager ops.
-    name: jax.jit(
-      functools.partial(state_lib.create_train_state, setup, name), out_shardings=replicated
+
+def _saved_summary(workdir: str, params: Any) -> dict[str, Any] | None:
+  """`summary.json` if it belongs to `params` (the same params_sha256), else None."""
+  path = os.path.join(workdir, 'summary.json')
+  if not os.path.exists(path):
+    return None
+  try:
+    saved = workdir_lib.read_json_object(path, 'the run summary')
+  except ValueError as e:
+    logging.warning('%s; computing the summary again', e)
+    return None
+  if saved.get('params_sha256') != state_lib.params_sha256(params):
+    logging.warning(
+      '%s does not belong to the newest checkpoint (another params_sha256); computing the '
+      'summary again',
+      path,
     )
-    for name in (FP, EC2T)
-  }
+    return None
+  return saved
 
-  def evaluate_split(state, split):
-    return evaluate(p_eval_step, state, eval_batches(config, data, split), data_sharding)
 
-  writer = metric_writers.MetricWriter(
-    workdir,
-    write_files=jax.process_index() == 0,
-    console_keys=('train/', 'val/', 'test/', 'fp/', 'ec2t/total', 'ec2t/entropy', 'progress/'),
-  )
-  writer.write_hparams(workdir_lib.flat_config(config))
-  ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep)
-
-  # Resume from the newest checkpoint, or start at step 0.
-  step, tree, extra = ckpt.restore_latest(
-    lambda s: state_lib.state_tree(state_lib.abstract_train_state(setup, s))
-  )
-  on_disk = ckpt.steps() if step is None and not config.get('overwrite', False) else []
-  if on_disk:
-    # Starting over would overwrite them: refuse instead of losing a run silently.
-    raise ValueError(
-      f'workdir {workdir!r} holds checkpoints (steps {on_disk}) but none can be restored '
-      'into this train state (written by a different model, or by an older ec2t_jax whose '
-      'EC2T state stored layers one by one; see the warnings above); use another '
-      '--workdir, or --config.overwrite=True to start over there'
+def _train(config, workdir, mesh, data, setup, preemption, start_time) -> dict[str, Any]:
+  """The run in a claimed workdir: resume or start, the loop, the final summary."""
+  schedule = setup.schedule
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  # Only the run that holds the workdir may remove the leftovers of interrupted saves.
+  ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep, cleanup_tmp=True)
+  writer = None
+  try:
+    # Resume from the newest checkpoint, or start at step 0.
+    step, tree, extra = ckpt.restore_latest(
+      lambda s: state_lib.state_tree(state_lib.abstract_train_state(setup, s))
     )
-  train_iter = create_input_iter(config, data)
-  meta: dict[str, Any] = {}
-  if step is None:
-    step = 0
-    if schedule.stage(FP).num_steps > 0:
-      state = new_state[FP](setup.variables)
+    on_disk = ckpt.steps() if step is None else []
+    if on_disk:
+      # Starting over would overwrite them: refuse instead of losing a run silently.
+      raise ValueError(
+        f'workdir {workdir!r} holds checkpoints (steps {on_disk}) but none can be restored '
+        'into this train state (written by a different model, or by an older ec2t_jax whose '
+        'EC2T state stored layers one by one; see the warnings above); use another '
+        '--workdir, or --config.overwrite=True to start over there (the old run is moved aside)'
+      )
+    if step is not None and step >= schedule.total_steps:
+      saved = _saved_summary(workdir, tree['params'])
+      if saved is not None:  # A finished run: change nothing on disk, show what it saved.
+        logging.info('%s holds a finished run (step %d); its saved summary:', workdir, step)
+        print_summary(saved)
+        return saved
+
+    p_train_step = jax.jit(
+      functools.partial(train_step, skip_nonfinite=config.get('skip_nonfinite', False)),
+      donate_argnums=(0,),
+      out_shardings=(replicated, replicated),
+    )
+    p_eval_step = jax.jit(eval_step, out_shardings=replicated)
+    p_statistics = jax.jit(ec2t_jax.statistics)
+    new_state = {  # One compiled program per optimizer instead of many eager ops.
+      name: jax.jit(
+        functools.partial(state_lib.create_train_state, setup, name), out_shardings=replicated
+      )
+      for name in (FP, EC2T)
+    }
+
+    def evaluate_split(state, split):
+      return evaluate(p_eval_step, state, eval_batches(config, data, split), data_sharding)
+
+    writer = metric_writers.MetricWriter(
+      workdir,
+      write_files=jax.process_index() == 0,
+      console_keys=('train/', 'val/', 'test/', 'fp/', 'ec2t/total', 'ec2t/entropy', 'progress/'),
+    )
+    writer.write_hparams(workdir_lib.flat_config(config))
+    train_iter = create_input_iter(config, data)
+    meta: dict[str, Any] = {}
+    if step is None:
+      step = 0
+      if schedule.stage(FP).num_steps > 0:
+        state = new_state[FP](setup.variables)
+      else:
+        meta.update(_evaluate_fp(evaluate_split, new_state[FP](setup.variables), writer, 0))
+        state = new_state[EC2T](setup.variables)
     else:
-      meta.update(_evaluate_fp(evaluate_split, new_state[FP](setup.variables), writer, 0))
-      state = new_state[EC2T](setup.variables)
-  else:
-    logging.info(
-      'Resuming %s from step %d (%s stage).', workdir, step, schedule.stage_at(step).kind
-    )
-    restored = state_lib.with_state_tree(
-      new_state[schedule.optimizer_at(step)](setup.variables), tree
-    )
-    state = jax.device_put(restored, replicated)
-    train_iter.set_state(base64.b64decode(extra['data_iterator']))
-    meta = dict(extra.get('meta', {}))
+      logging.info(
+        'Resuming %s from step %d (%s stage).', workdir, step, schedule.stage_at(step).kind
+      )
+      restored = state_lib.with_state_tree(
+        new_state[schedule.optimizer_at(step)](setup.variables), tree
+      )
+      state = jax.device_put(restored, replicated)
+      train_iter.set_state(base64.b64decode(extra['data_iterator']))
+      meta = dict(extra.get('meta', {}))
 
-  fp_end = schedule.stage(FP).end
-  base_rng = jax.random.key(config.seed + 1)
-  log = TrainMetrics(config, schedule, writer, p_statistics, step)
-  best_val = float(meta.get('best_val_accuracy', -1.0))
-  with Preemption() as preemption:
+    fp_end = schedule.stage(FP).end
+    base_rng = jax.random.key(config.seed + 1)
+    log = TrainMetrics(config, schedule, writer, p_statistics, step)
+    best_val = float(meta.get('best_val_accuracy', -1.0))
+    if preemption.requested:  # During the set-up: no step since the last checkpoint.
+      logging.warning(
+        'Stopped at step %d (%s); rerun the same command to resume.', step, preemption.signal_name
+      )
+      return {'preempted': True, 'step': step}
     while step < schedule.total_steps:
       batch = to_global(next(train_iter), data_sharding)
       state, metrics = p_train_step(state, batch, jax.random.fold_in(base_rng, step))
@@ -674,30 +811,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt.save(step, state_lib.state_tree(state), extra)
         writer.flush()
       if preemption.requested:
-        writer.close()
-        ckpt.close()
-        logging.warning('Stopped at step %d after SIGTERM; rerun the same command to resume.', step)
+        logging.warning(
+          'Stopped at step %d after %s; rerun the same command to resume.',
+          step,
+          preemption.signal_name,
+        )
         return {'preempted': True, 'step': step}
 
-  val, test = evaluate_split(state, 'val'), evaluate_split(state, 'test')
-  summary = summarize_run(config, setup, state, meta, val=val, test=test, steps=step)
-  summary['wall_time_s'] = time.time() - start_time
-  summary.update(
-    {
-      f'ec2t/{k}': float(v)
-      for k, v in jax.device_get(p_statistics(state.opt_state)).items()
-      if '/' not in k
-    }
-  )
-  writer.write_scalars(
-    step, {f'final/{k}': v for k, v in summary.items() if isinstance(v, (int, float))}
-  )
-  writer.close()
-  ckpt.close()
-  if jax.process_index() == 0:
-    workdir_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
-  print_summary(summary)
-  return summary
+    val, test = evaluate_split(state, 'val'), evaluate_split(state, 'test')
+    summary = summarize_run(config, setup, state, meta, val=val, test=test, steps=step)
+    summary['wall_time_s'] = time.time() - start_time
+    summary.update(
+      {
+        f'ec2t/{k}': float(v)
+        for k, v in jax.device_get(p_statistics(state.opt_state)).items()
+        if '/' not in k
+      }
+    )
+    writer.write_scalars(
+      step, {f'final/{k}': v for k, v in summary.items() if isinstance(v, (int, float))}
+    )
+    writer.close()
+    if jax.process_index() == 0:
+      workdir_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
+    print_summary(summary)
+    return summary
+  finally:
+    if writer is not None:
+      writer.close()
+    ckpt.close()
 
 
 def summarize_run(config, setup, state, meta, *, val, test, steps) -> dict[str, Any]:

@@ -12,13 +12,20 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
+import socket
+import sys
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import ml_collections
+import numpy as np
 from jax.experimental import multihost_utils
 
 from ec2t_jax.training import checkpoint as checkpoint_lib
@@ -26,12 +33,18 @@ from ec2t_jax.training import schedule as schedule_lib
 from ec2t_jax.training import state as state_lib
 
 __all__ = [
+  'LOCK_FILE',
   'RESUMABLE_FIELDS',
+  'RUN_FILES',
   'Workdir',
+  'WorkdirBusyError',
+  'WorkdirLock',
   'claim_workdir',
   'config_from_workdir',
   'flat_config',
   'load_workdir',
+  'move_run_aside',
+  'read_json_object',
   'write_json',
 ]
 
@@ -101,56 +114,430 @@ def write_json(path: str, value: Any) -> None:
   """Writes JSON through a temporary file: never a half-written file, even after SIGKILL."""
   with open(f'{path}.tmp', 'w') as f:
     json.dump(value, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())  # On disk before the rename: a power cut leaves old or new.
   os.replace(f'{path}.tmp', path)
 
 
-def claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Checks the workdir is writable and holds no run of a different config, then claims it.
+def read_json_object(path: str, what: str) -> dict[str, Any]:
+  """The JSON object in `path`; a ValueError naming the file if it is not one.
+
+  Args:
+    path: the file.
+    what: how the error names it (e.g. `'the run config'`).
 
   Raises:
-    ValueError: for a workdir that cannot be created or written, or one whose
-      `config.json` differs from `config` in a field that is not resumable
-      (unless `config.overwrite`).
+    FileNotFoundError: if `path` does not exist.
+    ValueError: if it is not UTF-8 JSON holding an object.
   """
+  try:
+    with open(path, encoding='utf-8') as f:
+      value = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    raise ValueError(
+      f'{what} {path!r} is not valid JSON ({" ".join(str(e).split())[:120]}); restore it, or '
+      'start over with --config.overwrite=True'
+    ) from e
+  if not isinstance(value, dict):
+    raise ValueError(
+      f'{what} {path!r} holds a JSON {type(value).__name__}, not an object; restore it, or '
+      'start over with --config.overwrite=True'
+    )
+  return value
+
+
+# --- the workdir lock ------------------------------------------------------------------------
+
+LOCK_FILE = 'lock'
+# The holder touches its lock file this often; a lock of another host that has not been
+# touched for STALE_LOCK_SECONDS is taken over (its run died without releasing it).
+HEARTBEAT_SECONDS = 30.0
+STALE_LOCK_SECONDS = 600.0
+
+
+def _boot_id() -> str:
+  try:
+    with open('/proc/sys/kernel/random/boot_id') as f:
+      return f.read().strip()
+  except OSError:
+    return ''
+
+
+def _process_start(pid: int) -> str:
+  """The start time of process `pid` in clock ticks since boot ('' where /proc is missing)."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[19]
+  except (OSError, IndexError):
+    return ''
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Another user's process.
+    return True
+  except (OSError, OverflowError, ValueError):
+    return False
+  return True
+
+
+class WorkdirBusyError(ValueError):
+  """The workdir is held by another live run (a ValueError: `main.py` prints one line)."""
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir: `workdir/lock` names its holder.
+
+  The lock is an `fcntl.flock` on the file (released by the kernel when the
+  holder dies, however it dies) plus, in the file, who holds it: pid, host,
+  boot id, start time and command. A second run is refused at once with a
+  one-line `WorkdirBusyError` naming the holder. A lock file left by a process
+  that is gone (same host and the pid no longer runs, or another boot, or
+  another host that has not touched the file for `STALE_LOCK_SECONDS`) is taken
+  over with a warning; on filesystems without `flock` the file alone decides.
+  While held, a daemon thread touches the file every `HEARTBEAT_SECONDS`.
+  `release()` (also on `with` exit) removes the file.
+
+  Args:
+    workdir: the run's directory (it must exist).
+    info: extra facts recorded for the holder (e.g. the coordinator address).
+  """
+
+  def __init__(self, workdir: str, **info: Any):
+    self.workdir = workdir
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._info = info
+    self._fd: int | None = None
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+
+  @staticmethod
+  def read_holder(path: str) -> dict[str, Any]:
+    """The holder recorded in lock file `path` (`{}` if none or unreadable)."""
+    try:
+      with open(path, encoding='utf-8') as f:
+        value = json.loads(f.read() or '{}')
+    except (OSError, ValueError):
+      return {}
+    return value if isinstance(value, dict) else {}
+
+  def _describe(self, holder: dict[str, Any]) -> str:
+    if not holder:
+      return 'another process (the lock file names none)'
+    command = holder.get('command') or '?'
+    return (
+      f'pid {holder.get("pid")} on host {holder.get("host")!r} (started '
+      f'{holder.get("started")}: {command[:120]})'
+    )
+
+  def _holder_gone(self, holder: dict[str, Any]) -> str:
+    """Why the recorded holder no longer runs, or '' if it may still run."""
+    if not holder:
+      return 'empty lock file'
+    if holder.get('host') == socket.gethostname():
+      pid = int(holder.get('pid', -1))
+      if holder.get('boot_id') and _boot_id() and holder['boot_id'] != _boot_id():
+        return 'the machine has rebooted since'
+      if not _pid_alive(pid):
+        return f'pid {pid} no longer runs'
+      start = _process_start(pid)
+      if holder.get('process_start') and start and start != holder['process_start']:
+        return f'pid {pid} is now another process'
+      return ''
+    try:
+      age = time.time() - os.stat(self.path).st_mtime
+    except OSError:
+      return 'the lock file vanished'
+    if age > STALE_LOCK_SECONDS:
+      return f'its lock was last refreshed {age:.0f} s ago'
+    return ''
+
+  def acquire(self) -> WorkdirLock:
+    """Takes the lock, or raises `WorkdirBusyError` naming the live holder.
+
+    Returns:
+      self, holding the lock.
+    """
+    for _ in range(10):  # Retries only while another process removes the file under us.
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        os.close(fd)
+        raise WorkdirBusyError(self._busy(self.read_holder(self.path))) from None
+      except OSError:  # No flock on this filesystem: the file's content decides alone.
+        pass
+      try:
+        same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+      except FileNotFoundError:
+        same = False
+      if not same:  # Released (unlinked) between our open and flock: try the new file.
+        os.close(fd)
+        continue
+      holder = self.read_holder(self.path)
+      if holder:
+        gone = self._holder_gone(holder)
+        if not gone:
+          os.close(fd)
+          raise WorkdirBusyError(self._busy(holder))
+        logging.warning(
+          'workdir %r: taking over the lock of %s: %s', self.workdir, self._describe(holder), gone
+        )
+      self._fd = fd
+      self._write()
+      self._thread = threading.Thread(target=self._heartbeat, daemon=True, name='workdir-lock')
+      self._thread.start()
+      return self
+    raise WorkdirBusyError(f'workdir {self.workdir!r}: its lock file keeps changing; retry')
+
+  def _busy(self, holder: dict[str, Any]) -> str:
+    hint = ''
+    if holder and holder.get('host') != socket.gethostname():
+      hint = f' (if that run is gone, delete {self.path!r})'
+    return (
+      f'workdir {self.workdir!r} is in use by {self._describe(holder)}{hint}; wait for that run '
+      'to end or stop it, or pass another --workdir'
+    )
+
+  def _write(self) -> None:
+    holder = {
+      'pid': os.getpid(),
+      'host': socket.gethostname(),
+      'boot_id': _boot_id(),
+      'process_start': _process_start(os.getpid()),
+      'started': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
+      'command': ' '.join(sys.argv),
+      **self._info,
+    }
+    data = json.dumps(holder, sort_keys=True).encode('utf-8')
+    os.ftruncate(self._fd, 0)
+    os.pwrite(self._fd, data, 0)
+    os.fsync(self._fd)
+
+  def _heartbeat(self) -> None:
+    while not self._stop.wait(HEARTBEAT_SECONDS):
+      try:
+        os.utime(self.path)
+      except OSError:
+        pass
+
+  @property
+  def held(self) -> bool:
+    """True between `acquire` and `release`."""
+    return self._fd is not None
+
+  def release(self) -> None:
+    """Removes the lock file and releases the lock (no-op if not held)."""
+    if self._fd is None:
+      return
+    self._stop.set()
+    try:
+      if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
+        os.unlink(self.path)
+    except OSError:
+      pass
+    os.close(self._fd)  # Releases the flock.
+    self._fd = None
+
+  def __enter__(self) -> WorkdirLock:
+    return self if self.held else self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+# --- claiming a workdir ----------------------------------------------------------------------
+
+# What a run writes into its workdir: `overwrite=True` moves all of it aside.
+RUN_FILES = (
+  'config.json',
+  'config.json.tmp',
+  'summary.json',
+  'summary.json.tmp',
+  'metrics.jsonl',
+  'checkpoints',
+  'best',
+  'fp_variables',
+  'tensorboard',
+)
+_RUN_DIRS = ('checkpoints', 'best', 'fp_variables', 'tensorboard')
+
+
+def _check_run_files(workdir: str) -> None:
+  """Refuses a workdir whose run files have the wrong type (e.g. `checkpoints` a file)."""
+  for name in RUN_FILES:
+    path = os.path.join(workdir, name)
+    if not os.path.lexists(path):
+      continue
+    want_dir = name in _RUN_DIRS
+    if os.path.isdir(path) != want_dir:
+      raise ValueError(
+        f'workdir {workdir!r}: {path!r} must be a {"directory" if want_dir else "file"} but is '
+        f'{"a directory" if os.path.isdir(path) else "not one"}; move it away, or pass another '
+        '--workdir'
+      )
+
+
+def move_run_aside(workdir: str) -> str | None:
+  """Moves the run files of `workdir` (`RUN_FILES`) into `workdir/overwritten-<time>/`.
+
+  Returns:
+    The new directory, or None if the workdir held no run file.
+  """
+  present = [n for n in RUN_FILES if os.path.lexists(os.path.join(workdir, n))]
+  if not present:
+    return None
+  stamp = time.strftime('%Y%m%d-%H%M%S')
+  target = os.path.join(workdir, f'overwritten-{stamp}')
+  suffix = 1
+  while os.path.lexists(target):
+    suffix += 1
+    target = os.path.join(workdir, f'overwritten-{stamp}-{suffix}')
+  os.makedirs(target)
+  for name in present:
+    os.replace(os.path.join(workdir, name), os.path.join(target, name))
+  return target
+
+
+def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a workdir holding a run of another config (or checkpoints of an unknown one)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    leftovers = [
+      n
+      for n in ('checkpoints', 'best', 'summary.json')
+      if os.path.isdir(os.path.join(workdir, n))
+      and os.listdir(os.path.join(workdir, n))
+      or os.path.isfile(os.path.join(workdir, n))
+    ]
+    if leftovers:
+      raise ValueError(
+        f'workdir {workdir!r} holds {", ".join(leftovers)} but no config.json, so the settings '
+        'that wrote them are unknown; restore config.json, or start over with '
+        '--config.overwrite=True (the old files are moved aside)'
+      )
+    return
+  mine = {k: v for k, v in flat_config(config).items() if k not in RESUMABLE_FIELDS}
+  theirs = {
+    k: v for k, v in read_json_object(path, 'the run config').items() if k not in RESUMABLE_FIELDS
+  }
+  diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+  if diff:
+    shown = ', '.join(f'{k}: {theirs.get(k)!r} -> {mine.get(k)!r}' for k in diff[:5])
+    raise ValueError(
+      f'workdir {workdir!r} holds a run of a different config ({shown}); use another '
+      '--workdir, or --config.overwrite=True to start over there (the old run is moved aside)'
+    )
+
+
+def claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> WorkdirLock | None:
+  """Locks the workdir, checks it can hold this run, and claims it (writes `config.json`).
+
+  1. The workdir must be creatable and writable.
+  2. Process 0 takes the `WorkdirLock` (a live run elsewhere is refused at
+     once; the processes of one multi-process run share process 0's lock).
+  3. Run files must have their types (`checkpoints` a directory, ...).
+  4. Without `config.overwrite`, a `config.json` must match `config` in every
+     field but `RESUMABLE_FIELDS`, and checkpoints without a `config.json` are
+     refused. With `config.overwrite`, the old run's files (`RUN_FILES`:
+     checkpoints, `best/`, `fp_variables/`, metrics, TensorBoard files,
+     `summary.json`, `config.json`) are moved to `workdir/overwritten-<time>/`
+     and the run starts over.
+  5. `config.json` is written (only if it changes).
+
+  Args:
+    config: the run's config.
+    workdir: its directory.
+
+  Returns:
+    The held `WorkdirLock` (process 0), to `release()` when the run ends; None
+    on the other processes.
+
+  Raises:
+    ValueError: for a workdir that cannot be created or written, is held by a
+      live run (`WorkdirBusyError`), has run files of the wrong type, or holds a
+      run of a different config (unless `config.overwrite`).
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'workdir {workdir!r} is not a directory; pass a --workdir directory')
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise ValueError(f'workdir {workdir!r} cannot be created: {e.strerror}') from e
+  if not os.path.isdir(workdir):
+    raise ValueError(f'workdir {workdir!r} is not a directory; pass a --workdir directory')
   if not os.access(workdir, os.W_OK):
     raise ValueError(f'workdir {workdir!r} is not writable; pass a --workdir you can write to')
-  path = os.path.join(workdir, 'config.json')
-  mine = {k: v for k, v in flat_config(config).items() if k not in RESUMABLE_FIELDS}
-  if os.path.exists(path) and not config.get('overwrite', False):
-    with open(path) as f:
-      theirs = {k: v for k, v in json.load(f).items() if k not in RESUMABLE_FIELDS}
-    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-    if diff:
-      shown = ', '.join(f'{k}: {theirs.get(k)!r} -> {mine.get(k)!r}' for k in diff[:5])
-      raise ValueError(
-        f'workdir {workdir!r} holds a run of a different config ({shown}); use another '
-        '--workdir, or --config.overwrite=True to start over there'
-      )
+  overwrite = bool(config.get('overwrite', False))
+  lock, error = None, None
+  try:
+    if jax.process_index() == 0:
+      lock = WorkdirLock(
+        workdir,
+        process_count=jax.process_count(),
+        coordinator=config.get('coordinator_address') or '',
+      ).acquire()
+    _check_run_files(workdir)
+    if not overwrite:
+      _check_config(config, workdir)
+  except (ValueError, OSError) as e:
+    error = e
   if jax.process_count() > 1:
     # Every process has read the workdir as it was; only now may process 0 change it.
     # (A process that read process 0's fresh config.json could decide differently.)
-    multihost_utils.sync_global_devices('ec2t_jax:workdir_checked')
-  if jax.process_index() == 0:
-    write_json(path, flat_config(config))
+    failed = multihost_utils.process_allgather(np.int32(error is not None))
+    if error is None and np.any(failed):
+      error = ValueError(f'another process of this run could not claim {workdir!r} (see its log)')
+  if error is not None:
+    if lock is not None:
+      lock.release()
+    raise error
+  try:
+    if jax.process_index() == 0:
+      if overwrite:
+        moved = move_run_aside(workdir)
+        if moved:
+          logging.warning(
+            'config.overwrite=True: the previous run in %r is moved to %r; starting over '
+            '(drop --config.overwrite for restarts of this run, or each restart starts over)',
+            workdir,
+            moved,
+          )
+      path = os.path.join(workdir, 'config.json')
+      mine = flat_config(config)
+      if not os.path.exists(path) or read_json_object(path, 'the run config') != mine:
+        write_json(path, mine)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('ec2t_jax:workdir_claimed')
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
+  return lock
 
 
 def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was started with (`workdir/config.json`)."""
+  """The config a run was started with (`workdir/config.json`).
+
+  Raises:
+    FileNotFoundError: if the workdir has no config.json.
+    ValueError: if config.json is not a JSON object.
+  """
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{workdir!r} holds no config.json: is it a workdir of main.py?')
-  with open(path) as f:
-    flat = json.load(f)
+  flat = read_json_object(path, 'the run config')
   nested: dict[str, Any] = {}
   for key, value in flat.items():
     node = nested
     *parents, leaf = key.split('.')
     for p in parents:
       node = node.setdefault(p, {})
+      if not isinstance(node, dict):
+        raise ValueError(f'the run config {path!r} has both {p!r} and {key!r}; restore it')
     node[leaf] = value
   nested.setdefault('model_kwargs', {})
   return ml_collections.ConfigDict(nested)
@@ -185,6 +572,16 @@ def _normalization(config: ml_collections.ConfigDict, extra: Mapping[str, Any]):
   return None if normalization is None else (tuple(normalization[0]), tuple(normalization[1]))
 
 
+def _newest_extra(ckpt: checkpoint_lib.Checkpointer, workdir: str) -> dict[str, Any]:
+  """The JSON item of the newest periodic checkpoint that reads back (the run's facts)."""
+  for step in ckpt.steps()[::-1]:
+    try:
+      return ckpt.read_extra(step)
+    except Exception:  # noqa: BLE001, S112 - an older one will do.
+      continue
+  raise FileNotFoundError(f'{workdir!r} has no periodic checkpoint that reads back')
+
+
 def load_workdir(workdir: str, *, best: bool = False) -> Workdir:
   """Reads the newest (or the best-by-validation) checkpoint of a run, without its dataset.
 
@@ -196,9 +593,16 @@ def load_workdir(workdir: str, *, best: bool = False) -> Workdir:
     A `Workdir` with the config, the linen module, `{'params', 'batch_stats'}`,
     the optimizer state, the step, the compression masks and the schedule.
 
+  The newest checkpoint that reads back intact is used: while a run is
+  writing or rotating its checkpoints, or after a crash cut one short, an
+  older one is read instead (with a warning naming both steps; `Workdir.step`
+  says which). The best-by-validation slot has no fallback.
+
   Raises:
     FileNotFoundError: for a directory without config.json or without the
       requested checkpoint.
+    ValueError: for a config.json that is not a JSON object, or when no
+      checkpoint reads back.
   """
   config = config_from_workdir(workdir)
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.get('max_to_keep', 3))
@@ -207,20 +611,38 @@ def load_workdir(workdir: str, *, best: bool = False) -> Workdir:
       step = ckpt.best_step()
       if step is None:
         raise FileNotFoundError(f'{workdir!r} has no best-by-validation checkpoint')
+      candidates = [step]
     else:
-      steps = ckpt.steps()
-      if not steps:
+      candidates = ckpt.steps()[::-1]
+      if not candidates:
         raise FileNotFoundError(f'{workdir!r} has no checkpoint')
-      step = steps[-1]
-    extra = ckpt.read_extra(ckpt.steps()[-1])
-    steps_per_epoch, num_classes, image_shape = _data_facts(config, extra)
-    normalization = _normalization(config, extra)
-    schedule = schedule_lib.create_schedule(config, steps_per_epoch)
-    setup = state_lib.create_setup(
-      config, schedule, num_classes=num_classes, image_shape=image_shape, load_pretrained=False
-    )
-    target = state_lib.state_tree(state_lib.abstract_train_state(setup, step))
-    tree, _ = ckpt.restore(step, target, best=best)
+    failures = []
+    for step in candidates:
+      try:
+        extra = ckpt.read_extra(step) if not best else _newest_extra(ckpt, workdir)
+        steps_per_epoch, num_classes, image_shape = _data_facts(config, extra)
+        normalization = _normalization(config, extra)
+        schedule = schedule_lib.create_schedule(config, steps_per_epoch)
+        setup = state_lib.create_setup(
+          config, schedule, num_classes=num_classes, image_shape=image_shape, load_pretrained=False
+        )
+        target = state_lib.state_tree(state_lib.abstract_train_state(setup, step))
+        tree, _ = ckpt.restore(step, target, best=best)
+        break
+      except Exception as e:  # noqa: BLE001 - any read failure means "try an older one".
+        first_line = str(e).splitlines()[0][:200] if str(e) else ''
+        failures.append(f'{step} ({type(e).__name__}: {first_line})')
+        if best or len(failures) == len(candidates):
+          raise ValueError(
+            f'no checkpoint of {workdir!r} reads back: ' + '; '.join(failures)
+          ) from e
+    if failures:
+      logging.warning(
+        'checkpoint %s of %r cannot be read; using checkpoint %d instead',
+        failures[0],
+        workdir,
+        step,
+      )
   finally:
     ckpt.close()
   return Workdir(
