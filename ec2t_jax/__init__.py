@@ -33,6 +33,30 @@ from ec2t_jax.transforms import (
 
 __version__ = '0.1.0'
 
+# Subpackages that need more than jax and optax (flax, orbax, matplotlib, ...) load on
+# first use, so `import ec2t_jax` stays light and `ec2t_jax.export.load(...)` still works.
+_LAZY_SUBMODULES = (
+  'export',
+  'inference',
+  'models',
+  'reference',
+  'report',
+  'scoring',
+  'state_utils',
+  'training',
+  'transforms',
+  'tree_util',
+)
+
+
+def __getattr__(name: str):
+  """Imports the subpackages of `_LAZY_SUBMODULES` on first attribute access."""
+  if name in _LAZY_SUBMODULES:
+    import importlib
+
+    return importlib.import_module(f'ec2t_jax.{name}')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
 __all__ = [
   'EntropyConstrainedPruningState',
   'LayerGroup',

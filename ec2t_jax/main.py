@@ -127,6 +127,11 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
     message = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').replace("'", '').split())
+    if any(arg.startswith('--config.model_kwargs.') for arg in argv):
+      message += (
+        ' (config.model_kwargs holds only the fields its config sets: set new ones in a config '
+        'file, e.g. config.model_kwargs.width = 512, and pass --config=that_file.py)'
+      )
     sys.exit(f'error: bad flag: {message}')
 
 

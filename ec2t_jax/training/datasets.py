@@ -951,6 +951,14 @@ def _array_spec(
         f'the training labels make {num_classes} classes, 0..{num_classes - 1}; every label '
         'must be a class id that the training split has'
       )
+  if not class_names:
+    missing = sorted(set(range(num_classes)) - set(np.unique(train_y).tolist()))
+    logging.info(
+      'dataset %s: %d classes (the largest training label + 1)%s',
+      name,
+      num_classes,
+      f'; class ids {missing[:10]} have no training example' if missing else '',
+    )
   _check_fixed_size(name, train_x.shape[1:], image_size)
   for images, labels in checked.values():
     images.flags.writeable = False
