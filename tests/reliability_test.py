@@ -149,3 +149,91 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_good_checkpoints(
   assert summary['steps'] == 9 and np.isfinite(summary['test_accuracy'])
   rows = metric_writers.read_metrics(str(tmp_path / 'skip'))
   assert sum(r.get('train/skipped_nonfinite', 0) for r in rows) == 1
+
+
+def _main_command(workdir, flags):
+  return [sys.executable, 'main.py', f'--workdir={workdir}', *flags]
+
+
+def test_second_process_on_a_held_workdir_is_refused_at_once(tmp_path, tiny_flags, repo_root):
+  """Two real processes on one workdir: the second names the first and leaves at once."""
+  workdir = str(tmp_path / 'run')
+  lock_path = os.path.join(workdir, workdir_lib.LOCK_FILE)
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  flags = [*tiny_flags, '--config.fp.num_epochs=1000']  # Long enough to be running throughout.
+  first = subprocess.Popen(
+    _main_command(workdir, flags),
+    cwd=repo_root,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=env,
+  )
+  try:
+    deadline = time.time() + 300
+    while not os.path.exists(lock_path) and first.poll() is None and time.time() < deadline:
+      time.sleep(0.05)
+    assert first.poll() is None, 'the first run ended before it held the workdir'
+    start = time.time()
+    second = subprocess.run(
+      _main_command(workdir, flags), cwd=repo_root, capture_output=True, text=True, env=env
+    )
+    assert second.returncode != 0
+    assert f'is in use by pid {first.pid} on host' in second.stderr, second.stderr[-2000:]
+    assert 'Traceback' not in second.stderr
+    assert first.poll() is None, 'the refused run disturbed the first one'
+    assert time.time() - start < 120
+    first.send_signal(signal.SIGTERM)  # The first stops cleanly and releases the lock.
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert 'after SIGTERM' in err
+    assert not os.path.exists(lock_path)
+  finally:
+    if first.poll() is None:
+      first.kill()
+      first.communicate()
+
+
+# Runs main.py, stalling inside orbax's write of checkpoint STEP (after its temporary
+# directory exists, before it is renamed into place) and announcing it with MARKER.
+_STALL_IN_SAVE = """
+import runpy, sys, time
+import orbax.checkpoint as ocp
+marker, step = sys.argv[1], sys.argv[2]
+original = ocp.JsonCheckpointHandler.async_save
+def stall(self, directory, *args, **kwargs):
+  out = original(self, directory, *args, **kwargs)
+  if f'/checkpoints/{step}' in str(directory):
+    open(marker, 'w').close()
+    time.sleep(600)
+  return out
+ocp.JsonCheckpointHandler.async_save = stall
+sys.argv = ['main.py', *sys.argv[3:]]
+runpy.run_path('main.py', run_name='__main__')
+"""
+
+
+def test_sigkill_while_a_checkpoint_is_written_then_resume_is_bitwise_identical(
+  tmp_path, uninterrupted, tiny_flags, tiny_mnist, repo_root
+):
+  workdir = str(tmp_path / 'run')
+  marker = str(tmp_path / 'in_save')
+  proc = subprocess.Popen(
+    [sys.executable, '-c', _STALL_IN_SAVE, marker, '4', f'--workdir={workdir}', *tiny_flags],
+    cwd=repo_root,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
+  deadline = time.time() + 300
+  while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  _, err = proc.communicate(timeout=60)
+  assert os.path.exists(marker), f'the run never reached the save: {err[-2000:]}'
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  assert any('tmp' in name for name in os.listdir(checkpoints)), os.listdir(checkpoints)
+  resumed = train.train_and_evaluate(tiny_mnist(), workdir)
+  assert resumed['params_sha256'] == uninterrupted['params_sha256']
+  assert not [name for name in os.listdir(checkpoints) if 'tmp' in name]
