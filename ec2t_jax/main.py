@@ -113,6 +113,9 @@ def main(argv: Sequence[str]) -> None:
   ) as e:
     # One line that names the problem and the fix; no traceback for bad input.
     sys.exit('error: ' + ' '.join(str(e).split()))
+  except KeyboardInterrupt:  # A second Ctrl-C: the first one's checkpoint may be incomplete.
+    print('interrupted; rerun the same command to resume from the last checkpoint', file=sys.stderr)
+    sys.exit(130)
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:

@@ -79,7 +79,9 @@ def get_config():
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
   config.max_to_keep = 3
-  config.overwrite = False  # True: reuse a workdir that holds a run of another config.
+  # True: start over; the old run (checkpoints, best/, metrics, summary) is moved to
+  # WORKDIR/overwritten-<time>/. Use it once: a restart with it still set starts over again.
+  config.overwrite = False
   # JAX's persistent compilation cache: a resumed or repeated run loads its compiled
   # steps instead of compiling again. '' = off; $JAX_COMPILATION_CACHE_DIR wins if set.
   config.compilation_cache_dir = '~/.cache/ec2t_jax/xla'

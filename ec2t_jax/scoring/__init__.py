@@ -261,19 +261,37 @@ def count_run(run: Any, *, mode: str = 'corrected', **kwargs: Any) -> Report:
   """`count` of a trained run read by `ec2t_jax.training.workdir.load_workdir`.
 
   The run's model, variables, image shape, ternary mask and dataset name go
-  to `count`.
+  to `count`. A leaf of the run's ternary mask counts as ternary only if its
+  values are (`tree_util.is_ternary`): a checkpoint of the full-precision
+  stage, or a leaf that did not become ternary, is counted as full precision,
+  and the report's warnings name those leaves.
 
   Args:
     run: a `ec2t_jax.training.workdir.Workdir`.
     mode: ``'corrected'`` or ``'reference'``.
     **kwargs: further `count` options (``mul_bits``, ``half_precision``, ...).
   """
-  return count(
+  params = tree_util.flat_dict(run.variables['params'])
+  not_ternary = [
+    name
+    for name in sorted(tree_util.selected_names(run.ternary_mask))
+    if not tree_util.is_ternary(params[name])
+  ]
+  mask = jax.tree_util.tree_map_with_path(
+    lambda path, m: (
+      bool(m) and tree_util.strip_collection(tree_util.path_str(path)) not in not_ternary
+    ),
+    run.ternary_mask,
+  )
+  report = count(
     run.model,
     run.variables,
     input_shape=run.image_shape,
     mode=mode,
-    ternary_mask=run.ternary_mask,
+    ternary_mask=mask,
     dataset=run.config.get('dataset'),
     **kwargs,
   )
+  if not_ternary:
+    report.warnings.insert(0, f'not ternary, counted as full precision: {", ".join(not_ternary)}')
+  return report

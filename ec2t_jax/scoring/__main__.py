@@ -18,9 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-import jax
-
-from ec2t_jax import scoring, tree_util
+from ec2t_jax import scoring
 
 __all__ = ['main', 'score_workdir']
 
@@ -48,14 +46,6 @@ def score_workdir(
   from ec2t_jax.training import workdir as workdir_lib
 
   run = workdir_lib.load_workdir(workdir, best=best)
-  params = tree_util.flat_dict(run.variables['params'])
-  marked = sorted(tree_util.selected_names(run.ternary_mask))
-  not_ternary = [name for name in marked if not tree_util.is_ternary(params[name])]
-  if not_ternary:
-    mask = jax.tree_util.tree_map_with_path(
-      lambda path, m: bool(m) and tree_util.path_str(path) not in not_ternary, run.ternary_mask
-    )
-    run = run._replace(ternary_mask=mask)
   report = scoring.count_run(run, mode=mode, **kwargs)
   if run.schedule.optimizer_at(run.step) == schedule_lib.FP:
     report.warnings.insert(
@@ -63,8 +53,6 @@ def score_workdir(
       f'checkpoint {run.step} is in the full-precision stage (EC2T starts at step '
       f'{run.schedule.stage(schedule_lib.FP).end}): every layer is scored as full precision',
     )
-  elif not_ternary:
-    report.warnings.insert(0, f'not ternary, scored as full precision: {", ".join(not_ternary)}')
   return report
 
 

@@ -314,15 +314,6 @@ def open_data(config: ml_collections.ConfigDict) -> Data:
   )
 
 
-def effective_normalization(data: Data) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """The per-channel `(mean, std)` the pipelines apply: the run's, else the dataset's."""
-  normalization = data.normalization or (data.spec.normalization if data.spec else None)
-  if normalization is None:  # Only for a spec that registers none and a source without data.
-    channels = data.image_shape[-1]
-    return (0.0,) * channels, (1.0,) * channels
-  return tuple(map(float, normalization[0])), tuple(map(float, normalization[1]))
-
-
 def create_input_iter(config: ml_collections.ConfigDict, data: Data) -> Prefetch:
   """The endless, checkpointable iterator of training batches, prefetched in a thread."""
   return Prefetch(
@@ -611,7 +602,7 @@ def _checkpoint_extra(step, schedule, data, train_iter, meta) -> dict[str, Any]:
     'schedule': schedule.to_dict(),
     'num_classes': data.num_classes,
     'image_shape': list(data.image_shape),
-    'normalization': [list(part) for part in effective_normalization(data)],
+    'normalization': [[float(v) for v in part] for part in data.normalization],
   }
 
 
