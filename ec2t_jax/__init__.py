@@ -57,6 +57,7 @@ def __getattr__(name: str):
     return importlib.import_module(f'ec2t_jax.{name}')
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
+
 __all__ = [
   'EntropyConstrainedPruningState',
   'LayerGroup',
