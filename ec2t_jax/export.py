@@ -54,7 +54,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import struct
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -64,7 +63,7 @@ import jax
 import numpy as np
 import optax
 
-from ec2t_jax import ternary, tree_util
+from ec2t_jax import cli, ternary, tree_util
 
 __all__ = [
   'FORMAT_VERSION',
@@ -852,11 +851,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   parser.add_argument('--best', action='store_true', help='the best-by-validation checkpoint')
   args = parser.parse_args(argv)
-  if os.path.isdir(args.out):
-    print(f'error: --out {args.out!r} is a directory, not a file', file=sys.stderr)
-    return 2
-  if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-    print(f'error: --out {args.out!r}: its directory does not exist', file=sys.stderr)
+  problem = cli.output_path_error('--out', args.out)
+  if problem:
+    print(problem, file=sys.stderr)
     return 2
   from ec2t_jax.training import workdir as workdir_lib  # Local: keeps `--help` fast.
 

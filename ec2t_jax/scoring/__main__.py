@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
-from ec2t_jax import scoring
+from ec2t_jax import cli, scoring
 
 __all__ = ['main', 'score_workdir']
 
@@ -105,11 +104,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   """Command line entry point (``python -m ec2t_jax.scoring --help``)."""
   args = _parser().parse_args(argv)
-  if args.json and os.path.isdir(args.json):
-    print(f'error: --json {args.json!r} is a directory, not a file', file=sys.stderr)
-    return 2
-  if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-    print(f'error: --json {args.json!r}: its directory does not exist', file=sys.stderr)
+  problem = args.json and cli.output_path_error('--json', args.json)
+  if problem:
+    print(problem, file=sys.stderr)
     return 2
   logging.getLogger('absl').setLevel(logging.WARNING)
   try:

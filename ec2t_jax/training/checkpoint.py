@@ -81,29 +81,22 @@ class Checkpointer:
       raise ValueError(
         f'max_to_keep must be an integer >= 1 (checkpoints kept on disk), got {max_to_keep!r}'
       )
-    options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep,
-      create=True,
-      enable_async_checkpointing=False,
-      cleanup_tmp_directories=cleanup_tmp,
-    )
-    self._manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, 'checkpoints')),
-      options=options,
-      item_names=('state', 'extra'),
-    )
-    best_options = ocp.CheckpointManagerOptions(
-      max_to_keep=1,
-      create=True,
-      best_fn=lambda metrics: metrics['val_accuracy'],
-      best_mode='max',
-      enable_async_checkpointing=False,
-      cleanup_tmp_directories=cleanup_tmp,
-    )
-    self._best = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, 'best')),
-      options=best_options,
-      item_names=('state', 'extra'),
+
+    def manager(name, **options):
+      return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, name)),
+        options=ocp.CheckpointManagerOptions(
+          create=True,
+          enable_async_checkpointing=False,
+          cleanup_tmp_directories=cleanup_tmp,
+          **options,
+        ),
+        item_names=('state', 'extra'),
+      )
+
+    self._manager = manager('checkpoints', max_to_keep=max_to_keep)
+    self._best = manager(
+      'best', max_to_keep=1, best_fn=lambda metrics: metrics['val_accuracy'], best_mode='max'
     )
 
   def steps(self) -> list[int]:
