@@ -10,6 +10,8 @@ from ec2t_jax import masks as masks_lib
 from ec2t_jax import transforms, tree_util
 
 TERNARY, PRUNE, FULL_PRECISION = 'ternary', 'prune', 'full_precision'
+# Leaves held fixed (e.g. layers an earlier pass compressed): a zero update, no state.
+FIXED = 'fixed'
 # Integer and boolean leaves (step counters, indices): no optimizer changes them.
 NON_FLOAT = 'non_float'
 
@@ -28,25 +30,36 @@ def param_labels(
   params: optax.Params,
   ternary_mask: masks_lib.MaskOrFn,
   prune_mask: masks_lib.MaskOrFn | None = None,
+  fixed_mask: masks_lib.MaskOrFn | None = None,
 ) -> optax.Params:
-  """Labels each leaf `'ternary'`, `'prune'`, `'full_precision'` or `'non_float'`, validating.
+  """Labels each leaf `'ternary'`, `'prune'`, `'fixed'`, `'full_precision'` or `'non_float'`.
 
   Integer and boolean leaves that no mask selects are `'non_float'`: `ec2t`
   leaves them unchanged (a zero update) instead of giving them to the
   full-precision optimizer, which would round its float update into them.
+  `'fixed'` leaves (`fixed_mask`) are held as they are, e.g. the ternary
+  layers of an earlier pass while a later one prunes other layers.
 
   Raises:
-    ValueError: if the ternary mask selects nothing, a leaf is selected by both
-      masks, or a selected leaf is not floating point.
+    ValueError: if neither the ternary nor the prune mask selects anything, a
+      leaf is selected by two masks, or a compressed leaf is not floating point.
   """
   tern = masks_lib.resolve(ternary_mask, params)
   prune = masks_lib.resolve(prune_mask, params)
+  fixed = masks_lib.resolve(fixed_mask, params)
   problems = []
-  for (path, leaf), t, p in zip(
-    tree_util.named_leaves(params), jax.tree.leaves(tern), jax.tree.leaves(prune), strict=True
+  for (path, leaf), t, p, f in zip(
+    tree_util.named_leaves(params),
+    jax.tree.leaves(tern),
+    jax.tree.leaves(prune),
+    jax.tree.leaves(fixed),
+    strict=True,
   ):
     if t and p:
       problems.append(f'{path} is selected by both ternary_mask and prune_mask')
+    if f and (t or p):
+      what = 'ternary_mask' if t else 'prune_mask'
+      problems.append(f'{path} is selected by both fixed_mask and {what}')
     if (t or p) and not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
       problems.append(
         f'{path} has dtype {jnp.asarray(leaf).dtype}; only floating-point leaves can be '
@@ -54,22 +67,24 @@ def param_labels(
       )
   if problems:
     raise ValueError('invalid EC2T masks: ' + '; '.join(problems[:5]))
-  if not any(jax.tree.leaves(tern)):
+  if not any(jax.tree.leaves(tern)) and not any(jax.tree.leaves(prune)):
     names = [name for name, _ in tree_util.named_leaves(params)]
     raise ValueError(
-      f'ternary_mask selects no parameter; params leaves are {names[:8]}'
+      f'ternary_mask selects no parameter (and no prune_mask does); params leaves are {names[:8]}'
       + (' ...' if len(names) > 8 else '')
       + ' (see ec2t_jax.masks.default_ternary_mask)'
     )
 
-  def label(t, p, leaf):
+  def label(t, p, f, leaf):
     if t:
       return TERNARY
     if p:
       return PRUNE
-    return FULL_PRECISION if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) else NON_FLOAT
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      return NON_FLOAT
+    return FIXED if f else FULL_PRECISION
 
-  return jax.tree.map(label, tern, prune, params)
+  return jax.tree.map(label, tern, prune, fixed, params)
 
 
 @transforms.with_arguments_of(
@@ -80,6 +95,7 @@ def ec2t(
   *,
   fp_optimizer: optax.GradientTransformation | None = None,
   prune_mask: masks_lib.MaskOrFn | None = None,
+  fixed_mask: masks_lib.MaskOrFn | None = None,
   reset_optimizers_at_freeze: bool = True,
   skip_nonfinite: bool = True,
   **hyperparams,
@@ -109,6 +125,9 @@ def ec2t(
     centroid_optimizer: optimizer of the centroids.
     fp_optimizer: optimizer of all other params.
     prune_mask: leaves that get entropy-constrained pruning instead (docs/algorithm.md §6).
+      With a prune mask the ternary mask may select nothing (a pruning-only pass).
+    fixed_mask: leaves held exactly as they are (zero updates, no state), e.g.
+      the ternary layers of an earlier pass while this one prunes others.
     freeze_assignment_at: first step of the frozen-assignment phase, or None.
     reset_optimizers_at_freeze: restart the centroid and full-precision
       optimizer states at that step, as the original does.
@@ -147,7 +166,9 @@ def ec2t(
   parts = {TERNARY: ternary_tx, FULL_PRECISION: fp, NON_FLOAT: optax.set_to_zero()}
   if prune_mask is not None:
     parts[PRUNE] = transforms.entropy_constrained_pruning(**hyperparams)
-  labels = _cached_labels(ternary_mask, prune_mask)
+  if fixed_mask is not None:
+    parts[FIXED] = optax.set_to_zero()
+  labels = _cached_labels(ternary_mask, prune_mask, fixed_mask)
   inner = optax.partition(parts, labels)
 
   def init_fn(params):
@@ -197,7 +218,7 @@ def _check_default_fp_dtypes(params: optax.Params, labels: optax.Params) -> None
         )
 
 
-def _cached_labels(ternary_mask, prune_mask):
+def _cached_labels(ternary_mask, prune_mask, fixed_mask=None):
   """A label function that resolves the masks once per params structure.
 
   Mask functions may depend on the params dict's insertion order (the order
@@ -211,7 +232,7 @@ def _cached_labels(ternary_mask, prune_mask):
     named = tree_util.named_leaves(params)
     key = tuple(sorted((n, tuple(jnp.shape(x)), str(jnp.asarray(x).dtype)) for n, x in named))
     if key not in cache:
-      resolved = param_labels(params, ternary_mask, prune_mask)
+      resolved = param_labels(params, ternary_mask, prune_mask, fixed_mask)
       cache[key] = dict(zip([n for n, _ in named], jax.tree.leaves(resolved), strict=True))
     by_path = cache[key]
     return jax.tree_util.tree_map_with_path(

@@ -883,12 +883,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     f'centroids in {options["centroid_dtype"]}'
   )
   if not p_stats.ternary_leaves:
-    from ec2t_jax.training import schedule as schedule_lib
-
-    if run.schedule.optimizer_at(run.step) == schedule_lib.FP:
+    if not run.schedule.compressed_at(run.step):
       print(
         f'note: checkpoint {run.step} is in the full-precision stage (EC2T starts at step '
-        f'{run.schedule.stage(schedule_lib.FP).end}): every leaf is stored as full precision'
+        f'{run.schedule.compression_start}): every leaf is stored as full precision'
       )
   if p_stats.float32_leaves:
     print(

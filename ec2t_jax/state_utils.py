@@ -103,3 +103,33 @@ def summarize(opt_state: optax.OptState) -> dict[str, float]:
     0.91
   """
   return {k: float(np.asarray(v)) for k, v in jax.device_get(statistics(opt_state)).items()}
+
+
+def with_update_count(opt_state: optax.OptState, count: int) -> optax.OptState:
+  """`opt_state` with the update counters of EC2T's own transformations set to `count`.
+
+  The counters of `ternary_training`, `entropy_constrained_pruning` and
+  `reset_at_step` decide when the assignment freezes (`freeze_assignment_at`)
+  and when optimizers restart; Adam's own bias-correction counters are left
+  alone. Setting them to `freeze_assignment_at` makes the next update the
+  first of the frozen phase, e.g. to start that phase from an earlier (best)
+  checkpoint of the EC2T phase, as the original does.
+
+  Example:
+    >>> import ec2t_jax, jax.numpy as jnp
+    >>> params = {'w': jnp.linspace(-1, 1, 8)}
+    >>> tx = ec2t_jax.ec2t({'w': True}, freeze_assignment_at=100)
+    >>> state = with_update_count(tx.init(params), 100)
+    >>> [int(s.count) for s in compression_states(state)]
+    [100]
+  """
+
+  def is_counted(x):
+    return transforms.is_compression_state(x) or isinstance(x, transforms.ResetAtStepState)
+
+  def replace(x):
+    if is_counted(x):
+      return x._replace(count=jnp.full_like(x.count, count))
+    return x
+
+  return jax.tree.map(replace, opt_state, is_leaf=is_counted)

@@ -275,6 +275,8 @@ def check_hyperparameter(
 
 def _all_finite(arrays: Sequence[jax.Array]) -> jax.Array:
   """A bool scalar: every element of every array is finite."""
+  if not arrays:  # No leaf of this kind (e.g. no ternary leaf in a pruning-only pass).
+    return jnp.ones((), bool)
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
 
 

@@ -41,16 +41,15 @@ def score_workdir(
   Returns:
     The `scoring.Report`.
   """
-  from ec2t_jax.training import schedule as schedule_lib  # Local: keeps `--help` fast.
   from ec2t_jax.training import workdir as workdir_lib
 
   run = workdir_lib.load_workdir(workdir, best=best)
   report = scoring.count_run(run, mode=mode, **kwargs)
-  if run.schedule.optimizer_at(run.step) == schedule_lib.FP:
+  if not run.schedule.compressed_at(run.step):
     report.warnings.insert(
       0,
       f'checkpoint {run.step} is in the full-precision stage (EC2T starts at step '
-      f'{run.schedule.stage(schedule_lib.FP).end}): every layer is scored as full precision',
+      f'{run.schedule.compression_start}): every layer is scored as full precision',
     )
   return report
 

@@ -49,6 +49,11 @@ def _abstract(tree: Any) -> dict[str, Any]:
   return {f'{i:05d}': spec(x) for i, x in enumerate(leaves)}
 
 
+def _best_key(metrics: dict[str, float]) -> float:
+  """Orders best checkpoints: by rank (the pass), then by validation accuracy in [0, 1]."""
+  return 2.0 * metrics.get('rank', 0) + metrics['val_accuracy']
+
+
 def _clear_step(manager: ocp.CheckpointManager, step: int) -> None:
   """Removes checkpoint `step` before it is written again.
 
@@ -95,9 +100,7 @@ class Checkpointer:
       )
 
     self._manager = manager('checkpoints', max_to_keep=max_to_keep)
-    self._best = manager(
-      'best', max_to_keep=1, best_fn=lambda metrics: metrics['val_accuracy'], best_mode='max'
-    )
+    self._best = manager('best', max_to_keep=1, best_fn=_best_key, best_mode='max')
 
   def steps(self) -> list[int]:
     """Steps of the periodic checkpoints on disk, oldest first."""
@@ -128,8 +131,15 @@ class Checkpointer:
     """
     self._write(self._manager, step, args=_save_args(state, extra))
 
-  def save_best(self, step: int, state: Any, extra: dict[str, Any], val_accuracy: float) -> None:
+  def save_best(
+    self, step: int, state: Any, extra: dict[str, Any], val_accuracy: float, *, rank: int = 0
+  ) -> None:
     """Offers checkpoint `step` to the best-by-validation slot.
+
+    A higher `rank` always wins over a lower one, whatever the accuracies: the
+    trainer passes the pass number, so the slot holds the best checkpoint of
+    the newest pass (a later pass compresses more, and may score lower than
+    an earlier one).
 
     Raises:
       OSError: if the write fails.
@@ -138,7 +148,7 @@ class Checkpointer:
       self._best,
       step,
       args=_save_args(state, extra),
-      metrics={'val_accuracy': float(val_accuracy)},
+      metrics={'val_accuracy': float(val_accuracy), 'rank': int(rank)},
     )
 
   def best_step(self) -> int | None:

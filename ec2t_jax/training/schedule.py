@@ -1,33 +1,81 @@
 """The schedule of a run: its stages and the steps each one spans, computed once.
 
-A run is a sequence of stages over one global step counter. Today's sequence is
-full precision → EC2T → frozen assignment (`docs/algorithm.md` §5); each stage
-lasts its configured epochs times the same steps per epoch. The trainer, the
-resume logic, the workdir reader and the report all ask this one value which
-stage a step belongs to, instead of recomputing the boundaries.
+A run is a sequence of stages over one global step counter. Each stage has a
+kind, a number of epochs, and where it starts from:
+
+* `'fp'`: full-precision training with `config.fp`'s optimizer;
+* `'ec2t'`: EC2T (`docs/algorithm.md` §3–4): ternarizes its ternary leaves,
+  prunes its prune leaves (ECP, §6), trains the rest in full precision;
+* `'frozen'`: the assignment of the stage before it is held fixed (§5); it
+  continues that stage's optimizer;
+* `'ecp'`: entropy-constrained pruning only (no ternary leaves).
+
+Stages that train with one optimizer form a *pass* (`Stage.group`): every
+`fp`, `ec2t` or `ecp` stage opens a new pass with fresh optimizer state, a
+`frozen` stage joins the pass before it. A stage starts from the previous
+stage's last step (`start_from='last'`) or from the best-by-validation
+checkpoint of the pass so far (`'best'`). Leaves that an earlier pass
+compressed are held fixed in later passes unless a later pass selects them.
+
+Without `config.stages` a run is today's three stages, full precision →
+EC2T → frozen, from `config.fp.num_epochs`, `config.ec2t.num_epochs` and
+`config.ec2t.frozen_epochs`. With it, `config.stages` names the stages and
+`config.stage_order` orders them:
+
+    config.stages.ternarize = ConfigDict(dict(kind='ec2t', num_epochs=20, gamma=0.125))
+    config.stages.frozen = ConfigDict(dict(kind='frozen', num_epochs=15, start_from='best'))
+    config.stage_order = 'ternarize,frozen'
+
+A stage may set any field of `config.ec2t` (an `ec2t`/`ecp` stage: `gamma`,
+`init_scale`, `ternary_pattern`, `prune_pattern`, learning rates, ...) or of
+`config.fp` (an `fp` stage), plus `fixed_pattern` (a regex of leaves held
+fixed); what it does not set comes from `config.ec2t` / `config.fp`.
 
 Example:
   >>> import ml_collections
   >>> config = ml_collections.ConfigDict(
   ...   {'fp': {'num_epochs': 1}, 'ec2t': {'num_epochs': 2, 'frozen_epochs': 1}})
   >>> schedule = create_schedule(config, steps_per_epoch=10)
-  >>> [(s.kind, s.start, s.end) for s in schedule.stages]
-  [('fp', 0, 10), ('ec2t', 10, 30), ('frozen', 30, 40)]
+  >>> [(s.kind, s.start, s.end, s.group) for s in schedule.stages]
+  [('fp', 0, 10, 0), ('ec2t', 10, 30, 1), ('frozen', 30, 40, 1)]
   >>> schedule.stage_at(29).kind, schedule.total_steps
   ('ec2t', 40)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-__all__ = ['EC2T', 'FP', 'FROZEN', 'STAGE_KINDS', 'Schedule', 'Stage', 'create_schedule']
+__all__ = [
+  'BEST',
+  'EC2T',
+  'ECP',
+  'FP',
+  'FROZEN',
+  'LAST',
+  'STAGE_KINDS',
+  'Schedule',
+  'Stage',
+  'StageSpec',
+  'create_schedule',
+  'stage_settings',
+  'stage_specs',
+]
 
-# Stage kinds. EC2T and FROZEN share one optimizer (`ec2t_jax.ec2t` freezes the
-# assignment at the frozen stage's first step); FP has its own.
-FP, EC2T, FROZEN = 'fp', 'ec2t', 'frozen'
-STAGE_KINDS = (FP, EC2T, FROZEN)
+# Stage kinds. A FROZEN stage continues the optimizer of the EC2T or ECP stage before
+# it (`ec2t_jax.ec2t` freezes the assignment at the frozen stage's first step).
+FP, EC2T, FROZEN, ECP = 'fp', 'ec2t', 'frozen', 'ecp'
+STAGE_KINDS = (FP, EC2T, FROZEN, ECP)
+# Where a stage starts from.
+LAST, BEST = 'last', 'best'
+START_FROM = (LAST, BEST)
+
+# Stage fields besides the settings of `config.fp` / `config.ec2t`.
+_STAGE_FIELDS = ('kind', 'num_epochs', 'start_from')
+_EXTRA_SETTINGS = ('fixed_pattern',)
+# `config.ec2t` fields that are not per-stage settings (the default sequence's epochs).
+_EC2T_NOT_SETTINGS = ('num_epochs', 'frozen_epochs')
 
 
 class Stage(NamedTuple):
@@ -37,11 +85,18 @@ class Stage(NamedTuple):
     kind: one of `STAGE_KINDS`.
     start: the first step of the stage.
     num_steps: how many steps it lasts (0 for a stage that is configured off).
+    name: the stage's name in `config.stages` (the kind for the default sequence).
+    group: the pass it belongs to: stages of one pass share one optimizer state.
+    start_from: `'last'` (the previous stage's last step) or `'best'` (the
+      best-by-validation checkpoint of the run so far).
   """
 
   kind: str
   start: int
   num_steps: int
+  name: str = ''
+  group: int = 0
+  start_from: str = LAST
 
   @property
   def end(self) -> int:
@@ -49,9 +104,9 @@ class Stage(NamedTuple):
     return self.start + self.num_steps
 
   @property
-  def optimizer(self) -> str:
-    """Which optimizer trains in this stage: `'fp'` or `'ec2t'` (EC2T and frozen share one)."""
-    return FP if self.kind == FP else EC2T
+  def label(self) -> str:
+    """The stage's name, or its kind when it has none."""
+    return self.name or self.kind
 
 
 class Schedule(NamedTuple):
@@ -70,8 +125,13 @@ class Schedule(NamedTuple):
     """Steps of the whole run."""
     return self.stages[-1].end if self.stages else 0
 
+  @property
+  def num_groups(self) -> int:
+    """How many passes (optimizer states) the run has."""
+    return max((s.group for s in self.stages), default=-1) + 1
+
   def stage(self, kind: str) -> Stage:
-    """The stage of `kind` (`ValueError` naming the kinds present if there is none)."""
+    """The first stage of `kind` (`ValueError` naming the kinds present if there is none)."""
     for s in self.stages:
       if s.kind == kind:
         return s
@@ -88,12 +148,45 @@ class Schedule(NamedTuple):
     running = [s for s in self.stages if s.num_steps] or list(self.stages)
     return running[-1] if step >= self.total_steps else running[0]
 
-  def optimizer_at(self, step: int) -> str:
-    """The optimizer whose state a checkpoint of step `step` holds: `'fp'` or `'ec2t'`.
+  def optimizer_at(self, step: int) -> int:
+    """The pass (`Stage.group`) whose optimizer state a checkpoint of step `step` holds.
 
     A checkpoint at a stage boundary holds the state of the stage that starts there.
     """
-    return FP if step < self.stage(FP).end else EC2T
+    return self.stage_at(step).group
+
+  def group_stages(self, group: int) -> list[Stage]:
+    """The stages of pass `group`, in order."""
+    return [s for s in self.stages if s.group == group]
+
+  def group_start(self, group: int) -> int:
+    """The first step of pass `group`."""
+    return self.group_stages(group)[0].start
+
+  def freeze_step(self, group: int) -> int:
+    """The update of pass `group`'s optimizer at which its assignment freezes.
+
+    The steps of the pass's first (EC2T or ECP) stage: the frozen stage after it
+    starts there. (Passes without a frozen stage never reach it.)
+    """
+    return self.group_stages(group)[0].num_steps
+
+  @property
+  def compression_start(self) -> int:
+    """The first step of the first EC2T or ECP stage (the total steps if there is none)."""
+    return next((s.start for s in self.stages if s.kind != FP), self.total_steps)
+
+  def compressed_at(self, step: int) -> bool:
+    """Whether a checkpoint of `step` holds a compressed network (a non-fp pass began)."""
+    group = self.optimizer_at(step)
+    return any(s.kind != FP and s.group <= group for s in self.stages)
+
+  def transition_at(self, step: int) -> Stage | None:
+    """The stage with steps that starts at `step` > 0 after another stage ran, else None."""
+    if step <= 0 or step >= self.total_steps:
+      return None
+    current = self.stage_at(step)
+    return current if current.start == step and self.stage_at(step - 1) != current else None
 
   def is_boundary(self, step: int) -> bool:
     """True if a stage with steps ends at `step` (those steps are always checkpointed)."""
@@ -103,44 +196,211 @@ class Schedule(NamedTuple):
     """A JSON-friendly form (written to `summary.json` and read back by the report)."""
     return {
       'steps_per_epoch': self.steps_per_epoch,
-      'stages': [{'kind': s.kind, 'start': s.start, 'num_steps': s.num_steps} for s in self.stages],
+      'stages': [s._asdict() for s in self.stages],
     }
 
   @classmethod
   def from_dict(cls, value: Mapping[str, Any]) -> Schedule:
-    """The inverse of `to_dict`."""
+    """The inverse of `to_dict` (also reads schedules written before stages had names)."""
+    kinds = [str(s['kind']) for s in value['stages']]
+    groups = _groups(kinds)
     stages = tuple(
-      Stage(str(s['kind']), int(s['start']), int(s['num_steps'])) for s in value['stages']
+      Stage(
+        kind,
+        int(s['start']),
+        int(s['num_steps']),
+        name=str(s.get('name', '') or kind),
+        group=int(s.get('group', group)),
+        start_from=str(s.get('start_from', LAST)),
+      )
+      for kind, group, s in zip(kinds, groups, value['stages'], strict=True)
     )
     return cls(int(value['steps_per_epoch']), stages)
 
 
-def create_schedule(config: Mapping[str, Any], steps_per_epoch: int) -> Schedule:
-  """The schedule of `config`: `config.fp.num_epochs`, then EC2T and frozen epochs.
+class StageSpec(NamedTuple):
+  """One configured stage before steps are known.
+
+  Attributes:
+    name: its name in `config.stages` (the kind for the default sequence).
+    kind: one of `STAGE_KINDS`.
+    num_epochs: how many epochs it lasts.
+    start_from: `'last'` or `'best'`.
+    settings: the `config.fp` / `config.ec2t` fields (and `fixed_pattern`) it overrides.
+  """
+
+  name: str
+  kind: str
+  num_epochs: int
+  start_from: str = LAST
+  settings: Mapping[str, Any] = {}
+
+
+def _groups(kinds: Sequence[str]) -> list[int]:
+  """The pass of each stage: FP, EC2T and ECP open one, FROZEN joins the one before."""
+  groups, group = [], -1
+  for kind in kinds:
+    if kind != FROZEN or group < 0:
+      group += 1
+    groups.append(group)
+  return groups
+
+
+def _stage_order(config: Mapping[str, Any], names: Sequence[str]) -> list[str]:
+  """The names of `config.stage_order` (a comma-separated string or a sequence), checked."""
+  order = config.get('stage_order') or ''
+  if isinstance(order, str):
+    order = [n.strip() for n in order.split(',') if n.strip()]
+  order = [str(n) for n in order]
+  if not order:
+    raise ValueError(
+      f'config.stages defines {sorted(names)} but config.stage_order is empty; set it to the '
+      f"stage names in the order they run, e.g. '{','.join(sorted(names))}'"
+    )
+  unknown = [n for n in order if n not in names]
+  if unknown:
+    raise ValueError(
+      f'config.stage_order names {unknown} that config.stages does not define; defined: '
+      f'{sorted(names)}'
+    )
+  unused = [n for n in names if n not in order]
+  if unused:
+    raise ValueError(
+      f'config.stages defines {unused} but config.stage_order={",".join(order)!r} does not '
+      'run them; add them to config.stage_order or remove them'
+    )
+  if len(set(order)) != len(order):
+    raise ValueError(f'config.stage_order={",".join(order)!r} names a stage twice')
+  return order
+
+
+def _valid_settings(config: Mapping[str, Any], kind: str) -> list[str]:
+  """The setting names a stage of `kind` may override."""
+  if kind == FROZEN:
+    return []
+  if kind == FP:
+    base = list((config.get('fp') or {}).keys())
+  else:
+    base = [k for k in (config.get('ec2t') or {}) if k not in _EC2T_NOT_SETTINGS]
+  return sorted([*base, *_EXTRA_SETTINGS])
+
+
+def stage_specs(config: Mapping[str, Any]) -> tuple[StageSpec, ...]:
+  """The configured stages of `config`, validated (no model or data needed).
 
   Args:
-    config: the run's config (`config.fp.num_epochs`, `config.ec2t.num_epochs`,
-      `config.ec2t.frozen_epochs`; missing or None counts as 0).
+    config: the run's config; `config.stages` + `config.stage_order`, or
+      without them the default sequence of `config.fp` and `config.ec2t`.
+
+  Returns:
+    One `StageSpec` per stage, in order.
+
+  Raises:
+    ValueError: one line naming the bad value: an unknown stage kind or
+      setting, a negative number of epochs, a bad `start_from`, a frozen
+      stage that does not follow an EC2T or ECP stage, or a `stage_order`
+      that does not match `config.stages`.
+  """
+  stages = config.get('stages') or {}
+  if not stages:
+    fp, ec2t = config['fp'], config['ec2t']
+    specs = (
+      StageSpec(FP, FP, fp.get('num_epochs') or 0),
+      StageSpec(EC2T, EC2T, ec2t.get('num_epochs') or 0),
+      StageSpec(FROZEN, FROZEN, ec2t.get('frozen_epochs') or 0),
+    )
+    for spec in specs:
+      if spec.num_epochs < 0:
+        raise ValueError(f'the {spec.kind} stage must last >= 0 epochs, got {spec.num_epochs}')
+    return specs
+  specs = []
+  for name in _stage_order(config, list(stages.keys())):
+    stage = stages[name]
+    where = f'config.stages.{name}'
+    if not isinstance(stage, Mapping):
+      raise ValueError(f'{where} must be a ConfigDict of stage fields, got {stage!r}')
+    kind = stage.get('kind')
+    if kind not in STAGE_KINDS:
+      raise ValueError(
+        f'{where}.kind={kind!r} is not a stage kind; valid: {", ".join(STAGE_KINDS)}'
+      )
+    epochs = stage.get('num_epochs')
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+      raise ValueError(f'{where}.num_epochs must be an integer >= 0, got {epochs!r}')
+    start_from = stage.get('start_from') or LAST
+    if start_from not in START_FROM:
+      raise ValueError(
+        f'{where}.start_from={start_from!r}; valid: {", ".join(repr(s) for s in START_FROM)}'
+      )
+    valid = _valid_settings(config, kind)
+    settings = {k: v for k, v in stage.items() if k not in _STAGE_FIELDS}
+    unknown = sorted(set(settings) - set(valid))
+    if unknown:
+      raise ValueError(
+        f'{where} sets {unknown}, which a {kind!r} stage does not have; valid: '
+        f'{", ".join([*_STAGE_FIELDS, *valid])}'
+      )
+    specs.append(StageSpec(str(name), kind, epochs, start_from, settings))
+  _check_sequence(specs)
+  return tuple(specs)
+
+
+def _check_sequence(specs: Sequence[StageSpec]) -> None:
+  """Refuses frozen stages without an EC2T/ECP stage before them and bad `start_from`s."""
+  for i, spec in enumerate(specs):
+    before = specs[i - 1] if i else None
+    if spec.kind == FROZEN and (before is None or before.kind not in (EC2T, ECP)):
+      raise ValueError(
+        f'config.stages.{spec.name} is a frozen stage, which holds the assignment of the EC2T '
+        f'or ECP stage right before it; it follows {before.name if before else "nothing"!r}'
+      )
+    if spec.start_from == BEST:
+      if before is None:
+        raise ValueError(
+          f"config.stages.{spec.name}.start_from='best' but it is the first stage; nothing "
+          "before it can be best: use 'last'"
+        )
+      compressed = [s for s in specs[:i] if s.kind != FP and s.num_epochs]
+      if not compressed:
+        raise ValueError(
+          f"config.stages.{spec.name}.start_from='best' but no EC2T/ECP stage with epochs runs "
+          'before it (best checkpoints are kept from the first compression stage on); use '
+          "'last'"
+        )
+
+
+def stage_settings(config: Mapping[str, Any], spec: StageSpec) -> dict[str, Any]:
+  """The settings a stage trains with: `config.fp` or `config.ec2t`, updated by the stage's.
+
+  A frozen stage has none of its own (it continues the pass before it).
+  """
+  base = config['fp'] if spec.kind == FP else config['ec2t']
+  merged = dict(base.items()) if hasattr(base, 'items') else dict(base)
+  merged.setdefault('fixed_pattern', '')
+  merged.update(spec.settings)
+  return merged
+
+
+def create_schedule(config: Mapping[str, Any], steps_per_epoch: int) -> Schedule:
+  """The schedule of `config`: its stages (see the module docstring) over one step counter.
+
+  Args:
+    config: the run's config.
     steps_per_epoch: steps per epoch, > 0.
 
   Returns:
-    The `Schedule` with one stage of each kind in the order fp, ec2t, frozen.
+    The `Schedule`; without `config.stages` one stage of each kind fp, ec2t, frozen.
 
   Raises:
-    ValueError: for steps_per_epoch <= 0 or a negative number of epochs.
+    ValueError: for steps_per_epoch <= 0 or a bad stage configuration (`stage_specs`).
   """
   if steps_per_epoch <= 0:
     raise ValueError(f'steps_per_epoch must be > 0, got {steps_per_epoch}')
-  epochs = {
-    FP: config['fp'].get('num_epochs') or 0,
-    EC2T: config['ec2t'].get('num_epochs') or 0,
-    FROZEN: config['ec2t'].get('frozen_epochs') or 0,
-  }
+  specs = stage_specs(config)
+  groups = _groups([s.kind for s in specs])
   stages, start = [], 0
-  for kind in STAGE_KINDS:
-    if epochs[kind] < 0:
-      raise ValueError(f'the {kind} stage must last >= 0 epochs, got {epochs[kind]}')
-    num_steps = int(epochs[kind]) * steps_per_epoch
-    stages.append(Stage(kind, start, num_steps))
+  for spec, group in zip(specs, groups, strict=True):
+    num_steps = int(spec.num_epochs) * steps_per_epoch
+    stages.append(Stage(spec.kind, start, num_steps, spec.name, group, spec.start_from))
     start += num_steps
   return Schedule(steps_per_epoch, tuple(stages))

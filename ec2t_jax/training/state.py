@@ -29,9 +29,11 @@ from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import schedule as schedule_lib
 
 __all__ = [
+  'Pass',
   'Setup',
   'TrainState',
   'abstract_train_state',
+  'abstract_train_state_of',
   'compression_masks',
   'create_ec2t_optimizer',
   'create_fp_optimizer',
@@ -53,6 +55,31 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None
 
 
+class Pass(NamedTuple):
+  """One pass of a run: the stages that train with one optimizer state.
+
+  Attributes:
+    kind: the kind of its first stage (`'fp'`, `'ec2t'` or `'ecp'`).
+    name: the name of its first stage.
+    settings: the `config.fp` / `config.ec2t` fields it trains with (the
+      stage's own settings over the config's).
+    tx: its optimizer.
+    num_steps: steps of all its stages.
+    ternary_mask: bools shaped like the params, the leaves it ternarizes (None for fp).
+    prune_mask: bools of the leaves it prunes (ECP), or None.
+    fixed_mask: bools of the leaves it holds fixed, or None.
+  """
+
+  kind: str
+  name: str
+  settings: ml_collections.ConfigDict
+  tx: optax.GradientTransformation
+  num_steps: int
+  ternary_mask: Any = None
+  prune_mask: Any = None
+  fixed_mask: Any = None
+
+
 class Setup(NamedTuple):
   """What a run computes with, built once by `create_setup`.
 
@@ -61,18 +88,17 @@ class Setup(NamedTuple):
     variables: `{'params', 'batch_stats'}` to start from (initial or pretrained).
     image_shape: one input image, `(height, width, channels)`.
     schedule: the run's `Schedule`.
-    fp_tx: the optimizer of the full-precision stage.
-    ec2t_tx: `ec2t_jax.ec2t` for the EC2T and frozen stages.
-    ternary_mask: bools shaped like the params, the leaves EC2T ternarizes.
-    prune_mask: bools of the leaves it prunes (ECP), or None.
+    passes: one `Pass` per optimizer state (`Stage.group`), in order.
+    ternary_mask: bools shaped like the params: the leaves the finished run
+      holds ternary (over all passes).
+    prune_mask: bools of the leaves it holds pruned (ECP), or None.
   """
 
   model: Any
   variables: dict[str, Any]
   image_shape: tuple[int, ...]
   schedule: schedule_lib.Schedule
-  fp_tx: optax.GradientTransformation
-  ec2t_tx: optax.GradientTransformation
+  passes: tuple[Pass, ...]
   ternary_mask: Any
   prune_mask: Any
 
@@ -126,15 +152,22 @@ def create_fp_optimizer(cfg: ml_collections.ConfigDict, num_steps: int):
 
 
 def compression_masks(
-  cfg: ml_collections.ConfigDict, model, params: Any, image_shape: tuple[int, ...]
+  cfg: ml_collections.ConfigDict,
+  model,
+  params: Any,
+  image_shape: tuple[int, ...],
+  *,
+  kind: str = schedule_lib.EC2T,
 ) -> tuple[Any, Any]:
-  """The ternary and prune masks of `config.ec2t` for `params`.
+  """The ternary and prune masks of `config.ec2t` (or a stage's settings) for `params`.
 
   Without `cfg.ternary_pattern` the default selection finds the first and last
   layers in the order the model calls them (traced, so it does not depend on
-  the params dict's key order).
+  the params dict's key order). An `'ecp'` stage ternarizes nothing.
   """
-  if cfg.get('ternary_pattern'):
+  if kind == schedule_lib.ECP:
+    ternary_mask = jax.tree.map(lambda _: False, params)
+  elif cfg.get('ternary_pattern'):
     ternary_mask = masks_lib.from_regex(params, cfg.ternary_pattern, cfg.get('ternary_exclude'))
   else:
     order = masks_lib.call_order(
@@ -155,9 +188,16 @@ def compression_masks(
 
 
 def create_ec2t_optimizer(
-  cfg: ml_collections.ConfigDict, ternary_mask: Any, prune_mask: Any, freeze_at: int
+  cfg: ml_collections.ConfigDict,
+  ternary_mask: Any,
+  prune_mask: Any,
+  freeze_at: int,
+  fixed_mask: Any = None,
 ):
-  """`ec2t_jax.ec2t` configured by `config.ec2t`; the assignment freezes at update `freeze_at`."""
+  """`ec2t_jax.ec2t` configured by `config.ec2t`; the assignment freezes at update `freeze_at`.
+
+  `fixed_mask` (or None) selects leaves held as they are (zero updates).
+  """
   return ec2t_jax.ec2t(
     ternary_mask,
     gamma=cfg.gamma,
@@ -169,6 +209,7 @@ def create_ec2t_optimizer(
     centroid_optimizer=optax.adam(cfg.centroid_learning_rate),
     fp_optimizer=ec2t_jax.default_fp_optimizer(cfg.learning_rate, cfg.weight_decay),
     prune_mask=prune_mask,
+    fixed_mask=fixed_mask,
     freeze_assignment_at=freeze_at,
     reference_parity=cfg.reference_parity,
     # The trainer stops on (or, with config.skip_nonfinite, skips and counts) a NaN/inf
@@ -233,7 +274,7 @@ def create_setup(
   image_shape: tuple[int, ...],
   load_pretrained: bool = True,
 ) -> Setup:
-  """Builds the model, its variables, masks and optimizers of a run, validating them.
+  """Builds the model, its variables, and every pass's masks and optimizer, validating them.
 
   Args:
     config: the run's config.
@@ -244,53 +285,172 @@ def create_setup(
       replace the variables anyway).
 
   Raises:
-    ValueError: for masks that select nothing or non-float leaves, an
-      `init_from` that does not fit the model, or an unknown optimizer.
+    ValueError: for a stage whose masks select nothing, overlap or select
+      non-float leaves, an `init_from` that does not fit the model, or an
+      unknown optimizer (one line, naming the stage).
   """
   model = create_model(config, num_classes)
   variables = initial_variables(model, image_shape, config.seed)
-  if load_pretrained and config.init_from:
+  if load_pretrained and config.get('grow') and config.grow.get('base_model'):
+    from ec2t_jax.training import pretrained  # Local: only runs that grow a base need it.
+
+    variables = pretrained.grow_from_pretrained(
+      config, model=model, variables=variables, image_shape=image_shape, num_classes=num_classes
+    )
+  elif load_pretrained and config.init_from:
     variables = load_init_from(config, variables)
-  ternary_mask, prune_mask = compression_masks(config.ec2t, model, variables['params'], image_shape)
-  # Validates the masks (selects something, floating leaves) before any step.
-  ec2t_jax.param_labels(variables['params'], ternary_mask, prune_mask)
-  fp = schedule.stage(schedule_lib.FP)
-  ec2t = schedule.stage(schedule_lib.EC2T)
+  passes = _create_passes(config, schedule, model, variables['params'], image_shape)
+  ternary, prune = _final_masks(passes)
+  if ternary is None:  # A full-precision-only run: the masks of config.ec2t describe it.
+    ternary, prune = compression_masks(config.ec2t, model, variables['params'], image_shape)
   return Setup(
     model=model,
     variables=variables,
     image_shape=tuple(image_shape),
     schedule=schedule,
-    fp_tx=create_fp_optimizer(config.fp, fp.num_steps),
-    # The EC2T optimizer's update count starts at the EC2T stage's first step.
-    ec2t_tx=create_ec2t_optimizer(config.ec2t, ternary_mask, prune_mask, ec2t.num_steps),
-    ternary_mask=ternary_mask,
-    prune_mask=prune_mask,
+    passes=passes,
+    ternary_mask=ternary,
+    prune_mask=prune,
   )
 
 
-def create_train_state(setup: Setup, optimizer: str, variables: dict[str, Any]) -> TrainState:
-  """A fresh `TrainState` for `optimizer` (`'fp'` or `'ec2t'`) from `variables`.
+def _final_masks(passes: tuple[Pass, ...]) -> tuple[Any, Any]:
+  """The ternary and pruned leaves after all passes (the last pass to select a leaf wins)."""
+  ternary = prune = None
+  for p in passes:
+    if p.ternary_mask is None:
+      continue
+    new_p = p.prune_mask
+    if new_p is None:
+      new_p = jax.tree.map(lambda _: False, p.ternary_mask)
+    if ternary is None:
+      ternary, prune = p.ternary_mask, new_p
+      continue
+    ternary = jax.tree.map(lambda t, nt, np_: (t and not np_) or nt, ternary, p.ternary_mask, new_p)
+    prune = jax.tree.map(lambda q, nt, np_: (q and not nt) or np_, prune, p.ternary_mask, new_p)
+  if prune is not None and not any(jax.tree.leaves(prune)):
+    prune = None
+  return ternary, prune
 
-  An EC2T state starts ternarized: its params are the ternary network of the
-  initial assignment (`ec2t_jax.ternarize`).
+
+def _hold_fixed(tx: optax.GradientTransformation, fixed_mask: Any) -> optax.GradientTransformation:
+  """`tx` on the leaves `fixed_mask` does not select; zero updates on those it does."""
+  labels = jax.tree.map(lambda f: 'fixed' if f else 'train', fixed_mask)
+  return optax.partition({'train': tx, 'fixed': optax.set_to_zero()}, labels)
+
+
+def _some_names(params: Any, limit: int = 8) -> str:
+  """The first `limit` leaf paths of `params`, for error messages."""
+  names = [name for name, _ in tree_util.named_leaves(params)]
+  return str(names[:limit]) + (' ...' if len(names) > limit else '')
+
+
+def _fixed_by_pattern(settings, params) -> Any:
+  """The leaves `settings.fixed_pattern` selects (all False without one)."""
+  if not settings.get('fixed_pattern'):
+    return jax.tree.map(lambda _: False, params)
+  fixed = masks_lib.from_regex(params, settings.fixed_pattern)
+  if not any(jax.tree.leaves(fixed)):
+    raise ValueError(
+      f'fixed_pattern={settings.fixed_pattern!r} selects no leaf; leaves are {_some_names(params)}'
+    )
+  return fixed
+
+
+def _create_pass(
+  settings, kind, name, num_steps, freeze_at, compressed, model, params, image_shape
+):
+  """The `Pass` of one optimizer state; `compressed` marks leaves earlier passes compressed."""
+  fixed = _fixed_by_pattern(settings, params)
+  if kind == schedule_lib.FP:
+    fixed = jax.tree.map(lambda f, c: f or c, fixed, compressed)
+    tx = create_fp_optimizer(settings, num_steps)
+    if any(jax.tree.leaves(fixed)):
+      return Pass(kind, name, settings, _hold_fixed(tx, fixed), num_steps, fixed_mask=fixed)
+    return Pass(kind, name, settings, tx, num_steps)
+  if kind == schedule_lib.ECP and not settings.get('prune_pattern'):
+    raise ValueError(
+      'an ecp stage needs prune_pattern, a regex of the leaves it prunes, e.g. '
+      "'(se_reduce|se_expand|fc)/kernel$'"
+    )
+  ternary, prune = compression_masks(settings, model, params, image_shape, kind=kind)
+  if prune is not None and not any(jax.tree.leaves(prune)):
+    raise ValueError(
+      f'prune_pattern={settings.prune_pattern!r} selects no leaf that is not ternary; leaves '
+      f'are {_some_names(params)}'
+    )
+  # Validates the masks (selects something, no overlaps, floating leaves) before any step.
+  ec2t_jax.param_labels(params, ternary, prune, fixed)
+  selected = ternary if prune is None else jax.tree.map(lambda t, p: t or p, ternary, prune)
+  # Leaves an earlier pass compressed stay as they are unless this pass selects them.
+  fixed = jax.tree.map(lambda f, c, s: (f or c) and not s, fixed, compressed, selected)
+  fixed = fixed if any(jax.tree.leaves(fixed)) else None
+  tx = create_ec2t_optimizer(settings, ternary, prune, freeze_at, fixed)
+  return Pass(kind, name, settings, tx, num_steps, ternary, prune, fixed)
+
+
+def _create_passes(config, schedule, model, params, image_shape) -> tuple[Pass, ...]:
+  """One `Pass` per optimizer state of `schedule`, with its masks, validated.
+
+  Raises:
+    ValueError: naming the stage (`config.stages.NAME: ...`) when it is configured.
   """
-  tx = setup.fp_tx if optimizer == schedule_lib.FP else setup.ec2t_tx
+  specs = schedule_lib.stage_specs(config)
+  compressed = jax.tree.map(lambda _: False, params)
+  passes = []
+  for group in range(schedule.num_groups):
+    stages = schedule.group_stages(group)
+    spec = specs[schedule.stages.index(stages[0])]
+    settings = ml_collections.ConfigDict(schedule_lib.stage_settings(config, spec))
+    try:
+      p = _create_pass(
+        settings,
+        spec.kind,
+        spec.name,
+        sum(s.num_steps for s in stages),
+        schedule.freeze_step(group),
+        compressed,
+        model,
+        params,
+        image_shape,
+      )
+    except ValueError as e:
+      if not config.get('stages'):
+        raise
+      raise ValueError(f'config.stages.{spec.name}: {e}') from e
+    passes.append(p)
+    for mask in (p.ternary_mask, p.prune_mask):
+      if mask is not None:
+        compressed = jax.tree.map(lambda c, m: c or m, compressed, mask)
+  return tuple(passes)
+
+
+def create_train_state(setup: Setup, group: int, variables: dict[str, Any]) -> TrainState:
+  """A fresh `TrainState` of pass `group` (its optimizer) from `variables`.
+
+  A compression pass's state starts compressed: its params are the network of
+  its initial assignment (`ec2t_jax.ternarize`).
+  """
+  p = setup.passes[group]
   state = TrainState.create(
     apply_fn=setup.model.apply,
     params=variables['params'],
-    tx=tx,
+    tx=p.tx,
     batch_stats=variables['batch_stats'],
   )
-  if optimizer == schedule_lib.EC2T:
+  if p.kind != schedule_lib.FP:
     state = state.replace(params=ec2t_jax.ternarize(state.params, state.opt_state))
   return state
 
 
 def abstract_train_state(setup: Setup, step: int) -> TrainState:
   """Shapes and dtypes of the train state a checkpoint of `step` holds (nothing computed)."""
-  optimizer = setup.schedule.optimizer_at(step)
-  return jax.eval_shape(functools.partial(create_train_state, setup, optimizer), setup.variables)
+  return abstract_train_state_of(setup, setup.schedule.optimizer_at(step))
+
+
+def abstract_train_state_of(setup: Setup, group: int) -> TrainState:
+  """Shapes and dtypes of the train state of pass `group` (nothing computed)."""
+  return jax.eval_shape(functools.partial(create_train_state, setup, group), setup.variables)
 
 
 def state_tree(state: TrainState) -> dict[str, Any]:

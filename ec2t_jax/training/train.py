@@ -48,7 +48,7 @@ from ec2t_jax.training import datasets, input_pipeline, metric_writers
 from ec2t_jax.training import schedule as schedule_lib
 from ec2t_jax.training import state as state_lib
 from ec2t_jax.training import workdir as workdir_lib
-from ec2t_jax.training.schedule import EC2T, FP
+from ec2t_jax.training.schedule import BEST, FP
 
 # Size limit of the persistent compilation cache when `config.compilation_cache_dir`
 # turns it on; the least recently used executables are evicted beyond it.
@@ -87,8 +87,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       value = config[stage].get(key)
       if value is not None and value <= 0:
         raise ValueError(f'config.{stage}.{key} must be > 0, got {value}')
-  if config.fp.num_epochs == 0 and not config.init_from:
-    logging.warning('config.fp.num_epochs=0 and no config.init_from: EC2T starts from random init.')
+  specs = schedule_lib.stage_specs(config)  # Raises a one-line ValueError naming the stage.
+  if any(s.start_from == BEST for s in specs) and config.get('validation_size') == 0:
+    best = next(s.name for s in specs if s.start_from == BEST)
+    raise ValueError(
+      f"stage {best!r} starts from the best-by-validation checkpoint (start_from='best') but "
+      'config.validation_size=0 holds out no validation data; set config.validation_size > 0 '
+      "(or -1 for the dataset's default), or start_from='last'"
+    )
+  grow = config.get('grow') or {}
+  if grow.get('base_model'):
+    from ec2t_jax.training import pretrained  # Local: only runs that grow a base need it.
+
+    pretrained.validate_grow_config(config)
+  starts_fp = next((s.kind for s in specs if s.num_epochs), None) == FP
+  if not starts_fp and not config.init_from:
+    if config.get('needs_init_from'):
+      raise ValueError(
+        'this recipe compresses a pretrained network (it has no full-precision stage) but '
+        'config.init_from is empty: give --config.init_from=/path/weights (.pth/.pt or an '
+        'orbax directory), or --config.needs_init_from=False to compress a randomly '
+        'initialised network'
+      )
+    logging.warning(
+      'no full-precision stage and no config.init_from: EC2T starts from random init.'
+    )
 
 
 # Settings that are counts where 0 means "no limit" (negative ones are refused).
@@ -527,7 +550,18 @@ def _format_eta(seconds: float) -> str:
   return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-_STAGE_NAMES = {FP: 'full precision', EC2T: 'EC2T', schedule_lib.FROZEN: 'frozen-assignment'}
+_STAGE_NAMES = {
+  FP: 'full precision',
+  schedule_lib.EC2T: 'EC2T',
+  schedule_lib.FROZEN: 'frozen-assignment',
+  schedule_lib.ECP: 'ECP',
+}
+
+
+def _stage_title(stage: schedule_lib.Stage) -> str:
+  """'EC2T' for the default sequence's stages, 'ternarize (EC2T)' for named ones."""
+  kind = _STAGE_NAMES[stage.kind]
+  return kind if stage.label == stage.kind else f'{stage.label} ({kind})'
 
 
 class TrainMetrics:
@@ -539,9 +573,10 @@ class TrainMetrics:
   means, the EC2T statistics of `state` and a progress line with an ETA.
   """
 
-  def __init__(self, config, schedule, writer, statistics_fn, step: int):
+  def __init__(self, config, setup, writer, statistics_fn, step: int):
     self._config = config
-    self._schedule = schedule
+    self._setup = setup
+    self._schedule = setup.schedule
     self._writer = writer
     self._statistics = statistics_fn
     self._pending: list[tuple[int, dict[str, jax.Array]]] = []
@@ -573,15 +608,16 @@ class TrainMetrics:
       'progress/fraction': step / max(total, 1),
     }
     if stage.kind == FP:
-      lr = state_lib.learning_rate_schedule(self._config.fp, stage.num_steps)
-      scalars['train/learning_rate'] = float(lr(step))
+      p = self._setup.passes[stage.group]
+      lr = state_lib.learning_rate_schedule(p.settings, p.num_steps)
+      scalars['train/learning_rate'] = float(lr(step - self._schedule.group_start(stage.group)))
     else:
       stats = jax.device_get(self._statistics(state.opt_state))
       scalars.update({f'ec2t/{k}': float(v) for k, v in stats.items()})
     self._writer.write_scalars(step, scalars)
     logging.info(
       '%s stage, step %d/%d (%.1f%%), %.1f steps/s, ETA %s',
-      _STAGE_NAMES[stage.kind],
+      _stage_title(stage),
       step,
       total,
       100.0 * step / max(total, 1),
@@ -597,7 +633,7 @@ def _checkpoint_extra(step, schedule, data, train_iter, meta) -> dict[str, Any]:
   return {
     'data_iterator': base64.b64encode(train_iter.get_state()).decode('ascii'),
     'meta': meta,
-    'phase': schedule.optimizer_at(step),
+    'phase': schedule.stage_at(step).label,
     'steps_per_epoch': schedule.steps_per_epoch,
     'schedule': schedule.to_dict(),
     'num_classes': data.num_classes,
@@ -614,6 +650,54 @@ def _evaluate_fp(evaluate_split, state, writer, step: int) -> dict[str, float]:
     out['fp_val_accuracy'] = val['accuracy']
   writer.write_scalars(step, {f'fp/{k}': v for k, v in out.items()})
   return out
+
+
+def _plain_state(setup: state_lib.Setup) -> state_lib.TrainState:
+  """A state of the starting variables with no optimizer (to evaluate them)."""
+  return state_lib.TrainState.create(
+    apply_fn=setup.model.apply,
+    params=setup.variables['params'],
+    tx=optax.identity(),
+    batch_stats=setup.variables['batch_stats'],
+  )
+
+
+def _enter_stage(stage, state, setup, new_state, ckpt, sharding) -> state_lib.TrainState:
+  """The state `stage` starts from at its first step.
+
+  A new pass starts fresh optimizer state from the last step's variables, or
+  from the best-by-validation checkpoint's (`start_from='best'`). A frozen
+  stage that starts from the best checkpoint takes that checkpoint's whole
+  state (weights, BatchNorm statistics, assignment, centroids) and sets the
+  pass's update counters to where the assignment freezes.
+  """
+  schedule = setup.schedule
+  current = schedule.stage_at(stage.start - 1).group
+  if stage.start_from != BEST:
+    if stage.group == current:
+      return state
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    return new_state[stage.group](variables)
+  best = ckpt.best_step()
+  if best is None:
+    raise ValueError(
+      f'stage {stage.label!r} starts from the best checkpoint but the run saved none (no '
+      "validation data?); rerun with start_from='last'"
+    )
+  # A best checkpoint holds the state of the stage that ran its step.
+  best_group = schedule.stage_at(best - 1).group
+  target = state_lib.state_tree(state_lib.abstract_train_state_of(setup, best_group))
+  tree, _ = ckpt.restore(best, target, best=True)
+  tree = jax.device_put(tree, sharding)
+  logging.info('%s stage starts from the best checkpoint (step %d).', stage.label, best)
+  if stage.group == best_group:
+    freeze = schedule.freeze_step(stage.group)
+    return state.replace(
+      params=tree['params'],
+      batch_stats=tree['batch_stats'],
+      opt_state=ec2t_jax.state_utils.with_update_count(tree['opt_state'], freeze),
+    )
+  return new_state[stage.group]({'params': tree['params'], 'batch_stats': tree['batch_stats']})
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -723,11 +807,11 @@ def _train(config, workdir, mesh, data, setup, preemption, start_time) -> dict[s
     )
     p_eval_step = jax.jit(eval_step, out_shardings=replicated)
     p_statistics = jax.jit(ec2t_jax.statistics)
-    new_state = {  # One compiled program per optimizer instead of many eager ops.
-      name: jax.jit(
-        functools.partial(state_lib.create_train_state, setup, name), out_shardings=replicated
+    new_state = {  # One compiled program per pass instead of many eager ops.
+      group: jax.jit(
+        functools.partial(state_lib.create_train_state, setup, group), out_shardings=replicated
       )
-      for name in (FP, EC2T)
+      for group in range(schedule.num_groups)
     }
 
     def evaluate_split(state, split):
@@ -743,14 +827,13 @@ def _train(config, workdir, mesh, data, setup, preemption, start_time) -> dict[s
     meta: dict[str, Any] = {}
     if step is None:
       step = 0
-      if schedule.stage(FP).num_steps > 0:
-        state = new_state[FP](setup.variables)
-      else:
-        meta.update(_evaluate_fp(evaluate_split, new_state[FP](setup.variables), writer, 0))
-        state = new_state[EC2T](setup.variables)
+      first = schedule.stage_at(0)
+      if first.kind != FP:  # Compression starts at once: record the network it starts from.
+        meta.update(_evaluate_fp(evaluate_split, _plain_state(setup), writer, 0))
+      state = new_state[first.group](setup.variables)
     else:
       logging.info(
-        'Resuming %s from step %d (%s stage).', workdir, step, schedule.stage_at(step).kind
+        'Resuming %s from step %d (%s stage).', workdir, step, schedule.stage_at(step).label
       )
       restored = state_lib.with_state_tree(
         new_state[schedule.optimizer_at(step)](setup.variables), tree
@@ -759,10 +842,13 @@ def _train(config, workdir, mesh, data, setup, preemption, start_time) -> dict[s
       train_iter.set_state(base64.b64decode(extra['data_iterator']))
       meta = dict(extra.get('meta', {}))
 
-    fp_end = schedule.stage(FP).end
     base_rng = jax.random.key(config.seed + 1)
-    log = TrainMetrics(config, schedule, writer, p_statistics, step)
+    log = TrainMetrics(config, setup, writer, p_statistics, step)
+    # The best validation accuracy of the current pass (each pass keeps its own best).
+    group = schedule.optimizer_at(step)
     best_val = float(meta.get('best_val_accuracy', -1.0))
+    if meta.get('best_group', group) != group:
+      best_val = -1.0
     if preemption.requested:  # During the set-up: no step since the last checkpoint.
       logging.warning(
         'Stopped at step %d (%s); rerun the same command to resume.', step, preemption.signal_name
@@ -776,22 +862,30 @@ def _train(config, workdir, mesh, data, setup, preemption, start_time) -> dict[s
       end_of_epoch = step % schedule.steps_per_epoch == 0
       if step % config.log_every_steps == 0 or end_of_epoch or step == schedule.total_steps:
         log.flush(step, state)
-      if step == fp_end:  # Full precision ends: evaluate it, keep it, start EC2T.
+      ran = schedule.stage_at(step - 1)  # The stage of the step just taken.
+      if ran.kind == FP and step == ran.end:  # Full precision ends: evaluate it, keep it.
         log.flush(step, state)
         meta.update(_evaluate_fp(evaluate_split, state, writer, step))
         variables = {'params': state.params, 'batch_stats': state.batch_stats}
         # Every process takes part in an orbax save (it synchronizes them).
         checkpoint_lib.save_variables(os.path.join(workdir, 'fp_variables'), variables)
-        state = new_state[EC2T](variables)
-      if end_of_epoch and step > fp_end:
+      if end_of_epoch and ran.kind != FP:
         val = evaluate_split(state, 'val')
         if val:
           writer.write_scalars(step, {'val/accuracy': val['accuracy'], 'val/loss': val['loss']})
           if val['accuracy'] > best_val:
             best_val = val['accuracy']
-            meta.update(best_val_accuracy=best_val, best_step=step)
+            meta.update(best_val_accuracy=best_val, best_step=step, best_group=ran.group)
             log.flush(step, state)
-            ckpt.save_best(step, state_lib.state_tree(state), {'meta': meta}, best_val)
+            ckpt.save_best(
+              step, state_lib.state_tree(state), {'meta': meta}, best_val, rank=ran.group
+            )
+      entered = schedule.transition_at(step)
+      if entered is not None:  # A stage boundary: the next stage's state, checkpointed below.
+        log.flush(step, state)
+        state = _enter_stage(entered, state, setup, new_state, ckpt, replicated)
+        if entered.group != ran.group:
+          best_val = -1.0
       if (
         step % config.checkpoint_every_steps == 0
         or schedule.is_boundary(step)
