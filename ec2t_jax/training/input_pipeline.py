@@ -29,8 +29,10 @@ Augmentations are numpy (and PIL for ImageNet) grain transforms, per recipe:
   0.075, in a random order as torchvision does), Cutout of one 16x16 hole
   (DeVries & Taylor 2017, arXiv:1708.04552), per-channel normalization.
 * imagenet2012: train random-resized crop (scale 0.08-1, ratio 3/4-4/3) and
-  flip; eval resize of the shorter side to `image_size / 0.875` and central
-  crop; ImageNet mean/std normalization.
+  flip; eval resize of the shorter side to `image_size / crop_fraction`
+  (default 0.875: 256 -> 224, the original's ResNet evaluation) and central
+  crop, bilinear by default (`crop_fraction=1.0, resize_method='bicubic'`:
+  the original's EfficientNet evaluation); ImageNet mean/std normalization.
 * the user's data (`tfds:NAME`, `npz:/path`, `folder:/path`, see
   `ec2t_jax.training.datasets`): no augmentation (the right one depends on
   the data: a flip suits photographs, not digits); images of varying size
@@ -39,7 +41,9 @@ Augmentations are numpy (and PIL for ImageNet) grain transforms, per recipe:
 
 The recipe is the dataset spec's `recipe` ('none', 'cifar', 'imagenet',
 'resize'); `normalization=` overrides the dataset's mean and std
-(`parse_normalization` reads `config.normalization`).
+(`parse_normalization` reads `config.normalization`: a pair, or the name of a
+dataset whose statistics to use, e.g. 'cifar10' for CIFAR-100 runs from the
+original's weights).
 
 The validation set is held out from the 'train' split by index (`split_indices`):
 train and validation pipelines read the same source through disjoint index sets.
@@ -57,6 +61,8 @@ import ast
 import hashlib
 import json
 import math
+import numbers
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,7 +85,16 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 NORMALIZATION_MAX_RECORDS = 10_000
 
 DEFAULT_IMAGENET_SIZE = 224
+# Evaluation of the 'imagenet' recipe: the shorter side is resized to
+# `size / IMAGENET_CROP_FRACTION` (256 for 224, the original's ResNet evaluation),
+# then the central `size` square is taken.
 IMAGENET_CROP_FRACTION = 0.875
+# PIL resampling filters by name (`resize_method` of `preprocess_ops`/`create_split`).
+RESIZE_METHODS = {
+  'bilinear': PIL.Image.Resampling.BILINEAR,
+  'bicubic': PIL.Image.Resampling.BICUBIC,
+}
+DEFAULT_RESIZE_METHOD = 'bilinear'
 
 # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -427,16 +442,23 @@ class ResizeCenterCrop(grain.transforms.Map):
   """Resizes the shorter side to `round(size / crop_fraction)` and takes the central `size` crop.
 
   The standard ImageNet evaluation transform (`Resize(256)`, `CenterCrop(224)`
-  for `size=224`), done as one PIL bilinear resize of the corresponding box.
+  for `size=224` and the default `crop_fraction` 0.875), done as one PIL
+  resize of the corresponding box. `crop_fraction=1.0` resizes the shorter
+  side straight to `size` (no crop margin; only a non-square image's longer
+  side is cut). `method` is a name of `RESIZE_METHODS` ('bilinear', 'bicubic').
   """
 
-  def __init__(self, size: int, crop_fraction: float = IMAGENET_CROP_FRACTION):
+  def __init__(
+    self,
+    size: int,
+    crop_fraction: float = IMAGENET_CROP_FRACTION,
+    method: str = DEFAULT_RESIZE_METHOD,
+  ):
     if size <= 0:
       raise ValueError(f'size must be > 0, got {size}')
-    if not 0 < crop_fraction <= 1:
-      raise ValueError(f'crop_fraction must be in (0, 1], got {crop_fraction}')
     self.size = size
-    self.crop_fraction = crop_fraction
+    self.crop_fraction = check_crop_fraction(crop_fraction)
+    self.method = check_resize_method(method)
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
     image = element['image']
@@ -449,7 +471,8 @@ class ResizeCenterCrop(grain.transforms.Map):
     left = (width - crop) / 2
     top = (height - crop) / 2
     box = (left, top, left + crop, top + crop)
-    return {**element, 'image': _pil_resize(image, (self.size, self.size), box)}
+    out = _pil_resize(image, (self.size, self.size), box, RESIZE_METHODS[self.method])
+    return {**element, 'image': out}
 
 
 class Resize(grain.transforms.Map):
@@ -469,11 +492,39 @@ class Resize(grain.transforms.Map):
     return {**element, 'image': _pil_resize(image, (self.size, self.size), box)}
 
 
-def _pil_resize(image: np.ndarray, size: tuple[int, int], box: tuple[float, ...]) -> np.ndarray:
-  """Bilinear resize of the `box` (left, top, right, bottom) of a uint8 HWC image."""
+def check_crop_fraction(crop_fraction: float) -> float:
+  """Returns `crop_fraction` as a float if it lies in (0, 1], else raises a ValueError."""
+  if (
+    isinstance(crop_fraction, bool)
+    or not isinstance(crop_fraction, numbers.Real)
+    or not 0 < crop_fraction <= 1
+  ):
+    raise ValueError(
+      f'crop_fraction must be a number in (0, 1] (e.g. {IMAGENET_CROP_FRACTION}, or 1.0 for '
+      f'no crop margin), got {crop_fraction!r}'
+    )
+  return float(crop_fraction)
+
+
+def check_resize_method(method: str) -> str:
+  """Returns `method` if it names a filter of `RESIZE_METHODS`, else raises a ValueError."""
+  if not isinstance(method, str) or method not in RESIZE_METHODS:
+    raise ValueError(
+      f'resize_method must be one of {", ".join(map(repr, RESIZE_METHODS))}, got {method!r}'
+    )
+  return method
+
+
+def _pil_resize(
+  image: np.ndarray,
+  size: tuple[int, int],
+  box: tuple[float, ...],
+  resample: PIL.Image.Resampling = PIL.Image.Resampling.BILINEAR,
+) -> np.ndarray:
+  """Resize (bilinear by default) of the `box` (left, top, right, bottom) of a uint8 HWC image."""
   squeeze = image.shape[-1] == 1
   pil = PIL.Image.fromarray(image[..., 0] if squeeze else image)
-  out = np.asarray(pil.resize(size, PIL.Image.Resampling.BILINEAR, box=box))
+  out = np.asarray(pil.resize(size, resample, box=box))
   return out[..., None] if squeeze else out
 
 
@@ -513,6 +564,8 @@ def preprocess_ops(
   augment: bool | None = None,
   image_size: int | None = None,
   normalization: Normalization | None = None,
+  crop_fraction: float | None = None,
+  resize_method: str | None = None,
 ) -> list[grain.transforms.Map | grain.transforms.RandomMap]:
   """The per-example transforms of a dataset's recipe (before batching).
 
@@ -525,13 +578,24 @@ def preprocess_ops(
       recipe (required); for the fixed-size datasets `None` or their native size.
     normalization: the `(mean, std)` in use when it is not the dataset's
       (Cutout fills its hole with the mean).
+    crop_fraction: the 'imagenet' recipe's evaluation (non-augmented)
+      transform: the shorter side is resized to `image_size / crop_fraction`
+      and the central `image_size` square taken; in (0, 1]. None: 0.875
+      (`IMAGENET_CROP_FRACTION`, 256 -> 224, the original's ResNet
+      evaluation); 1.0: the shorter side straight to `image_size`, no crop
+      margin (the original's EfficientNet evaluation).
+    resize_method: the resampling of that transform, a name of
+      `RESIZE_METHODS`: 'bilinear' (None or '': the default) or 'bicubic'
+      (the original's EfficientNet evaluation).
 
   Returns:
     A list of grain transforms, uint8 HWC records in, images of the output
     size out (uint8, or float32 in [0, 1] after colour transforms).
 
   Raises:
-    ValueError: unknown dataset, or an `image_size` the recipe cannot give.
+    ValueError: unknown dataset, an `image_size` the recipe cannot give, a
+      bad `crop_fraction` or `resize_method`, or either of them set for a
+      recipe other than 'imagenet'.
 
   Example:
     >>> [type(op).__name__ for op in preprocess_ops('cifar10', train=True)]
@@ -539,6 +603,7 @@ def preprocess_ops(
   """
   spec = datasets.get_spec(dataset)
   augment = train if augment is None else augment
+  crop_fraction, resize_method = _eval_resize(spec, crop_fraction, resize_method)
   ops: list[Any] = [SelectFeatures()]
   if spec.image_shape is not None:
     if image_size not in (None, spec.image_shape[0]):
@@ -562,13 +627,31 @@ def preprocess_ops(
     if augment:
       ops.append(RandomResizedCrop(size))
     else:
-      ops.append(ResizeCenterCrop(size))
+      ops.append(ResizeCenterCrop(size, crop_fraction=crop_fraction, method=resize_method))
     return ops
   if spec.recipe == 'resize':
     if image_size is None:
       raise ValueError(f'dataset {spec.name!r} has images of varying size; pass image_size')
     return [*ops, Resize(image_size)]
   raise ValueError(f'no preprocessing recipe {spec.recipe!r} (dataset {spec.name!r})')
+
+
+def _eval_resize(
+  spec: datasets.DatasetSpec, crop_fraction: float | None, resize_method: str | None
+) -> tuple[float, str]:
+  """Checks the evaluation resize settings and fills in the defaults."""
+  if resize_method == '':
+    resize_method = None
+  for name, value in (('crop_fraction', crop_fraction), ('resize_method', resize_method)):
+    if value is not None and spec.recipe != 'imagenet':
+      raise ValueError(
+        f"{name}={value!r} applies only to datasets of the 'imagenet' recipe (resize and "
+        f'central crop at evaluation); dataset {spec.name!r} has the recipe {spec.recipe!r}, '
+        f'so leave {name} None'
+      )
+  crop_fraction = IMAGENET_CROP_FRACTION if crop_fraction is None else crop_fraction
+  resize_method = DEFAULT_RESIZE_METHOD if resize_method is None else resize_method
+  return check_crop_fraction(crop_fraction), check_resize_method(resize_method)
 
 
 # ----------------------------------------------------------------------------
@@ -633,12 +716,24 @@ def compute_normalization(
   return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
+def normalization_names() -> list[str]:
+  """The registered datasets with statistics of their own: the names `parse_normalization` takes."""
+  return sorted(name for name, spec in datasets.DATASETS.items() if spec.normalization is not None)
+
+
 def parse_normalization(value: Any, channels: int) -> Normalization | None:
   """Reads a normalization setting (`config.normalization`): `(mean, std)` or None.
 
+  Besides a pair of numbers, the setting can name a registered dataset with
+  statistics of its own (`normalization_names()`: 'cifar10', 'cifar100',
+  'imagenet2012', 'mnist', ...), whose statistics are then used.
+  `config.normalization = 'cifar10'` is the setting for CIFAR-100 runs from
+  imported original weights: the original implementation normalized
+  CIFAR-100 with CIFAR-10's statistics.
+
   Args:
-    value: '' / None / () (the dataset's own), a pair of per-channel
-      sequences, or its text as written on a command line,
+    value: '' / None / () (the dataset's own), a dataset name, a pair of
+      per-channel sequences, or its text as written on a command line,
       e.g. '((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))'.
     channels: the images' channels; mean and std need one value per channel.
 
@@ -646,11 +741,14 @@ def parse_normalization(value: Any, channels: int) -> Normalization | None:
     `(mean, std)` as tuples of floats, or None for the dataset's own.
 
   Raises:
-    ValueError: not a pair of `channels` numbers each, or a std that is not > 0.
+    ValueError: a name without statistics of its own, not a pair of
+      `channels` numbers each, or a std that is not > 0.
 
   Example:
     >>> parse_normalization('[[0.5], [0.25]]', channels=1)
     ((0.5,), (0.25,))
+    >>> parse_normalization('cifar10', channels=3) == datasets.get_spec('cifar10').normalization
+    True
   """
   if value is None or (isinstance(value, (str, tuple, list)) and len(value) == 0):
     return None
@@ -658,15 +756,29 @@ def parse_normalization(value: Any, channels: int) -> Normalization | None:
   expected = f'a pair (mean, std) of {channels} per-channel values each, e.g. ' + repr(
     str(((0.5,) * channels, (0.25,) * channels))
   )
+  names = normalization_names()
+  if isinstance(value, str) and re.fullmatch(r'[A-Za-z_][A-Za-z0-9_.-]*(:.*)?', value.strip()):
+    name = value.strip()
+    spec = datasets.DATASETS.get(name)
+    if spec is None or spec.normalization is None:
+      raise ValueError(
+        f'config.normalization={text!r} names no dataset with statistics of its own; valid '
+        f'names: {", ".join(names)}, or {expected}'
+      )
+    value = spec.normalization
   try:
     if isinstance(value, str):
       value = ast.literal_eval(value)
     mean, std = (tuple(float(v) for v in part) for part in value)
   except (ValueError, TypeError, SyntaxError):
-    raise ValueError(f'config.normalization must be {expected}; got {text!r}') from None
+    raise ValueError(
+      f'config.normalization must be {expected}, or a dataset name ({", ".join(names)}); '
+      f'got {text!r}'
+    ) from None
   if len(mean) != channels or len(std) != channels:
     raise ValueError(
-      f'config.normalization must be {expected}: the images have {channels} channels; got {text!r}'
+      f'config.normalization must be {expected}: the images have {channels} channels; got '
+      f'{text!r} ({len(mean)} means, {len(std)} stds)'
     )
   if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
     raise ValueError(f'config.normalization needs finite means and stds > 0; got {text!r}')
@@ -813,6 +925,8 @@ def create_split(
   worker_count: int = 0,
   read_threads: int | None = None,
   prefetch_buffer_size: int = 256,
+  crop_fraction: float | None = None,
+  resize_method: str | None = None,
 ) -> grain.DataLoaderIterator:
   """An iterator of batches of `data_source` with the recipe of `dataset`.
 
@@ -849,6 +963,11 @@ def create_split(
       process; default 0 for an `InMemorySource` (threads only add GIL
       contention there), else 8 (file reads and parsing).
     prefetch_buffer_size: records read ahead per process.
+    crop_fraction: crop margin of the 'imagenet' recipe's evaluation
+      transform, in (0, 1]; None: 0.875 (256 -> 224); 1.0: no margin. See
+      `preprocess_ops`. Must be None for other recipes.
+    resize_method: resampling of that transform, 'bilinear' (None: the
+      default) or 'bicubic'. Must be None for other recipes.
 
   Returns:
     A `grain.DataLoaderIterator` of dicts 'image' float32 `(B, H, W, C)`,
@@ -856,7 +975,8 @@ def create_split(
     `get_state() -> bytes` and `set_state(bytes)`.
 
   Raises:
-    ValueError: bad sizes, seed, shard or epoch arguments, unknown dataset.
+    ValueError: bad sizes, seed, shard or epoch arguments, unknown dataset,
+      bad `crop_fraction` or `resize_method`.
 
   Example:
     >>> it = create_split(source, batch_size=128, train=False, seed=0, dataset='mnist')
@@ -887,7 +1007,13 @@ def create_split(
     )
   mean, std = normalization or spec.normalization
   ops = preprocess_ops(
-    spec, train=train, augment=augment, image_size=image_size, normalization=normalization
+    spec,
+    train=train,
+    augment=augment,
+    image_size=image_size,
+    normalization=normalization,
+    crop_fraction=crop_fraction,
+    resize_method=resize_method,
   )
 
   if train:
