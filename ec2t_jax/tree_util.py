@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ import optax
 __all__ = [
   'flat_dict',
   'is_masked',
+  'magnitude_prune',
   'is_ternary',
   'named_leaves',
   'path_str',
@@ -163,3 +165,51 @@ def zero_fractions(tree: Any, mask: Any = None) -> tuple[dict[str, float], float
     zeros += z
     size += arr.size
   return per_leaf, zeros / max(size, 1)
+
+
+def magnitude_prune(params: Any, pattern: str, fraction: float) -> tuple[Any, list[str]]:
+  """Zeroes the weights below `fraction` x the largest magnitude of each leaf matching `pattern`.
+
+  The original EC2T code applies this to EfficientNet's depthwise kernels when
+  it scores the finished network (`--prune-threshold 0.01`): a per-layer
+  threshold relative to the layer's own largest weight.
+
+  Args:
+    params: a params pytree.
+    pattern: a regex searched in each leaf's path (`'blocks_3/depthwise_conv/kernel'`).
+    fraction: the threshold relative to each leaf's max |w|, in [0, 1).
+
+  Returns:
+    `(params with those weights zeroed, the pruned leaves' paths)`.
+
+  Raises:
+    ValueError: for a fraction outside [0, 1) or a pattern that matches no leaf.
+
+  Example:
+    >>> import numpy as np
+    >>> pruned, names = magnitude_prune({'dw': {'kernel': np.array([0.005, -0.5, 1.0])}},
+    ...                                 r'dw/kernel$', 0.01)
+    >>> pruned['dw']['kernel'].tolist(), names
+    ([0.0, -0.5, 1.0], ['dw/kernel'])
+  """
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f'the magnitude-pruning fraction must be in [0, 1), got {fraction!r}')
+  regex = re.compile(pattern)
+  names = []
+
+  def prune(path, leaf):
+    name = path_str(path)
+    if not regex.search(name):
+      return leaf
+    names.append(name)
+    values = np.asarray(leaf)
+    threshold = fraction * np.max(np.abs(values), initial=0.0)
+    return np.where(np.abs(values) < threshold, np.zeros((), values.dtype), values)
+
+  pruned = jax.tree_util.tree_map_with_path(prune, params)
+  if not names:
+    names_all = [n for n, _ in named_leaves(params)]
+    raise ValueError(
+      f'magnitude-pruning pattern {pattern!r} matches no leaf; leaves are {names_all[:8]}'
+    )
+  return pruned, names

@@ -22,6 +22,12 @@ def get_config():
   # Per-channel (mean, std) of pixels scaled to [0, 1], e.g. '((0.5,), (0.25,))';
   # '' = the dataset's (your own data: computed from its training records).
   config.normalization = ''
+  # Evaluation transform of ImageNet-style data: the fraction of the resized image the
+  # centre crop keeps (0 = the default 0.875, i.e. 256 -> 224; 1.0 = resize straight to
+  # the evaluation size, as the original's EfficientNet evaluation) and the resize filter
+  # ('' = bilinear, or 'bicubic').
+  config.eval_crop_fraction = 0.0
+  config.eval_resize_method = ''
   config.validation_size = -1  # Held out from the END of 'train'; -1 = the dataset's default.
   config.num_train_examples = 0  # 0 = the source's size (tfds mock data needs a number).
   config.num_eval_examples = 0  # 0 = all; a limit for smoke runs.
@@ -35,6 +41,17 @@ def get_config():
   config.half_precision = False  # bfloat16 compute; params and EC2T state stay float32.
   config.seed = 0
   config.init_from = ''  # Pretrained variables: orbax dir (save_variables) or .pt/.pth.
+  # True for recipes that compress a pretrained network (no full-precision stage): the run
+  # refuses to start without init_from unless this is set False explicitly.
+  config.needs_init_from = False
+  # Grow a pretrained base network (init_from holds its variables) into config.model, a
+  # compound-scaled super-network, before the first stage (docs/recipes.md):
+  # base_model '' = no growth.
+  config.grow = ml_collections.ConfigDict()
+  config.grow.base_model = ''
+  config.grow.base_model_kwargs = ml_collections.ConfigDict()
+  config.grow.split = 'equal'  # 'equal' (Net2Net) or 'random' shares of replicated channels.
+  config.grow.seed = 0
   config.skip_nonfinite = False  # True: skip (and count) steps with NaN/inf instead of stopping.
   config.num_devices = 0  # 0 = every device; n = the first n (one host only).
   config.distributed = False  # True: jax.distributed.initialize() (multi-host).
@@ -56,6 +73,10 @@ def get_config():
   config.ec2t = ml_collections.ConfigDict()
   config.ec2t.num_epochs = 20
   config.ec2t.frozen_epochs = 15
+  # 'last': the frozen stage continues from the last EC2T step; 'best': from the best EC2T
+  # checkpoint by validation accuracy (weights, BatchNorm, assignment, centroids), as the
+  # original does (it chose on the test set; this program on the validation split).
+  config.ec2t.frozen_start_from = 'last'
   config.ec2t.gamma = 0.15  # Entropy gain γ (the original's --lambda-max-divrs).
   config.ec2t.init_scale = 0.3  # Initial centroid scale s (the original's --ini-c-divrs).
   config.ec2t.sustain = 0.05
@@ -74,6 +95,22 @@ def get_config():
   config.ec2t.ternary_pattern = ''
   config.ec2t.ternary_exclude = ''
   config.ec2t.prune_pattern = ''  # Kernels to prune with ECP (docs/algorithm.md §6).
+
+  # --- stages (docs/recipes.md) ---------------------------------------------------------
+  # Empty: the run is full precision (config.fp) -> EC2T -> frozen (config.ec2t). Otherwise
+  # named stages, each a ConfigDict with kind ('fp', 'ec2t', 'frozen', 'ecp'), num_epochs,
+  # start_from ('last' or 'best'), and any field of config.fp / config.ec2t it overrides
+  # (plus fixed_pattern); stage_order lists their names in order, e.g. 'ternarize,frozen'.
+  config.stages = ml_collections.ConfigDict()
+  config.stage_order = ''
+
+  # --- the finished network, as scoring, export and the report read it -------------------
+  # Kernels matching pattern are magnitude-pruned there: weights below fraction x the
+  # layer's largest magnitude become 0 (the original's --prune-threshold for EfficientNet's
+  # depthwise convs). '' = none. Checkpoints keep the trained values.
+  config.magnitude_prune = ml_collections.ConfigDict()
+  config.magnitude_prune.pattern = ''
+  config.magnitude_prune.fraction = 0.0
 
   # --- logging and checkpoints ---------------------------------------------------------
   config.log_every_steps = 100

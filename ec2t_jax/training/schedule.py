@@ -75,7 +75,7 @@ START_FROM = (LAST, BEST)
 _STAGE_FIELDS = ('kind', 'num_epochs', 'start_from')
 _EXTRA_SETTINGS = ('fixed_pattern',)
 # `config.ec2t` fields that are not per-stage settings (the default sequence's epochs).
-_EC2T_NOT_SETTINGS = ('num_epochs', 'frozen_epochs')
+_EC2T_NOT_SETTINGS = ('num_epochs', 'frozen_epochs', 'frozen_start_from')
 
 
 class Stage(NamedTuple):
@@ -307,11 +307,19 @@ def stage_specs(config: Mapping[str, Any]) -> tuple[StageSpec, ...]:
     specs = (
       StageSpec(FP, FP, fp.get('num_epochs') or 0),
       StageSpec(EC2T, EC2T, ec2t.get('num_epochs') or 0),
-      StageSpec(FROZEN, FROZEN, ec2t.get('frozen_epochs') or 0),
+      StageSpec(
+        FROZEN, FROZEN, ec2t.get('frozen_epochs') or 0, ec2t.get('frozen_start_from') or LAST
+      ),
     )
     for spec in specs:
       if spec.num_epochs < 0:
         raise ValueError(f'the {spec.kind} stage must last >= 0 epochs, got {spec.num_epochs}')
+    if specs[2].start_from not in START_FROM:
+      raise ValueError(
+        f'config.ec2t.frozen_start_from={specs[2].start_from!r}; valid: '
+        f'{", ".join(repr(s) for s in START_FROM)}'
+      )
+    _check_sequence(specs)
     return specs
   specs = []
   for name in _stage_order(config, list(stages.keys())):
@@ -354,7 +362,7 @@ def _check_sequence(specs: Sequence[StageSpec]) -> None:
         f'config.stages.{spec.name} is a frozen stage, which holds the assignment of the EC2T '
         f'or ECP stage right before it; it follows {before.name if before else "nothing"!r}'
       )
-    if spec.start_from == BEST:
+    if spec.start_from == BEST and spec.num_epochs:
       if before is None:
         raise ValueError(
           f"config.stages.{spec.name}.start_from='best' but it is the first stage; nothing "
@@ -363,7 +371,7 @@ def _check_sequence(specs: Sequence[StageSpec]) -> None:
       compressed = [s for s in specs[:i] if s.kind != FP and s.num_epochs]
       if not compressed:
         raise ValueError(
-          f"config.stages.{spec.name}.start_from='best' but no EC2T/ECP stage with epochs runs "
+          f"stage {spec.name!r} has start_from='best' but no EC2T/ECP stage with epochs runs "
           'before it (best checkpoints are kept from the first compression stage on); use '
           "'last'"
         )

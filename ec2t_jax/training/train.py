@@ -299,6 +299,12 @@ def open_data(config: ml_collections.ConfigDict) -> Data:
       'lower config.batch_size'
     )
   num_classes, image_shape = datasets.classes_and_shape(config)
+  try:  # Refuses bad evaluation options now, not after the first epoch.
+    input_pipeline.preprocess_ops(
+      spec, train=False, image_size=image_shape[0], **_eval_options(config)
+    )
+  except ValueError as e:
+    raise ValueError(f'config.eval_crop_fraction / config.eval_resize_method: {e}') from e
   normalization = input_pipeline.parse_normalization(
     config.get('normalization'), channels=image_shape[-1]
   )
@@ -352,8 +358,20 @@ def create_input_iter(config: ml_collections.ConfigDict, data: Data) -> Prefetch
   )
 
 
+def _eval_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The evaluation transform's options the config sets (`crop_fraction`, `resize_method`)."""
+  options = {}
+  if config.get('eval_crop_fraction'):
+    options['crop_fraction'] = config.eval_crop_fraction
+  if config.get('eval_resize_method'):
+    options['resize_method'] = config.eval_resize_method
+  return options
+
+
 def _create_split(config, data, source, indices, **kwargs):
   """`input_pipeline.create_split` of `source` with the run's recipe and normalization."""
+  if not kwargs.get('train', True):
+    kwargs.update(_eval_options(config))
   return input_pipeline.create_split(
     source,
     seed=config.seed,

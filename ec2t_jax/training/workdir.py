@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ec2t_jax import tree_util
 from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import schedule as schedule_lib
 from ec2t_jax.training import state as state_lib
@@ -626,7 +627,10 @@ def load_workdir(workdir: str, *, best: bool = False) -> Workdir:
         setup = state_lib.create_setup(
           config, schedule, num_classes=num_classes, image_shape=image_shape, load_pretrained=False
         )
-        target = state_lib.state_tree(state_lib.abstract_train_state(setup, step))
+        # A best checkpoint holds the state of the stage that ran its step (it is saved
+        # before a stage boundary's switch); a periodic one, the state of the stage after.
+        group = schedule.stage_at(step - 1).group if best else schedule.optimizer_at(step)
+        target = state_lib.state_tree(state_lib.abstract_train_state_of(setup, group))
         tree, _ = ckpt.restore(step, target, best=best)
         break
       except Exception as e:  # noqa: BLE001 - any read failure means "try an older one".
@@ -645,10 +649,20 @@ def load_workdir(workdir: str, *, best: bool = False) -> Workdir:
       )
   finally:
     ckpt.close()
+  params = tree['params']
+  prune = config.get('magnitude_prune') or {}
+  if prune.get('pattern') and prune.get('fraction'):
+    params, names = tree_util.magnitude_prune(params, prune['pattern'], prune['fraction'])
+    logging.info(
+      'magnitude-pruned %d kernels of %s at %g x their max |w| (config.magnitude_prune)',
+      len(names),
+      workdir,
+      prune['fraction'],
+    )
   return Workdir(
     config=config,
     model=setup.model,
-    variables={'params': tree['params'], 'batch_stats': tree['batch_stats']},
+    variables={'params': params, 'batch_stats': tree['batch_stats']},
     opt_state=tree['opt_state'],
     step=int(step),
     ternary_mask=setup.ternary_mask,
