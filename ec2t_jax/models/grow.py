@@ -54,9 +54,11 @@ from flax import traverse_util
 
 from ec2t_jax import models
 
-__all__ = ['grow']
+__all__ = ['SUPPORTED', 'grow']
 
 _SUPPORTED = (models.MicroNet, models.CifarResNet, models.ResNet)
+# The model classes `grow` accepts (the small and the big model of one class).
+SUPPORTED = _SUPPORTED
 # Attributes that may differ between the small and the big model: what grows,
 # and what does not change the eval-mode function.
 _GROWABLE = {
