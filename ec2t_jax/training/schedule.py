@@ -325,7 +325,7 @@ def stage_specs(config: Mapping[str, Any]) -> tuple[StageSpec, ...]:
   for name in _stage_order(config, list(stages.keys())):
     stage = stages[name]
     where = f'config.stages.{name}'
-    if not isinstance(stage, Mapping):
+    if not (hasattr(stage, 'get') and hasattr(stage, 'items')):  # A dict or a ConfigDict.
       raise ValueError(f'{where} must be a ConfigDict of stage fields, got {stage!r}')
     kind = stage.get('kind')
     if kind not in STAGE_KINDS:
