@@ -952,6 +952,7 @@ def summarize_run(config, setup, state, meta, *, val, test, steps) -> dict[str, 
   _, total_sparsity = tree_util.zero_fractions(params)
   sizes = [np.size(x) for x in jax.tree.leaves(params)]
   selected = [bool(m) for m in jax.tree.leaves(setup.ternary_mask)]
+  compressing = [p for p in setup.passes if p.kind != FP]
   return {
     'model': config.model,
     'dataset': config.dataset,
@@ -969,8 +970,16 @@ def summarize_run(config, setup, state, meta, *, val, test, steps) -> dict[str, 
     'steps': steps,
     'params_sha256': state_lib.params_sha256(params),
     'per_layer_sparsity': per_layer,
-    'gamma': config.ec2t.gamma,
-    'init_scale': config.ec2t.init_scale,
+    # γ and s of the last compression pass (config.ec2t's for the default stages).
+    'gamma': float(compressing[-1].settings.gamma) if compressing else config.ec2t.gamma,
+    'init_scale': (
+      float(compressing[-1].settings.init_scale) if compressing else config.ec2t.init_scale
+    ),
+    'passes': [
+      {'name': p.name, 'kind': p.kind}
+      | ({'gamma': p.settings.gamma, 'init_scale': p.settings.init_scale} if p.kind != FP else {})
+      for p in setup.passes
+    ],
     'schedule': setup.schedule.to_dict(),
   }
 
