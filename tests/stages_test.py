@@ -335,9 +335,12 @@ def test_three_pass_run_starts_from_best_and_holds_earlier_passes(
   # Validation at steps 3 (fp), 6, 9, 12, 15: step 6 is the best of the EC2T pass.
   _scripted_validation(monkeypatch, [0.5, 0.9, 0.5, 0.3, 0.4, 0.4])
   config = _three_passes(tiny_mnist(max_to_keep=100))
+  config.magnitude_prune.pattern, config.magnitude_prune.fraction = r'fc3/kernel$', 0.01
   workdir = str(tmp_path / 'run')
   summary = train.train_and_evaluate(config, workdir)
   assert summary['steps'] == 15
+  assert 0 <= summary['magnitude_pruned_test_accuracy'] <= 1
+  assert [p['name'] for p in summary['passes']] == ['fp', 'ternarize', 'prune']
   setup = _setup(config)
   at = {step: _checkpoint(workdir, step, setup) for step in (6, 8, 9, 12, 15)}
   # The frozen stage starts from step 6 (the best), not from step 9's last state ...
@@ -407,4 +410,29 @@ def test_grow_a_pretrained_base_then_compress_on_mock_cifar(tmp_path, caplog):
     summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert summary['steps'] == 4 and np.isfinite(summary['test_accuracy'])
   assert summary['sparsity'] is not None
-  assert 'max |logit difference|' in caplog.text  # The grown network's logits were checked against the base's.
+  assert 'max |logit difference|' in caplog.text  # Grown logits checked against the base's.
+
+
+def test_magnitude_pruning_applies_where_the_finished_network_is_read(tmp_path, trained_workdir):
+  import json
+  import shutil
+
+  from ec2t_jax.training import workdir as workdir_lib
+
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained_workdir, workdir)
+  before = np.asarray(workdir_lib.load_workdir(workdir).variables['params']['fc3']['kernel'])
+  path = os.path.join(workdir, 'config.json')
+  with open(path) as f:
+    config = json.load(f)
+  config['magnitude_prune'] = {'pattern': r'fc3/kernel$', 'fraction': 0.5}
+  with open(path, 'w') as f:
+    json.dump(config, f)
+  run = workdir_lib.load_workdir(workdir)
+  after = np.asarray(run.variables['params']['fc3']['kernel'])
+  small = np.abs(before) < 0.5 * np.abs(before).max()
+  assert small.any() and np.all(after[small] == 0) and np.array_equal(after[~small], before[~small])
+  with pytest.raises(ValueError, match="pattern 'nothing' matches no leaf"):
+    tree_util.magnitude_prune(run.variables['params'], 'nothing', 0.01)
+  with pytest.raises(ValueError, match=r'fraction must be in \[0, 1\), got 1.5'):
+    tree_util.magnitude_prune(run.variables['params'], 'fc3', 1.5)

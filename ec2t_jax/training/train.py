@@ -923,6 +923,14 @@ def _train(config, workdir, mesh, data, setup, preemption, start_time) -> dict[s
 
     val, test = evaluate_split(state, 'val'), evaluate_split(state, 'test')
     summary = summarize_run(config, setup, state, meta, val=val, test=test, steps=step)
+    prune = config.get('magnitude_prune') or {}
+    if prune.get('pattern') and prune.get('fraction'):
+      # The network as scoring and export read it (ec2t_jax.training.workdir.load_workdir).
+      params, _ = tree_util.magnitude_prune(
+        jax.device_get(state.params), prune['pattern'], prune['fraction']
+      )
+      pruned = evaluate_split(jax.device_put(state.replace(params=params), replicated), 'test')
+      summary['magnitude_pruned_test_accuracy'] = pruned.get('accuracy')
     summary['wall_time_s'] = time.time() - start_time
     summary.update(
       {
@@ -989,6 +997,7 @@ def print_summary(summary: dict[str, Any]) -> None:
   rows = [
     ('full-precision test accuracy', summary.get('fp_test_accuracy')),
     ('ternary test accuracy (final)', summary.get('test_accuracy')),
+    ('magnitude-pruned test accuracy', summary.get('magnitude_pruned_test_accuracy')),
     ('ternary val accuracy (final)', summary.get('val_accuracy')),
     ('best val accuracy', summary.get('best_val_accuracy')),
     ('sparsity of ternary weights', summary.get('sparsity')),
@@ -1001,6 +1010,8 @@ def print_summary(summary: dict[str, Any]) -> None:
   width = max(len(r[0]) for r in rows)
   lines = ['', 'EC2T run summary', '-' * (width + 20)]
   for name, value in rows:
+    if value is None and name.startswith('magnitude'):  # Only runs that set it.
+      continue
     if isinstance(value, float):
       value = f'{value:.4f}'
     lines.append(f'{name:<{width}}  {value}')
