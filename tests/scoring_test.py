@@ -314,3 +314,26 @@ def test_score_needs_a_reference_network_that_fits_the_dataset(abstract_variable
   report = scoring.count(model, shapes, input_shape=(28, 28, 1), dataset='mnist')
   assert math.isnan(report.totals['score']) and report.totals['params'] > 0
   assert "no reference network for dataset 'mnist'" in report.format()
+
+
+def test_count_run_at_another_image_size():
+  import types
+
+  from ec2t_jax.training import state as state_lib
+
+  model = models.create('resnet20', num_classes=10)
+  variables = state_lib.initial_variables(model, (32, 32, 3), seed=0)
+  run = types.SimpleNamespace(
+    model=model,
+    variables=variables,
+    image_shape=(32, 32, 3),
+    ternary_mask=jax.tree.map(lambda _: False, variables['params']),
+    config={'dataset': 'cifar10'},
+  )
+  at_32 = scoring.count_run(run)
+  at_64 = scoring.count_run(run, image_size=64)
+  # Convolutions dominate: four times the pixels, about four times the multiplications.
+  assert at_64.totals['mults'] == pytest.approx(4 * at_32.totals['mults'], rel=0.01)
+  assert at_64.totals['params'] == at_32.totals['params']
+  with pytest.raises(ValueError, match='image_size must be a positive integer'):
+    scoring.count_run(run, image_size=0)

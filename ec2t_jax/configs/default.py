@@ -111,6 +111,8 @@ def get_config():
   config.magnitude_prune = ml_collections.ConfigDict()
   config.magnitude_prune.pattern = ''
   config.magnitude_prune.fraction = 0.0
+  # The input side `python -m ec2t_jax.scoring` counts at; 0 = the training image size.
+  config.score_image_size = 0
 
   # --- logging and checkpoints ---------------------------------------------------------
   config.log_every_steps = 100

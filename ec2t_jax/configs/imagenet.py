@@ -56,6 +56,7 @@ def _efficientnet_b1(config):
   # finished network is scored and exported (the original's --prune-threshold 0.01).
   config.magnitude_prune.pattern = B1_DEPTHWISE
   config.magnitude_prune.fraction = 0.01
+  config.score_image_size = 256  # recipes.md: scored at 256 (16-bit, the scoring default).
   return config
 
 

@@ -257,7 +257,9 @@ def count(
   return Report(rows, totals, mode, settings, list(graph.warnings))
 
 
-def count_run(run: Any, *, mode: str = 'corrected', **kwargs: Any) -> Report:
+def count_run(
+  run: Any, *, mode: str = 'corrected', image_size: int | None = None, **kwargs: Any
+) -> Report:
   """`count` of a trained run read by `ec2t_jax.training.workdir.load_workdir`.
 
   The run's model, variables, image shape, ternary mask and dataset name go
@@ -269,8 +271,18 @@ def count_run(run: Any, *, mode: str = 'corrected', **kwargs: Any) -> Report:
   Args:
     run: a `ec2t_jax.training.workdir.Workdir`.
     mode: ``'corrected'`` or ``'reference'``.
+    image_size: count at this input side instead of the run's image size
+      (e.g. EfficientNet-B1 trained at 224, scored at 256).
     **kwargs: further `count` options (``mul_bits``, ``half_precision``, ...).
+
+  Raises:
+    ValueError: for an `image_size` that is not a positive integer.
   """
+  input_shape = tuple(run.image_shape)
+  if image_size is not None:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+      raise ValueError(f'image_size must be a positive integer (pixels), got {image_size!r}')
+    input_shape = (image_size, image_size, *input_shape[2:])
   params = tree_util.flat_dict(run.variables['params'])
   not_ternary = [
     name
@@ -286,7 +298,7 @@ def count_run(run: Any, *, mode: str = 'corrected', **kwargs: Any) -> Report:
   report = count(
     run.model,
     run.variables,
-    input_shape=run.image_shape,
+    input_shape=input_shape,
     mode=mode,
     ternary_mask=mask,
     dataset=run.config.get('dataset'),

@@ -23,7 +23,12 @@ __all__ = ['main', 'score_workdir']
 
 
 def score_workdir(
-  workdir: str, *, mode: str = 'corrected', best: bool = False, **kwargs
+  workdir: str,
+  *,
+  mode: str = 'corrected',
+  best: bool = False,
+  image_size: int | None = None,
+  **kwargs,
 ) -> scoring.Report:
   """`scoring.count` of a workdir's newest (or best-by-validation) checkpoint.
 
@@ -31,6 +36,8 @@ def score_workdir(
     workdir: a directory written by `ec2t_jax.training.train.train_and_evaluate`.
     mode: ``'corrected'`` or ``'reference'``.
     best: score the best-by-validation checkpoint.
+    image_size: the input side to count at; None = the run's `config.score_image_size`,
+      or its training image size when that is 0 (EfficientNet-B1 is scored at 256).
     **kwargs: further `scoring.count` options (``mul_bits``, ``half_precision``, ...).
 
   A leaf of the run's ternary mask counts as ternary only if its values are
@@ -44,7 +51,8 @@ def score_workdir(
   from ec2t_jax.training import workdir as workdir_lib
 
   run = workdir_lib.load_workdir(workdir, best=best)
-  report = scoring.count_run(run, mode=mode, **kwargs)
+  image_size = image_size or run.config.get('score_image_size') or None
+  report = scoring.count_run(run, mode=mode, image_size=image_size, **kwargs)
   if not run.schedule.compressed_at(run.step):
     report.warnings.insert(
       0,
@@ -96,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
     help='count every addition of a ternary layer at --add-bits instead of as an adder tree '
     'that widens by one bit per level',
   )
+  parser.add_argument(
+    '--image-size',
+    type=int,
+    default=None,
+    help="input side to count at (default: the run's config.score_image_size, else its "
+    'training image size)',
+  )
   parser.add_argument('--json', default='', help='also write the report as JSON to this file')
   return parser
 
@@ -113,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       args.workdir,
       mode=args.mode,
       best=args.best,
+      image_size=args.image_size,
       mul_bits=args.mul_bits,
       add_bits=args.add_bits,
       storage_bits=args.storage_bits,
