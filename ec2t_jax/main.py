@@ -135,6 +135,11 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         ' (config.model_kwargs holds only the fields its config sets: set new ones in a config '
         'file, e.g. config.model_kwargs.width = 512, and pass --config=that_file.py)'
       )
+    elif any(arg.startswith('--config.stages.') for arg in argv):
+      message += (
+        ' (the command line can change the fields of stages a config defines, not add stages '
+        'or fields: define them in a config file, see docs/recipes.md)'
+      )
     sys.exit(f'error: bad flag: {message}')
 
 
