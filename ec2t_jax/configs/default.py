@@ -28,6 +28,7 @@ def get_config():
   # ('' = bilinear, or 'bicubic').
   config.eval_crop_fraction = 0.0
   config.eval_resize_method = ''
+  config.eval_image_size = 0  # Evaluation side of such data; 0 = config.image_size.
   config.validation_size = -1  # Held out from the END of 'train'; -1 = the dataset's default.
   config.num_train_examples = 0  # 0 = the source's size (tfds mock data needs a number).
   config.num_eval_examples = 0  # 0 = all; a limit for smoke runs.

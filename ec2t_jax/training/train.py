@@ -301,10 +301,15 @@ def open_data(config: ml_collections.ConfigDict) -> Data:
   num_classes, image_shape = datasets.classes_and_shape(config)
   try:  # Refuses bad evaluation options now, not after the first epoch.
     input_pipeline.preprocess_ops(
-      spec, train=False, image_size=image_shape[0], **_eval_options(config)
+      spec,
+      train=False,
+      image_size=config.get('eval_image_size') or image_shape[0],
+      **_eval_options(config),
     )
   except ValueError as e:
-    raise ValueError(f'config.eval_crop_fraction / config.eval_resize_method: {e}') from e
+    raise ValueError(
+      f'config.eval_image_size / eval_crop_fraction / eval_resize_method: {e}'
+    ) from e
   normalization = input_pipeline.parse_normalization(
     config.get('normalization'), channels=image_shape[-1]
   )
@@ -370,13 +375,15 @@ def _eval_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def _create_split(config, data, source, indices, **kwargs):
   """`input_pipeline.create_split` of `source` with the run's recipe and normalization."""
+  image_size = data.image_shape[0]
   if not kwargs.get('train', True):
     kwargs.update(_eval_options(config))
+    image_size = config.get('eval_image_size') or image_size
   return input_pipeline.create_split(
     source,
     seed=config.seed,
     dataset=data.spec or config.dataset,
-    image_size=data.image_shape[0],
+    image_size=image_size,
     normalization=data.normalization,
     indices=indices,
     **kwargs,
