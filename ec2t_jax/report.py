@@ -6,7 +6,8 @@ draws (matplotlib, headless: no pyplot, no display):
 
 * training curves: loss, train/validation accuracy, sparsity and entropy of
   the ternary weights, and the centroids of every layer against the step,
-  with the full-precision / EC2T / frozen-assignment phase boundaries marked;
+  with the start of every stage after the first marked (EC2T, frozen
+  assignment, or the named stages of `config.stages`);
 * per-layer sparsity and centroid values ``w_p``, ``-w_n`` (bar charts);
 * histograms of the latent weights of a few layers, split by their
   assignment, with the decision thresholds of the entropy-constrained
@@ -24,6 +25,10 @@ and, for several workdirs, test accuracy against sparsity and against the
 exported size (`ec2t_jax.export`, packed and entropy coded). ``report.md``
 embeds the figures and tables of the summaries, the MicroNet-rules cost
 (`ec2t_jax.scoring`, both modes) and the storage sizes.
+
+For the runs of a (γ, s) sweep (`ec2t_jax.sweep`), `write_sweep_report` writes
+``sweep.md``: one table row per run, sorted by entropy-coded size, and test accuracy
+against sparsity and against the entropy-coded size as trade-off curves.
 
 Command line::
 
@@ -62,7 +67,9 @@ __all__ = [
   'plot_curves',
   'plot_histograms',
   'plot_layers',
+  'plot_sweep',
   'write_report',
+  'write_sweep_report',
 ]
 
 _DPI = 90
@@ -140,21 +147,28 @@ def decision_thresholds(
 
 
 def phase_boundaries(schedule: schedule_lib.Schedule) -> dict[str, int]:
-  """Steps at which EC2T starts and the assignment freezes (docs/algorithm.md §5).
+  """The step at which each stage starts, by stage label, for the marks on the training curves.
 
-  Read from the run's schedule (`Workdir.schedule`), the one value the trainer
-  computed its stages from.
+  Every stage with steps after the first one gets a mark, labelled by its name, or by
+  its kind where it has none (`'ec2t'`, `'frozen'`, ...; a repeated label gets `_2`,
+  `_3`, ...). Read from the run's schedule (`Workdir.schedule`), the one value the
+  trainer computed its stages from.
 
   Example:
     >>> from ec2t_jax.training import schedule as schedule_lib
     >>> config = {'fp': {'num_epochs': 1}, 'ec2t': {'num_epochs': 2, 'frozen_epochs': 1}}
     >>> phase_boundaries(schedule_lib.create_schedule(config, steps_per_epoch=3))
-    {'ec2t_start': 3, 'frozen_start': 9}
+    {'ec2t': 3, 'frozen': 9}
   """
-  return {
-    'ec2t_start': schedule.stage(schedule_lib.EC2T).start,
-    'frozen_start': schedule.stage(schedule_lib.FROZEN).start,
-  }
+  running = [stage for stage in schedule.stages if stage.num_steps > 0]
+  marks: dict[str, int] = {}
+  for stage in running[1:]:
+    base = getattr(stage, 'name', '') or stage.kind
+    label, i = base, 2
+    while label in marks:
+      label, i = f'{base}_{i}', i + 1
+    marks[label] = stage.start
+  return marks
 
 
 def _label(workdir: str, taken: set[str]) -> str:
@@ -248,14 +262,21 @@ def _series(metrics: Sequence[Mapping[str, float]], key: str) -> tuple[np.ndarra
   return steps, np.asarray([last[int(s)] for s in steps], np.float64)
 
 
+# How the legend names the start of a stage labelled by its kind (other labels: '<name> starts').
+_STAGE_STARTS = {
+  'fp': 'full precision starts',
+  'ec2t': 'EC2T starts',
+  'frozen': 'assignment frozen',
+  'ecp': 'ECP starts',
+}
+_MARK_STYLES = ('--', ':', '-.', (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
+
+
 def _mark_phases(ax: Any, phases: Mapping[str, int], *, legend: bool = False) -> None:
-  for key, label, style in (
-    ('ec2t_start', 'EC2T starts', '--'),
-    ('frozen_start', 'assignment frozen', ':'),
-  ):
-    step = phases.get(key)
-    if step:
-      ax.axvline(step, color='black', linestyle=style, linewidth=1, label=label if legend else None)
+  for i, (label, step) in enumerate(phases.items()):
+    text = _STAGE_STARTS.get(label, f'{label} starts')
+    style = _MARK_STYLES[i % len(_MARK_STYLES)]
+    ax.axvline(step, color='black', linestyle=style, linewidth=1, label=text if legend else None)
 
 
 def _plot_train_val(
@@ -582,6 +603,147 @@ def write_report(workdirs: Sequence[str], out: str, *, best: bool = False) -> st
   path = os.path.join(out, 'report.md')
   with open(path, 'w') as f:
     f.write(_markdown(runs, images))
+  return path
+
+
+# --- a sweep over γ and s -----------------------------------------------------------------------
+
+
+def _sweep_label(gamma: float, init_scale: float) -> str:
+  return f'γ={gamma:g}, s={init_scale:g}'
+
+
+def _shared_fp_accuracy(runs: Sequence[RunData]) -> float | None:
+  """The full-precision test accuracy all runs started from, or None if they differ."""
+  values = {r.summary.get('fp_test_accuracy') for r in runs}
+  value = values.pop() if len(values) == 1 else None
+  return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def plot_sweep(runs: Sequence[RunData], path_sparsity: str, path_size: str) -> None:
+  """Test accuracy against sparsity and against the entropy-coded size: a trade-off curve.
+
+  One point per run, labelled by `run.label`, joined in order of sparsity. The
+  full-precision test accuracy the runs share (if they share one) is a dashed line, and
+  on the size plot also a square at the float32 size.
+  """
+  points = [r for r in runs if isinstance(r.summary.get('test_accuracy'), (int, float))]
+  points.sort(key=lambda r: (r.summary.get('sparsity') or 0.0, r.sizes['entropy_coded']))
+  acc = [r.summary['test_accuracy'] for r in points]
+  fp = _shared_fp_accuracy(runs)
+  for path, xs, xlabel, title in (
+    (
+      path_sparsity,
+      [r.summary.get('sparsity') or 0.0 for r in points],
+      'sparsity of the ternary weights',
+      'test accuracy vs sparsity',
+    ),
+    (
+      path_size,
+      [r.sizes['entropy_coded'] / 1024 for r in points],
+      'entropy-coded size (KiB)',
+      'test accuracy vs compressed size',
+    ),
+  ):
+    fig = Figure(figsize=(6.4, 4.4), layout='constrained')
+    ax = fig.subplots()
+    ax.plot(xs, acc, '-', color='#95a5a6', linewidth=1, zorder=1)
+    ax.scatter(xs, acc, color='#2471a3', s=36, zorder=2)
+    for x, y, r in zip(xs, acc, points, strict=True):
+      ax.annotate(r.label, (x, y), textcoords='offset points', xytext=(4, 4), fontsize=7)
+    if fp is not None:
+      ax.axhline(fp, color='#27ae60', linestyle='--', linewidth=1, label=f'full precision {fp:.4f}')
+    if path == path_size and points:
+      if fp is not None:
+        float32 = points[0].sizes['float32'] / 1024
+        ax.scatter([float32], [fp], marker='s', color='#27ae60', s=36, label='float32 network')
+      ax.set_xscale('log')
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel('test accuracy')
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which='both')
+    ax.margins(x=0.12, y=0.08)  # Room for the labels at the ends.
+    if fp is not None:
+      ax.legend(fontsize=8, loc='best')
+    _save(fig, path)
+
+
+def _sweep_markdown(rows: Sequence[tuple[float, float, RunData]], out: str, images) -> str:
+  runs = [r for _, _, r in rows]
+  first = runs[0].summary
+  lines = [
+    '# EC2T sweep over γ and s',
+    '',
+    f'{len(rows)} runs of `{first.get("model")}` on `{first.get("dataset")}`, one per '
+    'entropy gain γ and initial centroid scale s, sorted by entropy-coded size (written by '
+    '`ec2t_jax.report.write_sweep_report`). Sizes are `ec2t_jax.export` files with '
+    'full-precision leaves in float16; float32 is the uncompressed network.',
+    '',
+  ]
+  fp = _shared_fp_accuracy(runs)
+  if fp is not None:
+    lines += [f'Every run starts from one full-precision network: test accuracy {fp:.4f}.', '']
+  lines += [
+    '| γ | s | test acc | best val acc | sparsity | entropy coded | ratio | float32 | run |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ]
+  for gamma, init_scale, r in rows:
+    s, z = r.summary, r.sizes
+    where = os.path.relpath(r.workdir, out)
+    lines.append(
+      f'| {gamma:g} | {init_scale:g} | {_fmt(s.get("test_accuracy"))} '
+      f'| {_fmt(s.get("best_val_accuracy"))} | {_fmt(s.get("sparsity"), ".2%")} '
+      f'| {z["entropy_coded"] / 1024:,.2f} KiB | {z["float32"] / z["entropy_coded"]:.1f}x '
+      f'| {z["float32"] / 1024:,.1f} KiB | `{where}` |'
+    )
+  for title, image in images:
+    lines += ['', f'## {title}', '', f'![{title}]({urllib.parse.quote(image)})']
+  return '\n'.join(lines) + '\n'
+
+
+def write_sweep_report(
+  points: Sequence[tuple[float, float, str]], out: str, *, best: bool = False
+) -> str:
+  """Writes ``out/sweep.md`` and two trade-off plots for the runs of a (γ, s) sweep.
+
+  The table lists γ, s, test accuracy, best validation accuracy, sparsity of the ternary
+  weights, entropy-coded and float32 size (`load_run(...).sizes`), sorted by size; the
+  plots (`plot_sweep`) are ``sweep_accuracy_vs_sparsity.png`` and
+  ``sweep_accuracy_vs_size.png``. `ec2t_jax.sweep` writes it for its points.
+
+  Args:
+    points: ``(gamma, init_scale, workdir)`` of each finished run.
+    out: the output directory (created).
+    best: use the best-by-validation checkpoints instead of the newest.
+
+  Returns:
+    The path of ``sweep.md``.
+
+  Raises:
+    ValueError: if no point is given.
+    FileNotFoundError: if a workdir has no ``summary.json`` or no checkpoint.
+
+  Example:
+    >>> points = [(0.0, 0.3, 'sw/g0_s0.3'), (0.3, 0.3, 'sw/g0.3_s0.3')]
+    >>> write_sweep_report(points, 'sw')  # doctest: +SKIP
+    'sw/sweep.md'
+  """
+  if not points:
+    raise ValueError('give at least one (gamma, init_scale, workdir) point; got none')
+  os.makedirs(out, exist_ok=True)
+  rows = [
+    (float(g), float(s), load_run(w, _sweep_label(float(g), float(s)), best=best))
+    for g, s, w in points
+  ]
+  rows.sort(key=lambda row: (row[2].sizes['entropy_coded'], row[0], row[1]))
+  images = [
+    ('Test accuracy vs sparsity', 'sweep_accuracy_vs_sparsity.png'),
+    ('Test accuracy vs entropy-coded size', 'sweep_accuracy_vs_size.png'),
+  ]
+  plot_sweep([r for _, _, r in rows], *(os.path.join(out, name) for _, name in images))
+  path = os.path.join(out, 'sweep.md')
+  with open(path, 'w') as f:
+    f.write(_sweep_markdown(rows, out, images))
   return path
 
 

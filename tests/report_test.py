@@ -1,6 +1,7 @@
 """Tests of `ec2t_jax.report`: thresholds, phases, and a full report of a tiny run."""
 
 import os
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -29,10 +30,39 @@ def test_thresholds_reproduce_the_assignment(seed, gamma):
 def test_phase_boundaries_come_from_the_schedule():
   config = {'fp': {'num_epochs': 8}, 'ec2t': {'num_epochs': 10, 'frozen_epochs': 5}}
   schedule = schedule_lib.create_schedule(config, steps_per_epoch=215)
-  assert report.phase_boundaries(schedule) == {'ec2t_start': 1720, 'frozen_start': 3870}
+  assert report.phase_boundaries(schedule) == {'ec2t': 1720, 'frozen': 3870}
   config = {'fp': {'num_epochs': 0}, 'ec2t': {'num_epochs': 2, 'frozen_epochs': 0}}
   schedule = schedule_lib.create_schedule(config, steps_per_epoch=5)
-  assert report.phase_boundaries(schedule) == {'ec2t_start': 0, 'frozen_start': 10}
+  assert report.phase_boundaries(schedule) == {}  # One stage with steps: nothing to mark.
+
+
+def test_phase_boundaries_of_named_stages():
+  # Stages as the schedule names them; unnamed ones (older schedules) go by their kind.
+  stage = lambda kind, start, n, name='': types.SimpleNamespace(
+    kind=kind, start=start, num_steps=n, name=name
+  )
+  schedule = types.SimpleNamespace(
+    stages=(
+      stage('fp', 0, 10, 'pretrain'),
+      stage('ec2t', 10, 30, 'ternarize'),
+      stage('frozen', 40, 10, 'frozen'),
+      stage('ecp', 50, 0, 'skipped'),
+      stage('ecp', 50, 20, 'prune'),
+      stage('frozen', 70, 5),  # Unnamed: its kind, made unique.
+    )
+  )
+  assert report.phase_boundaries(schedule) == {
+    'ternarize': 10,
+    'frozen': 40,
+    'prune': 50,
+    'frozen_2': 70,
+  }
+  # The first stage with steps starts the curves: it needs no mark.
+  later = types.SimpleNamespace(stages=schedule.stages[1:])
+  assert report.phase_boundaries(later) == {'frozen': 40, 'prune': 50, 'frozen_2': 70}
+  old = types.SimpleNamespace(stages=(stage('fp', 0, 3), stage('ec2t', 3, 3)))
+  del old.stages[0].name, old.stages[1].name  # Today's Stage without a name field.
+  assert report.phase_boundaries(old) == {'ec2t': 3}
 
 
 def test_report_of_two_runs(trained_workdir, tmp_path):
