@@ -623,7 +623,7 @@ def _shared_fp_accuracy(runs: Sequence[RunData]) -> float | None:
 def plot_sweep(runs: Sequence[RunData], path_sparsity: str, path_size: str) -> None:
   """Test accuracy against sparsity and against the entropy-coded size: a trade-off curve.
 
-  One point per run, labelled by `run.label`, joined in order of sparsity. The
+  One point per run, labelled by `run.label`, joined from left to right. The
   full-precision test accuracy the runs share (if they share one) is a dashed line, and
   on the size plot also a square at the float32 size.
   """
@@ -647,7 +647,8 @@ def plot_sweep(runs: Sequence[RunData], path_sparsity: str, path_size: str) -> N
   ):
     fig = Figure(figsize=(6.4, 4.4), layout='constrained')
     ax = fig.subplots()
-    ax.plot(xs, acc, '-', color='#95a5a6', linewidth=1, zorder=1)
+    order = np.argsort(xs, kind='stable')
+    ax.plot(np.asarray(xs)[order], np.asarray(acc)[order], '-', color='#95a5a6', linewidth=1)
     ax.scatter(xs, acc, color='#2471a3', s=36, zorder=2)
     for x, y, r in zip(xs, acc, points, strict=True):
       ax.annotate(r.label, (x, y), textcoords='offset points', xytext=(4, 4), fontsize=7)
