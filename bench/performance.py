@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -357,23 +358,90 @@ def bench_memory(args) -> dict[str, Any]:
 # --- 5. input pipeline against the train step -----------------------------------------------
 
 
+class JpegSource:
+  """Random-access records holding real JPEG bytes, decoded with PIL when read.
+
+  Stands in for ImageNet's array_record files, whose records tfds decodes to
+  uint8 arrays as they are read: the pipeline then pays the JPEG decode, as
+  it does on ImageNet. Images have ImageNet-like sizes (sides 300–500 pixels,
+  JPEG quality 90; the result reports their mean size) and smooth content with
+  noise, so they compress like photographs rather than like noise.
+  """
+
+  def __init__(self, n: int, seed: int = 0):
+    import io
+
+    import PIL.Image
+
+    rng = np.random.default_rng(seed)
+    self._records = []
+    for _ in range(n):
+      h, w = (int(v) for v in rng.integers(300, 501, 2))
+      yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+      base = np.stack(
+        [np.sin(xx / rng.uniform(8, 60) + c) * np.cos(yy / rng.uniform(8, 60)) for c in range(3)],
+        -1,
+      )
+      image = (127 + 100 * base + rng.normal(0, 20, (h, w, 3))).clip(0, 255).astype(np.uint8)
+      buffer = io.BytesIO()
+      PIL.Image.fromarray(image).save(buffer, format='JPEG', quality=90)
+      self._records.append((buffer.getvalue(), int(rng.integers(0, 1000))))
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    import io
+
+    import PIL.Image
+
+    data, label = self._records[i]
+    with PIL.Image.open(io.BytesIO(data)) as image:
+      return {'image': np.asarray(image.convert('RGB')), 'label': label}
+
+  def __repr__(self) -> str:
+    return f'JpegSource(n={len(self._records)})'
+
+  @property
+  def mean_bytes(self) -> float:
+    """The mean size of a record's JPEG bytes."""
+    return float(np.mean([len(d) for d, _ in self._records]))
+
+
+def _pipeline_source(args):
+  """The benchmark's records: JPEG bytes for ImageNet, in-memory arrays otherwise."""
+  from ec2t_jax.training import datasets
+
+  spec = datasets.get_spec(args.dataset)
+  if spec.recipe == 'imagenet':
+    return JpegSource(args.examples)
+  shape = (32, 32, 3) if spec.name.startswith('cifar') else (28, 28, 1)
+  rng = np.random.default_rng(0)
+  n = args.examples
+  return datasets.InMemorySource(
+    rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int64)
+  )
+
+
 def bench_pipeline(args) -> dict[str, Any]:
-  """Images/s of the recipe's training pipeline (with augmentation) and of the train step."""
+  """Images/s of the recipe's training pipeline (with augmentation) and of the train step.
+
+  For ImageNet (`--dataset imagenet2012`) the records are real JPEG bytes, so
+  the pipeline pays decode + random-resized crop + flip per image; the result
+  gives images/s per worker process and the worker processes needed to feed
+  `--target` images/s (e.g. a GPU step's rate). `--steps 0` skips the step.
+  """
   from absl import flags as absl_flags
 
-  from ec2t_jax.training import datasets, input_pipeline  # tfds and grain: only this benchmark.
+  from ec2t_jax.training import input_pipeline  # tfds and grain: only this benchmark.
 
   if not absl_flags.FLAGS.is_parsed():  # grain's worker processes read absl flags.
     absl_flags.FLAGS.mark_as_parsed()
 
-  spec = datasets.get_spec(args.dataset)
-  shape = (32, 32, 3) if spec.name.startswith('cifar') else (28, 28, 1)
-  rng = np.random.default_rng(0)
-  n = args.examples
-  source = datasets.InMemorySource(
-    rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int64)
-  )
+  source = _pipeline_source(args)
   result: dict[str, Any] = {'dataset': args.dataset, 'batch': args.batch, 'model': args.model}
+  if isinstance(source, JpegSource):
+    result['mean_jpeg_bytes'] = source.mean_bytes
   for workers in [int(w) for w in args.workers.split(',')]:
     it = input_pipeline.create_split(
       source,
@@ -387,25 +455,30 @@ def bench_pipeline(args) -> dict[str, Any]:
     t0 = time.perf_counter()
     for _ in range(args.batches):
       next(it)
-    result[f'pipeline_images_per_s_workers{workers}'] = (
-      args.batches * args.batch / (time.perf_counter() - t0)
-    )
+    rate = args.batches * args.batch / (time.perf_counter() - t0)
+    result[f'pipeline_images_per_s_workers{workers}'] = rate
+    result[f'pipeline_images_per_s_per_worker{workers}'] = rate / max(workers, 1)
     del it
-  model, images, labels, variables, mask = _setup(args.model, args.batch)
-  tx = ec2t_jax.ec2t(mask)
-  opt_state = tx.init(variables['params'])
-  params = ec2t_jax.ternarize(variables['params'], opt_state)
-  step = make_step(model, tx)
-  carry = (params, variables.get('batch_stats', {}), opt_state)
-  carry = step(*carry, images, labels)[:3]
-  jax.block_until_ready(carry)
-  t0 = time.perf_counter()
-  for _ in range(args.steps):
+  per_worker = max(v for k, v in result.items() if k.startswith('pipeline_images_per_s_per'))
+  if args.target:
+    result['target_images_per_s'] = args.target
+    result['workers_to_feed_target'] = math.ceil(args.target / per_worker)
+  if args.steps:
+    model, images, labels, variables, mask = _setup(args.model, args.batch)
+    tx = ec2t_jax.ec2t(mask)
+    opt_state = tx.init(variables['params'])
+    params = ec2t_jax.ternarize(variables['params'], opt_state)
+    step = make_step(model, tx)
+    carry = (params, variables.get('batch_stats', {}), opt_state)
     carry = step(*carry, images, labels)[:3]
-  jax.block_until_ready(carry)
-  result['step_images_per_s'] = args.steps * args.batch / (time.perf_counter() - t0)
-  best = max(v for k, v in result.items() if k.startswith('pipeline_'))
-  result['pipeline_over_step'] = best / result['step_images_per_s']
+    jax.block_until_ready(carry)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+      carry = step(*carry, images, labels)[:3]
+    jax.block_until_ready(carry)
+    result['step_images_per_s'] = args.steps * args.batch / (time.perf_counter() - t0)
+    best = max(v for k, v in result.items() if k.startswith('pipeline_images_per_s_workers'))
+    result['pipeline_over_step'] = best / result['step_images_per_s']
   print(json.dumps(result), flush=True)
   return result
 
@@ -539,6 +612,7 @@ def main(argv=None):
     steps=5,
     examples=8192,
     workers='0,2',
+    target=0.0,
   )
   add('torch', bench_torch, batch=128, steps=10)
   add('eval', bench_eval, models='lenet5,resnet20,micronet_c100', batch=512, repeats=5)

@@ -55,3 +55,16 @@ def test_step_overhead_runs_performance_step():
 
   row = step_overhead.main(['--model', 'lenet5', '--batch', '4', '--steps', '1'])
   assert row['model'] == 'lenet5' and row['batch'] == 4 and row['ratio'] > 0
+
+
+def test_pipeline_on_jpeg_records_reports_workers_to_feed_a_target():
+  source = performance.JpegSource(3)
+  record = source[0]
+  assert record['image'].dtype.name == 'uint8' and record['image'].shape[-1] == 3
+  assert 300 <= min(record['image'].shape[:2]) and source.mean_bytes > 10_000
+  args = ['pipeline', '--dataset', 'imagenet2012', '--examples', '8', '--batch', '4']
+  result = performance.main(
+    [*args, '--batches', '2', '--workers', '0', '--steps', '0'] + ['--target', '1000']
+  )
+  rate = result['pipeline_images_per_s_per_worker0']
+  assert rate > 0 and result['workers_to_feed_target'] == -(-1000 // rate)
