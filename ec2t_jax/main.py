@@ -91,9 +91,17 @@ def _import_program():
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
 
 
-def main(argv: Sequence[str]) -> None:
-  """Trains `--config` in `--workdir` (absl's main); bad input exits with one `error:` line."""
-  from absl import app, flags
+def run_command(argv: Sequence[str], action, *, interrupted: str) -> None:
+  """Runs `action()` as a command's absl main: INFO logging, bad input as one `error:` line.
+
+  Shared by `python -m ec2t_jax.main` and `python -m ec2t_jax.sweep`.
+
+  Args:
+    argv: what absl left of the command line (only the program name is allowed).
+    action: the work, called with no arguments.
+    interrupted: what to tell the user after a second Ctrl-C (exit status 130).
+  """
+  from absl import app
 
   from ec2t_jax.training import datasets, train
 
@@ -103,7 +111,7 @@ def main(argv: Sequence[str]) -> None:
   for handler in logging.getLogger().handlers:
     handler.addFilter(_QuietLibraries())
   try:
-    train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    action()
   except (
     ValueError,
     TypeError,
@@ -114,8 +122,21 @@ def main(argv: Sequence[str]) -> None:
     # One line that names the problem and the fix; no traceback for bad input.
     sys.exit('error: ' + ' '.join(str(e).split()))
   except KeyboardInterrupt:  # A second Ctrl-C: the first one's checkpoint may be incomplete.
-    print('interrupted; rerun the same command to resume from the last checkpoint', file=sys.stderr)
+    print(f'interrupted; {interrupted}', file=sys.stderr)
     sys.exit(130)
+
+
+def main(argv: Sequence[str]) -> None:
+  """Trains `--config` in `--workdir` (absl's main); bad input exits with one `error:` line."""
+  from absl import flags
+
+  from ec2t_jax.training import train
+
+  run_command(
+    argv,
+    lambda: train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir),
+    interrupted='rerun the same command to resume from the last checkpoint',
+  )
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:

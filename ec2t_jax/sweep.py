@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import math
 import os
 import sys
@@ -507,32 +506,16 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   """Runs the sweep of the parsed flags (absl's main); bad input exits with one `error:` line."""
-  from absl import app, flags
+  from absl import flags
 
-  from ec2t_jax.training import datasets, train
-
-  if len(argv) > 1:
-    raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
-  logging.getLogger().setLevel(logging.INFO)
-  for handler in logging.getLogger().handlers:
-    handler.addFilter(main_lib._QuietLibraries())
-  f = flags.FLAGS
-  try:
+  def sweep():
+    f = flags.FLAGS
     gammas = parse_values(f.gammas, '--gammas')
     init_scales = parse_values(f.init_scales, '--init_scales')
     stages = [s.strip() for s in f.stages or [] if s.strip()] or None
     run_sweep(f.config, f.workdir, gammas, init_scales, stages=stages)
-  except (
-    ValueError,
-    TypeError,
-    OSError,
-    datasets.DatasetNotPreparedError,
-    train.NonFiniteError,
-  ) as e:
-    sys.exit('error: ' + ' '.join(str(e).split()))
-  except KeyboardInterrupt:  # A second Ctrl-C: the first one's checkpoint may be incomplete.
-    print('interrupted; rerun the same command to continue the sweep', file=sys.stderr)
-    sys.exit(130)
+
+  main_lib.run_command(argv, sweep, interrupted='rerun the same command to continue the sweep')
 
 
 def run(argv: Sequence[str] | None = None) -> None:
