@@ -66,7 +66,7 @@ def resolve_config_args(argv: Sequence[str]) -> list[str]:
   return argv
 
 
-def _import_program():
+def import_program():
   """Imports the training program and defines its flags (once); a missing extra is one line."""
   try:
     from absl import flags
@@ -166,7 +166,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 def run(argv: Sequence[str] | None = None) -> None:
   """The command line (`ec2t-train`, `python -m ec2t_jax.main`, the repository's main.py)."""
-  _import_program()
+  import_program()
   from absl import app
 
   main_module = sys.modules['__main__']

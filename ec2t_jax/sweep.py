@@ -402,12 +402,7 @@ def run_sweep(
   init_from = os.path.join(os.path.abspath(fp_dir), 'fp_variables') if shared else None
   for gamma, init_scale in grid:  # Every refusal before anything trains.
     point_config(config, gamma, init_scale, init_from, stages=stages)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f'--workdir {workdir!r} is a file, not a directory; pass a directory')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f'--workdir {workdir!r} cannot be created: {e.strerror}') from e
+  workdir_lib.make_directory(workdir)
   with workdir_lib.WorkdirLock(workdir).acquire():
     every_point = _record(workdir, config, stages, grid)
     if shared is not None:
@@ -486,7 +481,7 @@ def run_sweep(
 
 def _define_flags() -> None:
   """Defines `--config` and `--workdir` (as `ec2t_jax.main` does) and the sweep's flags, once."""
-  main_lib._import_program()  # --config, --workdir; one line if the [train] extra is missing.
+  main_lib.import_program()  # --config, --workdir; one line if the [train] extra is missing.
   from absl import flags
 
   flags.FLAGS['workdir'].help = 'The sweep directory: fp/, one workdir per point, sweep.md.'

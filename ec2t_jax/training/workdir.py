@@ -44,6 +44,7 @@ __all__ = [
   'config_from_workdir',
   'flat_config',
   'load_workdir',
+  'make_directory',
   'move_run_aside',
   'read_json_object',
   'write_json',
@@ -434,6 +435,20 @@ def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     )
 
 
+def make_directory(workdir: str) -> None:
+  """Creates `workdir` (and its parents) if needed.
+
+  Raises:
+    ValueError: one line, for a path that is a file or cannot be created.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'workdir {workdir!r} is not a directory; pass a --workdir directory')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f'workdir {workdir!r} cannot be created: {e.strerror}') from e
+
+
 def claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> WorkdirLock | None:
   """Locks the workdir, checks it can hold this run, and claims it (writes `config.json`).
 
@@ -462,12 +477,7 @@ def claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> WorkdirLoc
       live run (`WorkdirBusyError`), has run files of the wrong type, or holds a
       run of a different config (unless `config.overwrite`).
   """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f'workdir {workdir!r} is not a directory; pass a --workdir directory')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f'workdir {workdir!r} cannot be created: {e.strerror}') from e
+  make_directory(workdir)
   if not os.path.isdir(workdir):
     raise ValueError(f'workdir {workdir!r} is not a directory; pass a --workdir directory')
   if not os.access(workdir, os.W_OK):
