@@ -6,7 +6,8 @@
     python bench/performance.py memory   [--model micronet_c100]
     python bench/performance.py pipeline [--dataset cifar10]
     python bench/performance.py eval     [--models lenet5,resnet20]
-    python bench/performance.py torch    (PyTorch's CPU ResNet-20 Adam step against ours)
+    python bench/performance.py torch    (PyTorch's CPU ResNet-20 Adam and EC2T steps against ours)
+    python bench/performance.py profile  [--model resnet20] (where a step's time goes, per op kind)
 
 Every subcommand measures both sides of its comparison in this one process
 (EC2T against Adam, pipeline against train step, ...), prints a markdown table
@@ -511,54 +512,221 @@ def bench_eval(args) -> list[dict[str, Any]]:
 # --- PyTorch reference step ------------------------------------------------------------------
 
 
+class TorchEC2T:
+  """A PyTorch EC2T step with the original implementation's structure (docs/algorithm.md §2–4).
+
+  The stand-in for the original code (issue #16 item 1), written from our own
+  docs/algorithm.md: the network's ternary conv weights hold `q`; the latent
+  weights `W` and each layer's centroids `[w_p, w_n]` live beside it; one step
+  is forward, backward, the gradient mapping of §3.3 per layer, three Adams
+  (latent 1e-4, centroids 1e-5, everything else 1e-4 with coupled L2 5e-6),
+  the centroid floor, and the entropy-constrained argmin assignment of §4, in a
+  Python loop over the layers as the original runs it.
+  """
+
+  def __init__(self, torch, net, ternary_names, *, gamma=0.15, init_scale=0.3):
+    self.torch = torch
+    self.net = net
+    self.gamma = gamma
+    named = dict(net.named_parameters())
+    self.layers = [named[n] for n in ternary_names]
+    ternary_ids = {id(p) for p in self.layers}
+    self.latent = [p.detach().clone().requires_grad_(True) for p in self.layers]
+    self.centroids = [
+      (init_scale * torch.stack([w.max().abs(), w.min().abs()])).detach().requires_grad_(True)
+      for w in self.latent
+    ]
+    fp = [p for p in net.parameters() if id(p) not in ternary_ids]
+    self.optimizers = [
+      torch.optim.Adam(self.latent, lr=1e-4),
+      torch.optim.Adam(self.centroids, lr=1e-5),
+      torch.optim.Adam(fp, lr=1e-4, weight_decay=5e-6),
+    ]
+    n_max = max(w.numel() for w in self.latent)
+    self.delta = [(w.numel() / n_max + 0.05) / 1.05 for w in self.latent]
+    self.assignment = [
+      self._argmin(self._distances(w, c)) for w, c in zip(self.latent, self.centroids, strict=True)
+    ]
+    self._write_kernels()
+
+  def _distances(self, w, c):
+    w = w.detach()
+    return self.torch.stack([(w + c[1].detach()) ** 2, w**2, (w - c[0].detach()) ** 2])
+
+  def _argmin(self, costs):
+    return costs.argmin(0)  # Ties to the lowest index: -w_n, then 0, then +w_p.
+
+  def _write_kernels(self):
+    with self.torch.no_grad():
+      for p, a, c in zip(self.layers, self.assignment, self.centroids, strict=True):
+        p.copy_((a == 2) * c[0] - (a == 0) * c[1])
+
+  def _assign(self, w, c, delta):
+    torch = self.torch
+    d = self._distances(w, c)
+    pre = self._argmin(d)
+    n = float(w.numel())
+    cnt = torch.stack([(pre == k).sum() for k in range(3)]).float().clamp_min(1.0) / n
+    p_n, p_0, p_p = cnt[0], cnt[1], cnt[2]
+    if p_0 < 0.5:
+      deficit = 0.5 - p_0
+      p_n, p_p = p_n - p_n / (p_n + p_p) * deficit, p_p - p_p / (p_n + p_p) * deficit
+      p_0 = torch.tensor(0.5)
+    info = -torch.log2(torch.stack([p_n, p_0, p_p]))
+    w = w.detach()
+    wp, wn = c[0].detach(), c[1].detach()
+    lam_n = wn * (2 * w.min().abs() - wn) / (info[0] - info[1])
+    lam_p = wp * (2 * w.max().abs() - wp) / (info[2] - info[1])
+    lam = self.gamma * delta * torch.minimum(lam_n, lam_p)
+    return self._argmin(d + lam * info.view(3, *([1] * w.dim())))
+
+  def step(self, x, y):
+    """One EC2T training step on the batch `(x, y)`; returns the loss."""
+    torch = self.torch
+    for opt in self.optimizers:
+      opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(self.net(x), y)
+    loss.backward()
+    for p, w, c, a in zip(self.layers, self.latent, self.centroids, self.assignment, strict=True):
+      g = p.grad
+      pos, neg, zero = a == 2, a == 0, a == 1
+      w.grad = (c[0] * pos + c[1] * neg + zero).detach() * g
+      c.grad = torch.stack([(g * pos).sum(), -(g * neg).sum()])
+      p.grad = None
+    for opt in self.optimizers:
+      opt.step()
+    with torch.no_grad():
+      for w, c in zip(self.latent, self.centroids, strict=True):
+        c.clamp_(min=0.675 * w.std())
+    self.assignment = [
+      self._assign(w, c, d) for w, c, d in zip(self.latent, self.centroids, self.delta, strict=True)
+    ]
+    self._write_kernels()
+    return loss
+
+
 def bench_torch(args) -> dict[str, Any]:
-  """Images/s of a PyTorch CPU train step (Adam) of ResNet-20 against ours, interleaved."""
+  """Images/s of ResNet-20's CPU train step, PyTorch against ours: Adam and EC2T, interleaved.
+
+  PyTorch's side is its full-precision Adam step and `TorchEC2T`; ours is
+  `optax.adam` and `ec2t_jax.ec2t` with the default mask. All four steps run in
+  turn, `--steps` times, and each reports its median. Pin the process to one
+  core with one thread per side for a fair ratio
+  (`OMP_NUM_THREADS=1 taskset -c 1 python bench/performance.py torch`).
+  """
   import torch  # Only this benchmark needs it (CPU build; see the Makefile).
 
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'tests'))
   import torch_models
 
   torch.manual_seed(0)
-  net = torch_models.CifarResNet(depth=20, num_classes=10)
-  opt = torch.optim.Adam(net.parameters(), lr=1e-4)
   x = torch.randn(args.batch, 3, 32, 32)
   y = torch.randint(0, 10, (args.batch,))
+  fp_net = torch_models.CifarResNet(depth=20, num_classes=10)
+  fp_opt = torch.optim.Adam(fp_net.parameters(), lr=1e-4)
 
-  def torch_step():
-    opt.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(net(x), y)
+  def torch_adam():
+    fp_opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(fp_net(x), y)
     loss.backward()
-    opt.step()
+    fp_opt.step()
     return loss
 
-  model, images, labels, variables, _ = _setup('resnet20', args.batch)
-  tx = optax.adam(1e-4)
-  step = make_step(model, tx)
-  carry = [variables['params'], variables.get('batch_stats', {})]
-  carry.append(tx.init(carry[0]))
-  *carry, loss = step(*carry, images, labels)
-  loss.block_until_ready()
-  torch_step()
-  times: dict[str, list[float]] = {'torch': [], 'jax': []}
+  ec2t_net = torch_models.CifarResNet(depth=20, num_classes=10)
+  # The default selection: every conv inside the residual blocks (stem and fc stay fp).
+  ternary = [n for n, p in ec2t_net.named_parameters() if n.startswith('layer') and p.dim() == 4]
+  torch_ec2t = TorchEC2T(torch, ec2t_net, ternary)
+
+  model, images, labels, variables, mask = _setup('resnet20', args.batch)
+  steps = {'torch_adam': torch_adam, 'torch_ec2t': lambda: torch_ec2t.step(x, y)}
+  for name, tx in _optimizers(mask):
+    step = make_step(model, tx)
+    # Copies: each step donates its own state.
+    carry = [jax.tree.map(jnp.copy, variables[k]) for k in ('params', 'batch_stats')]
+    carry.append(tx.init(carry[0]))
+
+    def jax_step(step=step, carry=carry):
+      *new, loss = step(*carry, images, labels)
+      carry[:] = new
+      return loss.block_until_ready()
+
+    steps[f'jax_{name}'] = jax_step
+  for fn in steps.values():
+    fn()  # Compile / warm up.
+  times: dict[str, list[float]] = {name: [] for name in steps}
   for _ in range(args.steps):
-    t0 = time.perf_counter()
-    torch_step()
-    times['torch'].append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    *carry, loss = step(*carry, images, labels)
-    loss.block_until_ready()
-    times['jax'].append(time.perf_counter() - t0)
-  result = {
+    for name, fn in steps.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  result: dict[str, Any] = {
     'model': 'resnet20',
     'batch': args.batch,
+    'steps': args.steps,
     'torch_version': torch.__version__,
     'torch_threads': torch.get_num_threads(),
-    'torch_images_per_s': args.batch / statistics.median(times['torch']),
-    'jax_images_per_s': args.batch / statistics.median(times['jax']),
+    'ternary_layers': len(ternary),
   }
-  result['jax_over_torch'] = result['jax_images_per_s'] / result['torch_images_per_s']
-  print(json.dumps(result), flush=True)
+  for name, ts in times.items():
+    result[f'{name}_ms'] = 1e3 * statistics.median(ts)
+    result[f'{name}_images_per_s'] = args.batch / statistics.median(ts)
+  result['jax_ec2t_over_torch_ec2t'] = result['torch_ec2t_ms'] / result['jax_ec2t_ms']
+  result['jax_adam_over_torch_adam'] = result['torch_adam_ms'] / result['jax_adam_ms']
+  result['jax_ec2t_over_jax_adam'] = result['jax_ec2t_ms'] / result['jax_adam_ms']
+  result['torch_ec2t_over_torch_adam'] = result['torch_ec2t_ms'] / result['torch_adam_ms']
+  print(json.dumps(result, indent=1), flush=True)
   return result
+
+
+# --- Where a CPU step's time goes --------------------------------------------------------------
+
+
+def bench_profile(args) -> list[dict[str, Any]]:
+  """Per-op-kind time of one model's jitted Adam train step, from a JAX profiler trace.
+
+  Runs `--steps` steps under `jax.profiler.trace`, reads the XLA op events of
+  the trace and sums them by kind (the op name without its `.N` suffix:
+  `convolution`, `ynn_fusion`, `transpose_copy_fusion`, ...), per step.
+  """
+  import collections
+  import glob
+  import gzip
+  import re
+  import tempfile
+
+  model, images, labels, variables, _ = _setup(args.model, args.batch)
+  tx = optax.adam(1e-4)
+  step = make_step(model, tx)
+  carry = [variables['params'], variables.get('batch_stats', {}), tx.init(variables['params'])]
+  for _ in range(2):
+    *carry, loss = step(*carry, images, labels)
+    loss.block_until_ready()
+  with tempfile.TemporaryDirectory() as trace_dir:
+    t0 = time.perf_counter()
+    with jax.profiler.trace(trace_dir):
+      for _ in range(args.steps):
+        *carry, loss = step(*carry, images, labels)
+        loss.block_until_ready()
+    wall = (time.perf_counter() - t0) / args.steps
+    (path,) = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True)
+    with gzip.open(path) as f:
+      events = json.load(f)['traceEvents']
+  kinds: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+  for e in events:
+    name = e.get('name', '')
+    if e.get('ph') != 'X' or name.startswith(('ThunkExecutor', '$', 'end:', 'Pjit', 'Common')):
+      continue
+    kind = kinds[re.sub(r'\.\d+$', '', name)]
+    kind[0] += 1
+    kind[1] += e['dur'] / 1e3
+  rows = [
+    {'kind': k, 'ops_per_step': n // args.steps, 'ms_per_step': ms / args.steps}
+    for k, (n, ms) in sorted(kinds.items(), key=lambda kv: -kv[1][1])
+  ]
+  total = sum(r['ms_per_step'] for r in rows)
+  print(f'{args.model}, batch {args.batch}: {1e3 * wall:.0f} ms per step, {total:.0f} ms in ops')
+  print(_table(['op kind', 'ops per step', 'ms per step'], [list(r.values()) for r in rows[:15]]))
+  return rows
 
 
 def main(argv=None):
@@ -615,6 +783,7 @@ def main(argv=None):
     target=0.0,
   )
   add('torch', bench_torch, batch=128, steps=10)
+  add('profile', bench_profile, model='resnet20', batch=128, steps=3)
   add('eval', bench_eval, models='lenet5,resnet20,micronet_c100', batch=512, repeats=5)
   args = parser.parse_args(argv)
   # 0 measures the EC2T update without its optimization barrier (see transforms).

@@ -68,3 +68,45 @@ def test_pipeline_on_jpeg_records_reports_workers_to_feed_a_target():
   )
   rate = result['pipeline_images_per_s_per_worker0']
   assert rate > 0 and result['workers_to_feed_target'] == -(-1000 // rate)
+
+
+def test_torch_ec2t_stand_in_follows_the_algorithm():
+  """The PyTorch EC2T stand-in of `bench/performance.py torch` assigns as ec2t_jax.ternary does."""
+  torch = pytest.importorskip('torch')
+  import numpy as np
+  import torch_models
+
+  from ec2t_jax import ternary
+
+  torch.manual_seed(0)
+  net = torch_models.LeNet5()
+  names = ['conv2.weight', 'fc1.weight']
+  stand_in = performance.TorchEC2T(torch, net, names, gamma=0.15, init_scale=0.3)
+  params = dict(net.named_parameters())
+  for w, c, a in zip(stand_in.latent, stand_in.centroids, stand_in.assignment, strict=True):
+    w_np, c_np = w.detach().numpy(), c.detach().numpy()
+    # Initialization (docs/algorithm.md §2): s·|max W|, s·|min W|, nearest neighbour.
+    np.testing.assert_allclose(c_np, 0.3 * np.abs([w_np.max(), w_np.min()]), rtol=1e-6)
+    np.testing.assert_array_equal(a.numpy(), np.asarray(ternary.nearest(w_np, c_np)))
+    # The entropy-constrained assignment of one layer equals ternary.assign's.
+    delta = 0.7
+    ours = ternary.assign(w_np, c_np, gamma=0.15, delta=delta).assignment
+    np.testing.assert_array_equal(stand_in._assign(w, c, delta).numpy(), np.asarray(ours))
+  x = torch.randn(8, 1, 28, 28)
+  y = torch.randint(0, 10, (8,))
+  for _ in range(2):
+    assert torch.isfinite(stand_in.step(x, y))
+  for name, c in zip(names, stand_in.centroids, strict=True):
+    levels = np.unique(params[name].detach().numpy())
+    wp, wn = c.detach().numpy()
+    assert set(levels.tolist()) <= {np.float32(-wn), 0.0, np.float32(wp)}, name
+
+
+def test_profile_sums_op_time_by_kind(tmp_path):
+  out = tmp_path / 'profile.json'
+  performance.main(
+    ['profile', '--model', 'lenet5', '--batch', '8', '--steps', '1', '--json', str(out)]
+  )
+  rows = json.loads(out.read_text())['result']
+  assert rows and all(r['ms_per_step'] >= 0 and r['ops_per_step'] >= 0 for r in rows)
+  assert any('conv' in r['kind'] or 'fusion' in r['kind'] for r in rows)
