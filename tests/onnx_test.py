@@ -1,0 +1,210 @@
+"""Tests of `ec2t_jax.onnx_export`: onnxruntime reproduces `model.apply`, int8 ternary storage."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from ec2t_jax import export, models, tree_util
+
+ort = pytest.importorskip('onnxruntime')
+onnx_export = pytest.importorskip('ec2t_jax.onnx_export')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Normalization-like ops that must not remain after BatchNorm folding.
+NORM_OPS = {
+  'BatchNormalization',
+  'InstanceNormalization',
+  'LayerNormalization',
+  'Sqrt',
+  'Reciprocal',
+}
+
+
+class TinyViT(nn.Module):
+  """A pre-LayerNorm ViT block: patches, class token, position embedding, attention, MLP."""
+
+  dim: int = 16
+  heads: int = 2
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    x = nn.Conv(self.dim, (4, 4), strides=(4, 4), name='patch')(x)
+    n = x.shape[0]
+    x = x.reshape(n, -1, self.dim)
+    cls = self.param('cls', nn.initializers.normal(1.0), (1, 1, self.dim))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, self.dim)), x], axis=1)
+    x = x + self.param('pos', nn.initializers.normal(0.5), (1, x.shape[1], self.dim))
+    y = nn.LayerNorm(name='ln1')(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, name='attn')(y, y)
+    y = nn.LayerNorm(name='ln2')(x)
+    y = nn.gelu(nn.Dense(2 * self.dim, name='mlp1')(y), approximate=True)
+    y = nn.gelu(y, approximate=False)  # erf too.
+    x = x + nn.Dense(self.dim, name='mlp2')(y)
+    x = nn.LayerNorm(name='ln3')(x)[:, 0]
+    x = jnp.concatenate([x, nn.avg_pool(jnp.ones_like(x)[:, None, :], (1, 1))[:, 0]], -1)
+    return nn.Dense(self.num_classes, name='head')(jax.nn.softmax(x) * x)
+
+
+def _variables(model, shape, is_ternary, seed=0):
+  """Random variables of ``model`` (no init computation): ternary values, two random levels
+  per leaf, for the selected kernels; non-trivial biases, scales and BatchNorm statistics."""
+  rng = np.random.default_rng(seed)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))
+
+  def make(path, leaf):
+    name = tree_util.path_str(path)
+    shape, dtype = leaf.shape, leaf.dtype
+    if name.endswith('var'):
+      return (0.5 + rng.random(shape)).astype(dtype)
+    if name.endswith('scale'):
+      return (1 + 0.1 * rng.normal(size=shape)).astype(dtype)
+    if len(shape) <= 1:
+      return (0.1 * rng.normal(size=shape)).astype(dtype)
+    std = np.sqrt(2.0 / np.prod(shape[:-1]))
+    if not is_ternary(name, leaf):
+      return (std * rng.normal(size=shape)).astype(dtype)
+    t = rng.choice([-1, 0, 1], size=shape, p=[0.3, 0.4, 0.3])
+    w_p, w_n = std * (0.5 + rng.random(2))
+    return np.where(t > 0, w_p, np.where(t < 0, -w_n, 0.0)).astype(dtype)
+
+  return jax.tree_util.tree_map_with_path(make, abstract)
+
+
+def _apply(model, variables, x):
+  return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))
+
+
+def _middle(name, value):
+  """Every params kernel of 2+ dimensions except the first and the last layer."""
+  first_or_last = any(f'params/{k}/' in name for k in ('conv1', 'fc3', 'linear', 'patch', 'head'))
+  return name.startswith('params/') and value.ndim >= 2 and not first_or_last
+
+
+def _build(name, shape):
+  if name == 'tiny_vit':
+    model = TinyViT()
+  else:
+    model = models.create(name, num_classes=10)
+  return model, _variables(model, shape, _middle)
+
+
+def _session(proto):
+  options = ort.SessionOptions()
+  options.intra_op_num_threads = 1
+  return ort.InferenceSession(
+    proto.SerializeToString(), options, providers=['CPUExecutionProvider']
+  )
+
+
+def _compare(got, ref):
+  scale = float(np.max(np.abs(ref)))
+  assert scale > 1e-3  # Non-trivial logits.
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * scale)
+  np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
+
+
+CASES = [('lenet5', (28, 28, 1)), ('resnet20', (32, 32, 3)), ('tiny_vit', (16, 16, 3))]
+
+
+@pytest.fixture(scope='module', params=CASES, ids=[c[0] for c in CASES])
+def exported(request):
+  name, shape = request.param
+  model, variables = _build(name, shape)
+  return name, shape, model, variables, onnx_export.to_onnx(model, variables, shape)
+
+
+@pytest.mark.parametrize('batch', [1, 128])
+def test_onnxruntime_matches_model_apply(exported, batch):
+  name, shape, model, variables, proto = exported
+  x = np.random.default_rng(batch).normal(size=(batch, *shape)).astype(np.float32)
+  got = _session(proto).run(None, {'images': x})[0]
+  ref = _apply(model, variables, x)
+  assert got.shape == ref.shape == (batch, 10)
+  _compare(got, ref)
+
+
+def test_ternary_kernels_are_int8_initializers(exported):
+  name, _, _, variables, proto = exported
+  expected = sorted(export.ternary_leaves(variables))
+  assert expected and onnx_export.ternary_initializers(proto) == expected
+  props = {p.key: json.loads(p.value) for p in proto.metadata_props}
+  assert props['ec2t_jax.ternary_leaves'] == expected
+  inits = {i.name: i for i in proto.graph.initializer}
+  flat = tree_util.flat_dict(variables)
+  for leaf in expected:
+    t = onnx_export.numpy_helper.to_array(inits[f'{leaf}:int8'])
+    assert t.dtype == np.int8
+    np.testing.assert_array_equal(t, np.sign(flat[leaf]))
+    assert leaf not in inits  # No float copy of a ternary kernel.
+  large_floats = [i.name for i in inits.values() if i.data_type == 1 and np.prod(i.dims) > 1000]
+  if name == 'resnet20':  # The float first conv (432) and classifier (640) are smaller.
+    assert large_floats == []
+
+
+def test_resnet20_batch_norm_is_folded(exported):
+  name, _, _, _, proto = exported
+  ops = {n.op_type for n in proto.graph.node}
+  props = {p.key: json.loads(p.value) for p in proto.metadata_props}
+  if name == 'resnet20':
+    assert not ops & NORM_OPS
+    assert len(props['ec2t_jax.folded_batch_norms']) == 19  # conv1 + 2 per block.
+    names = {i.name for i in proto.graph.initializer}
+    assert not any(n.startswith('batch_stats/') for n in names)
+  else:
+    assert props['ec2t_jax.folded_batch_norms'] == []
+
+
+def test_input_has_a_symbolic_batch(exported):
+  _, shape, _, _, proto = exported
+  dims = proto.graph.input[0].type.tensor_type.shape.dim
+  assert dims[0].dim_param == 'batch' and [d.dim_value for d in dims[1:]] == list(shape)
+
+
+def test_conv_output_read_twice_is_not_folded():
+  class Shared(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      y = nn.Conv(4, (3, 3), name='conv')(x)
+      z = nn.BatchNorm(use_running_average=not train, name='bn')(y)
+      return jnp.mean(z + y, axis=(1, 2))
+
+  model = Shared()
+  variables = _variables(model, (8, 8, 3), _middle)
+  assert onnx_export.folded_batch_norms(model, variables, (8, 8, 3)) == []
+  proto = onnx_export.to_onnx(model, variables, (8, 8, 3))
+  x = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype(np.float32)
+  got = _session(proto).run(None, {'images': x})[0]
+  _compare(got, _apply(model, variables, x))
+
+
+def test_errors_name_the_bad_value():
+  model, variables = _build('lenet5', (28, 28, 1))
+  with pytest.raises(ValueError, match='opset must be in'):
+    onnx_export.to_onnx(model, variables, (28, 28, 1), opset=9)
+  with pytest.raises(ValueError, match="'params/fc1/bias' does not hold"):
+    onnx_export.to_onnx(model, variables, (28, 28, 1), ternary_leaves=['params/fc1/bias'])
+  with pytest.raises(ValueError, match="'params/nope' is not a leaf"):
+    onnx_export.to_onnx(model, variables, (28, 28, 1), ternary_leaves=['params/nope'])
+
+  class Sorts(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return jnp.sort(x, axis=-1)
+
+  with pytest.raises(NotImplementedError, match="primitive 'sort'"):
+    onnx_export.to_onnx(Sorts(), {}, (4,))
+
+
+@pytest.mark.parametrize('opset', [onnx_export.MIN_OPSET, onnx_export.MAX_OPSET])
+def test_opsets(opset):
+  model, variables = _build('tiny_vit', (16, 16, 3))
+  proto = onnx_export.to_onnx(model, variables, (16, 16, 3), opset=opset)
+  x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  _compare(_session(proto).run(None, {'images': x})[0], _apply(model, variables, x))
