@@ -45,6 +45,10 @@ them and the command line prints them.
 Command line::
 
     python -m ec2t_jax.export --workdir /tmp/wd_mnist --out lenet5.ec2t --entropy-coding --fp16
+    python -m ec2t_jax.export --workdir /tmp/wd_mnist --format onnx --out lenet5.onnx
+
+``--format onnx`` writes an ONNX model instead (`ec2t_jax.onnx_export`, docs/onnx.md;
+needs ``pip install 'ec2t_jax[onnx]'``).
 """
 
 from __future__ import annotations
@@ -833,6 +837,39 @@ def _kb(n: float) -> str:
   return f'{n / 1024:,.1f} KiB'
 
 
+def _write_onnx(onnx_export: Any, run: Any, out: str) -> int:
+  """`main`'s ``--format onnx``: the run's network with its input normalization, as ONNX."""
+  info = run_model_info(run)
+  try:
+    proto = onnx_export.to_onnx(
+      run.model,
+      run.variables,
+      run.image_shape,
+      ternary_leaves=ternary_leaves(run.variables, run.opt_state),
+      normalization=run.normalization,
+      metadata={'ec2t_jax.model': info},
+    )
+    size = onnx_export.save(out, proto)
+  except (ValueError, NotImplementedError, OSError) as e:
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+    return 2
+  tern = onnx_export.ternary_initializers(proto)
+  props = {p.key: json.loads(p.value) for p in proto.metadata_props}
+  folded = props['ec2t_jax.folded_batch_norms']
+  float32 = sum(np.asarray(v).size * 4 for _, v in tree_util.named_leaves(run.variables))
+  shape = ', '.join(str(d) for d in run.image_shape)
+  print(
+    f'checkpoint {run.step}: {len(tern)} ternary kernels stored as int8, '
+    f'{len(folded)} BatchNorms folded into their convolutions'
+  )
+  scaling = 'on [0, 1], normalized in the graph' if run.normalization else 'as the run fed them'
+  print(
+    f'input images: float32 (batch, {shape}) {scaling}; output logits (batch, {run.num_classes})'
+  )
+  print(f'wrote {out} (onnx, {size:,d} bytes = {_kb(size)}; float32 checkpoint {_kb(float32)})')
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Exports a workdir's newest (or best) checkpoint and prints the sizes."""
   parser = argparse.ArgumentParser(
@@ -840,6 +877,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   parser.add_argument('--workdir', required=True, help='a workdir of main.py / train_and_evaluate')
   parser.add_argument('--out', required=True, help='the file to write')
+  parser.add_argument(
+    '--format',
+    choices=('ec2t', 'onnx'),
+    default='ec2t',
+    help="ec2t: this module's file; onnx: an ONNX model with int8 ternary kernels "
+    '(docs/onnx.md; the --entropy-coding and --fp16 options do not apply)',
+  )
   parser.add_argument(
     '--entropy-coding',
     action='store_true',
@@ -855,6 +899,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   if problem:
     print(problem, file=sys.stderr)
     return 2
+  if args.format == 'onnx':
+    try:
+      from ec2t_jax import onnx_export  # Local: an optional extra.
+    except ImportError:
+      print("error: --format onnx needs onnx: pip install 'ec2t_jax[onnx]'", file=sys.stderr)
+      return 2
   from ec2t_jax.training import workdir as workdir_lib  # Local: keeps `--help` fast.
 
   try:
@@ -862,6 +912,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  if args.format == 'onnx':
+    return _write_onnx(onnx_export, run, args.out)
   options = dict(
     fp_dtype='float16' if args.fp16 else 'float32',
     centroid_dtype='float16' if args.fp16_centroids else 'float32',

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -208,3 +209,40 @@ def test_opsets(opset):
   proto = onnx_export.to_onnx(model, variables, (16, 16, 3), opset=opset)
   x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
   _compare(_session(proto).run(None, {'images': x})[0], _apply(model, variables, x))
+
+
+def test_cli_exports_a_trained_workdir(trained_workdir, tmp_path, capsys):
+  from ec2t_jax.training import datasets
+  from ec2t_jax.training import workdir as workdir_lib
+
+  out = str(tmp_path / 'lenet5.onnx')
+  assert export.main(['--workdir', trained_workdir, '--format', 'onnx', '--out', out]) == 0
+  text = capsys.readouterr().out
+  run = workdir_lib.load_workdir(trained_workdir)
+  tern = export.ternary_leaves(run.variables, run.opt_state)
+  assert (
+    f'{len(tern)} ternary kernels stored as int8' in text
+    and f'{os.path.getsize(out):,d} bytes' in text
+  )
+  import onnx
+
+  proto = onnx.load(out)
+  assert onnx_export.ternary_initializers(proto) == sorted(tern) and tern
+  props = {p.key: json.loads(p.value) for p in proto.metadata_props}
+  assert props['ec2t_jax.model']['name'] == 'lenet5'
+  images, _ = datasets.load_embedded_mnist()['test']
+  x = (np.asarray(images[:256], np.float32) / 255.0).reshape(-1, 28, 28, 1)
+  got = _session(proto).run(None, {'images': x})[0]
+  mean, std = (np.asarray(a, np.float32) for a in run.normalization)
+  _compare(got, _apply(run.model, run.variables, (x - mean) / std))
+
+
+def test_cli_without_onnx_says_which_extra(monkeypatch, tmp_path, capsys):
+  import ec2t_jax
+
+  monkeypatch.setitem(sys.modules, 'ec2t_jax.onnx_export', None)  # import raises ImportError.
+  monkeypatch.delattr(ec2t_jax, 'onnx_export')
+  out = str(tmp_path / 'net.onnx')
+  assert export.main(['--workdir', str(tmp_path), '--format', 'onnx', '--out', out]) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and "pip install 'ec2t_jax[onnx]'" in err
