@@ -246,3 +246,40 @@ def test_cli_without_onnx_says_which_extra(monkeypatch, tmp_path, capsys):
   assert export.main(['--workdir', str(tmp_path), '--format', 'onnx', '--out', out]) == 2
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and "pip install 'ec2t_jax[onnx]'" in err
+
+
+def test_zoo_vit_if_registered():
+  try:
+    model = models.create('vit_tiny', num_classes=10)
+  except ValueError:
+    pytest.skip('no vit_tiny in this checkout')
+  variables = _variables(model, (28, 28, 1), _middle)
+  proto = onnx_export.to_onnx(model, variables, (28, 28, 1))
+  assert onnx_export.ternary_initializers(proto) == sorted(export.ternary_leaves(variables))
+  session = _session(proto)
+  for batch in (1, 128):
+    x = np.random.default_rng(batch).normal(size=(batch, 28, 28, 1)).astype(np.float32)
+    _compare(session.run(None, {'images': x})[0], _apply(model, variables, x))
+
+
+@pytest.mark.slow
+def test_latency_bench_smoke(tmp_path, monkeypatch, capsys):
+  import importlib.util
+
+  # The script sets XLA_FLAGS for its own process if unset; keep this session's as they are.
+  monkeypatch.setenv('XLA_FLAGS', os.environ.get('XLA_FLAGS', ''))
+  spec = importlib.util.spec_from_file_location(
+    'onnx_latency', os.path.join(REPO, 'bench', 'onnx_latency.py')
+  )
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  out = tmp_path / 'onnx.json'
+  assert bench.main(['--models', 'lenet5', '--smoke', '--json', str(out)]) == 0
+  (result,) = json.loads(out.read_text())['results']
+  assert result['ternary_kernels'] == 3  # conv2, fc1, fc2.
+  assert result['onnx_bytes'] < result['float32_bytes'] / 2
+  assert 0 < result['ec2t_entropy_coded_bytes'] < result['onnx_bytes']
+  for row in result['latency']:
+    assert row['same_argmax'] and row['max_rel_logit_error'] < 1e-4
+    assert row['onnxruntime_ms'] > 0 and row['jax_ms'] > 0
+  assert '| lenet5 |' in capsys.readouterr().out
