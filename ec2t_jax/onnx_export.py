@@ -58,6 +58,9 @@ except ImportError as e:  # pragma: no cover - depends on the environment.
 
 __all__ = [
   'DEFAULT_OPSET',
+  'INPUT_NAME',
+  'OUTPUT_NAME',
+  'FoldedBatchNorm',
   'MAX_OPSET',
   'MIN_OPSET',
   'folded_batch_norms',
