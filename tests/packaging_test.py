@@ -27,6 +27,8 @@ HEAVY = (
   'ml_collections',
   'constriction',
   'torch',
+  'onnx',
+  'onnxruntime',
 )
 
 # One EC2T step on a tiny parameter dict; prints the kernel's distinct values.
