@@ -12,6 +12,7 @@ Reference: Marban et al., CVPR Workshops 2020, arXiv:2004.01077.
 
 from ec2t_jax import masks, ternary
 from ec2t_jax.alias import default_fp_optimizer, ec2t, param_labels
+from ec2t_jax.baselines import absmean_ternary
 from ec2t_jax.masks import default_ternary_mask
 from ec2t_jax.state_utils import (
   compressed_kernels,
@@ -36,6 +37,7 @@ __version__ = '0.1.0'
 # Subpackages that need more than jax and optax (flax, orbax, matplotlib, ...) load on
 # first use, so `import ec2t_jax` stays light and `ec2t_jax.export.load(...)` still works.
 _LAZY_SUBMODULES = (
+  'baselines',
   'export',
   'inference',
   'models',
@@ -64,6 +66,7 @@ __all__ = [
   'LayerLayout',
   'ResetAtStepState',
   'TernaryTrainingState',
+  'absmean_ternary',
   'compressed_kernels',
   'compression_states',
   'default_fp_optimizer',

@@ -24,7 +24,9 @@ draws (matplotlib, headless: no pyplot, no display):
 and, for several workdirs, test accuracy against sparsity and against the
 exported size (`ec2t_jax.export`, packed and entropy coded). ``report.md``
 embeds the figures and tables of the summaries, the MicroNet-rules cost
-(`ec2t_jax.scoring`, both modes) and the storage sizes.
+(`ec2t_jax.scoring`, both modes) and the storage sizes. A run of the absmean
+baseline (``config.method='absmean'``, docs/baselines.md) shows its one level
+per layer as ``w_p = w_n = mean|W|`` and ``λ = 0``.
 
 For the runs of a (γ, s) sweep (`ec2t_jax.sweep`), `write_sweep_report` writes
 ``sweep.md``: one table row per run, sorted by entropy-coded size, and test accuracy
@@ -181,7 +183,7 @@ def _label(workdir: str, taken: set[str]) -> str:
 
 
 def _layer_states(run: Any) -> list[LayerState]:
-  from ec2t_jax import masks, state_utils, ternary, transforms, tree_util
+  from ec2t_jax import baselines, masks, state_utils, ternary, transforms, tree_util
 
   x = jax.ShapeDtypeStruct((1, *run.image_shape), jnp.float32)
   order = masks.call_order(run.model, x, train=False)
@@ -211,6 +213,27 @@ def _layer_states(run: Any) -> list[LayerState]:
           pmf=np.asarray(pmf[name], np.float64),
           entropy_bits=entropy,
           latent=np.asarray(latent[name], np.float32).ravel(),
+          assignment=a,
+        )
+      )
+  for state in baselines.states(run.opt_state):  # The absmean baseline: levels ±m, no λ.
+    for name, w in tree_util.named_leaves(state.latent, skip_masked=True):
+      a = np.asarray(baselines.absmean_assignment(w, state.quantizer_eps)).ravel()
+      p = np.bincount(a.astype(np.int64), minlength=3) / max(a.size, 1)
+      with jax.enable_x64(True):
+        entropy = float(ternary.entropy_bits(p))
+      m = float(baselines.absmean_scale(w))
+      out.append(
+        LayerState(
+          name=name,
+          size=int(a.size),
+          sparsity=sparsity[name],
+          w_p=m,
+          w_n=m,
+          lam=0.0,
+          pmf=p,
+          entropy_bits=entropy,
+          latent=np.asarray(w, np.float32).ravel(),
           assignment=a,
         )
       )
@@ -473,15 +496,16 @@ def _markdown(runs: Sequence[RunData], images: Mapping[str, list[tuple[str, str]
     '',
     '## Summary',
     '',
-    '| run | model | dataset | FP test acc | ternary test acc | best val acc | sparsity '
-    '| entropy (bits/w) | params | steps | wall time |',
-    '|---|---|---|---|---|---|---|---|---|---|---|',
+    '| run | model | dataset | method | FP test acc | ternary test acc | best val acc '
+    '| sparsity | entropy (bits/w) | params | steps | wall time |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for r in runs:
     s = r.summary
     wall = s.get('wall_time_s')
     lines.append(
-      f'| {r.label} | {s.get("model")} | {s.get("dataset")} | {_fmt(s.get("fp_test_accuracy"))} '
+      f'| {r.label} | {s.get("model")} | {s.get("dataset")} | {s.get("method", "ec2t")} '
+      f'| {_fmt(s.get("fp_test_accuracy"))} '
       f'| {_fmt(s.get("test_accuracy"))} | {_fmt(s.get("best_val_accuracy"))} '
       f'| {_fmt(s.get("sparsity"), ".1%")} | {_fmt(s.get("ec2t/entropy_bits"), ".3f")} '
       f'| {_fmt(s.get("num_params"), ",d")} | {_fmt(s.get("steps"), ",d")} '

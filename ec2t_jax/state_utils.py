@@ -1,4 +1,9 @@
-"""Reading the EC2T state: place the ternary network into params, and summarize it."""
+"""Reading the EC2T state: place the ternary network into params, and summarize it.
+
+The functions also read the state of the absmean baseline
+(`ec2t_jax.baselines.absmean_ternary`), so the trainer, export and report treat
+both methods alike.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ec2t_jax import ternary, transforms, tree_util
+from ec2t_jax import baselines, ternary, transforms, tree_util
 
 
 def compression_states(opt_state: optax.OptState) -> list[transforms.CompressionState]:
@@ -17,9 +22,18 @@ def compression_states(opt_state: optax.OptState) -> list[transforms.Compression
 
 
 def compressed_kernels(opt_state: optax.OptState, params: optax.Params) -> dict[str, jax.Array]:
-  """`{path: kernel}` of every compressed leaf, as the state defines it, in the params' dtype."""
+  """`{path: kernel}` of every compressed leaf, as the state defines it, in the params' dtype.
+
+  EC2T and ECP leaves from their assignment and centroids; leaves of the absmean
+  baseline as `baselines.absmean_quantize` of their latent weights.
+  """
   dtypes = {name: jnp.asarray(leaf).dtype for name, leaf in tree_util.named_leaves(params)}
   out = {}
+  for state in baselines.states(opt_state):
+    for name, w in tree_util.flat_dict(state.latent, skip_masked=True).items():
+      if name not in dtypes:
+        raise ValueError(f'opt_state holds {name!r}, which is not a leaf of params')
+      out[name] = baselines.absmean_quantize(w, state.quantizer_eps, dtypes[name])
   for state in compression_states(opt_state):
     prune = isinstance(state, transforms.EntropyConstrainedPruningState)
     latent = tree_util.flat_dict(state.latent, skip_masked=True)
@@ -43,7 +57,8 @@ def ternarize(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
   Args:
     params: the params the optimizer was initialized with.
     opt_state: the state of `ec2t_jax.ec2t` (or of any composition containing
-      `ternary_training` / `entropy_constrained_pruning`).
+      `ternary_training` / `entropy_constrained_pruning`), or of
+      `ec2t_jax.baselines.absmean_ternary`.
 
   Returns:
     A new params pytree of the same structure and dtypes.
@@ -53,7 +68,10 @@ def ternarize(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
   """
   kernels = compressed_kernels(opt_state, params)
   if not kernels:
-    raise ValueError('opt_state holds no EC2T state; was it created by ec2t_jax.ec2t?')
+    raise ValueError(
+      'opt_state holds no EC2T state; was it created by ec2t_jax.ec2t (or '
+      'ec2t_jax.baselines.absmean_ternary)?'
+    )
 
   def place(path, leaf):
     return kernels.get(tree_util.path_str(path), leaf)
@@ -67,12 +85,24 @@ def statistics(opt_state: optax.OptState) -> dict[str, jax.Array]:
   Keys: `'<path>/sparsity'` (fraction of zeros), `'/w_p'`, `'/w_n'`,
   `'/lambda'`, `'/entropy_bits'` (empirical entropy of the assignment, bits
   per weight), and totals `'total_sparsity'` (zeros over all compressed
-  weights), `'num_compressed'`, `'entropy_bits'` (weighted mean).
+  weights), `'num_compressed'`, `'entropy_bits'` (weighted mean). Leaves of the
+  absmean baseline have `w_p = w_n = m` and no `'/lambda'`.
   """
   out = {}
   zeros = jnp.zeros((), jnp.float32)
   total = 0
   weighted_bits = jnp.zeros((), jnp.float32)
+  for state in baselines.states(opt_state):
+    for name, w in tree_util.flat_dict(state.latent, skip_masked=True).items():
+      a = baselines.absmean_assignment(w, state.quantizer_eps)
+      cnt = ternary.counts(a)
+      bits = ternary.entropy_bits(cnt / a.size)
+      out[f'{name}/sparsity'] = cnt[ternary.ZERO] / a.size
+      out[f'{name}/w_p'] = out[f'{name}/w_n'] = baselines.absmean_scale(w)
+      out[f'{name}/entropy_bits'] = bits
+      zeros = zeros + cnt[ternary.ZERO]
+      weighted_bits = weighted_bits + bits * a.size
+      total += a.size
   for state in compression_states(opt_state):
     centroids = tree_util.flat_dict(state.centroids, skip_masked=True)
     lam = tree_util.flat_dict(state.lam, skip_masked=True)

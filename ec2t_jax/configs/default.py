@@ -70,6 +70,16 @@ def get_config():
   config.fp.nesterov = True
   config.fp.weight_decay = 0.0  # Coupled L2 added to the gradient.
 
+  # --- compression method ---------------------------------------------------------------
+  # 'ec2t' (EC2T, docs/algorithm.md) or 'absmean': the BitNet b1.58 baseline (Ma et al.
+  # 2024; docs/baselines.md) on the same ternary leaves: levels ±mean|W| per layer, no
+  # entropy term, gradients to the latent weights straight through (Adam with
+  # config.ec2t.latent_learning_rate; other params as EC2T's, config.ec2t.learning_rate and
+  # weight_decay). With 'absmean' a frozen stage continues absmean training (there is no
+  # assignment to freeze), EC2T's gamma, init_scale, sustain, p0_min, centroid settings are
+  # unused, and ecp stages or prune_pattern are refused.
+  config.method = 'ec2t'
+
   # --- phases 1 and 2: EC2T, then frozen assignment (docs/algorithm.md §3–5) -------------
   config.ec2t = ml_collections.ConfigDict()
   config.ec2t.num_epochs = 20

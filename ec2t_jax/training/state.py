@@ -29,11 +29,13 @@ from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import schedule as schedule_lib
 
 __all__ = [
+  'METHODS',
   'Pass',
   'Setup',
   'TrainState',
   'abstract_train_state',
   'abstract_train_state_of',
+  'check_method',
   'compression_masks',
   'create_ec2t_optimizer',
   'create_fp_optimizer',
@@ -47,6 +49,22 @@ __all__ = [
   'state_tree',
   'with_state_tree',
 ]
+
+
+# Compression methods (`config.method`): EC2T, or the BitNet b1.58 absmean baseline
+# (`ec2t_jax.baselines.absmean_ternary`, docs/baselines.md) on the same ternary leaves.
+EC2T_METHOD, ABSMEAN_METHOD = 'ec2t', 'absmean'
+METHODS = (EC2T_METHOD, ABSMEAN_METHOD)
+
+
+def check_method(config: ml_collections.ConfigDict) -> str:
+  """`config.method` ('ec2t' when a config has none), refused unless it is one of `METHODS`."""
+  method = config.get('method') or EC2T_METHOD
+  if method not in METHODS:
+    raise ValueError(
+      f'unknown config.method {method!r}; valid: {", ".join(repr(m) for m in METHODS)}'
+    )
+  return method
 
 
 class TrainState(train_state.TrainState):
@@ -193,11 +211,40 @@ def create_ec2t_optimizer(
   prune_mask: Any,
   freeze_at: int,
   fixed_mask: Any = None,
+  *,
+  method: str = EC2T_METHOD,
 ):
-  """`ec2t_jax.ec2t` configured by `config.ec2t`; the assignment freezes at update `freeze_at`.
+  """The optimizer of a compression pass, configured by `config.ec2t` (`cfg`).
+
+  With `method='ec2t'`, `ec2t_jax.ec2t`; the assignment freezes at update
+  `freeze_at`. With `method='absmean'`, the BitNet b1.58 baseline
+  `ec2t_jax.baselines.absmean_ternary`: Adam with `cfg.latent_learning_rate` on
+  the latent weights of the ternary leaves, `ec2t_jax.default_fp_optimizer(
+  cfg.learning_rate, cfg.weight_decay)` on the rest. It has no assignment to
+  freeze, so a frozen stage after it simply continues absmean training
+  (`freeze_at` is ignored), and it cannot prune (`prune_mask` must be None).
 
   `fixed_mask` (or None) selects leaves held as they are (zero updates).
+
+  Raises:
+    ValueError: for an unknown `method`, or a `prune_mask` with `'absmean'`.
   """
+  if method == ABSMEAN_METHOD:
+    if prune_mask is not None:
+      raise ValueError(
+        "config.method='absmean' ternarizes only; it cannot prune (prune_pattern="
+        f"{cfg.get('prune_pattern')!r}): use config.method='ec2t' or prune_pattern=''"
+      )
+    return ec2t_jax.baselines.absmean_ternary(
+      ternary_mask,
+      latent_optimizer=optax.adam(cfg.latent_learning_rate),
+      fp_optimizer=ec2t_jax.default_fp_optimizer(cfg.learning_rate, cfg.weight_decay),
+      fixed_mask=fixed_mask,
+    )
+  if method != EC2T_METHOD:
+    raise ValueError(
+      f'unknown config.method {method!r}; valid: {", ".join(repr(m) for m in METHODS)}'
+    )
   return ec2t_jax.ec2t(
     ternary_mask,
     gamma=cfg.gamma,
@@ -358,10 +405,20 @@ def _fixed_by_pattern(settings, params) -> Any:
 
 
 def _create_pass(
-  settings, kind, name, num_steps, freeze_at, compressed, model, params, image_shape
+  settings, kind, name, num_steps, freeze_at, compressed, model, params, image_shape, method
 ):
   """The `Pass` of one optimizer state; `compressed` marks leaves earlier passes compressed."""
   fixed = _fixed_by_pattern(settings, params)
+  if method == ABSMEAN_METHOD and kind == schedule_lib.ECP:
+    raise ValueError(
+      "an ecp stage prunes with EC2T's entropy constraint; config.method='absmean' has no "
+      "such stage: use kinds 'fp', 'ec2t' and 'frozen', or config.method='ec2t'"
+    )
+  if method == ABSMEAN_METHOD and settings.get('prune_pattern'):
+    raise ValueError(
+      f"config.method='absmean' ternarizes only; it cannot prune (prune_pattern="
+      f"{settings.prune_pattern!r}): use config.method='ec2t' or prune_pattern=''"
+    )
   if kind == schedule_lib.FP:
     fixed = jax.tree.map(lambda f, c: f or c, fixed, compressed)
     tx = create_fp_optimizer(settings, num_steps)
@@ -385,7 +442,7 @@ def _create_pass(
   # Leaves an earlier pass compressed stay as they are unless this pass selects them.
   fixed = jax.tree.map(lambda f, c, s: (f or c) and not s, fixed, compressed, selected)
   fixed = fixed if any(jax.tree.leaves(fixed)) else None
-  tx = create_ec2t_optimizer(settings, ternary, prune, freeze_at, fixed)
+  tx = create_ec2t_optimizer(settings, ternary, prune, freeze_at, fixed, method=method)
   return Pass(kind, name, settings, tx, num_steps, ternary, prune, fixed)
 
 
@@ -396,6 +453,7 @@ def _create_passes(config, schedule, model, params, image_shape) -> tuple[Pass, 
     ValueError: naming the stage (`config.stages.NAME: ...`) when it is configured.
   """
   specs = schedule_lib.stage_specs(config)
+  method = check_method(config)
   compressed = jax.tree.map(lambda _: False, params)
   passes = []
   for group in range(schedule.num_groups):
@@ -413,6 +471,7 @@ def _create_passes(config, schedule, model, params, image_shape) -> tuple[Pass, 
         model,
         params,
         image_shape,
+        method,
       )
     except ValueError as e:
       if not config.get('stages'):
@@ -429,7 +488,8 @@ def create_train_state(setup: Setup, group: int, variables: dict[str, Any]) -> T
   """A fresh `TrainState` of pass `group` (its optimizer) from `variables`.
 
   A compression pass's state starts compressed: its params are the network of
-  its initial assignment (`ec2t_jax.ternarize`).
+  its initial assignment (`ec2t_jax.ternarize`; with `config.method='absmean'`
+  the absmean ternarization of the incoming weights).
   """
   p = setup.passes[group]
   state = TrainState.create(

@@ -75,6 +75,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.get(name) is not None and config[name] <= 0:
       raise ValueError(f'config.{name} must be > 0, got {config[name]}')
   _validate_run_settings(config)
+  state_lib.check_method(config)
   n = config.get('num_devices') or jax.device_count()
   if config.batch_size % n:
     raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the {n} devices')
@@ -968,9 +969,15 @@ def summarize_run(config, setup, state, meta, *, val, test, steps) -> dict[str, 
   sizes = [np.size(x) for x in jax.tree.leaves(params)]
   selected = [bool(m) for m in jax.tree.leaves(setup.ternary_mask)]
   compressing = [p for p in setup.passes if p.kind != FP]
+  method = state_lib.check_method(config)
+  # γ and s of the last compression pass (config.ec2t's for the default stages); the
+  # absmean baseline has neither.
+  ec2t_settings = method == state_lib.EC2T_METHOD
+  last = compressing[-1].settings if compressing else config.ec2t
   return {
     'model': config.model,
     'dataset': config.dataset,
+    'method': method,
     'fp_test_accuracy': meta.get('fp_test_accuracy'),
     'fp_val_accuracy': meta.get('fp_val_accuracy'),
     'test_accuracy': test.get('accuracy'),
@@ -985,14 +992,15 @@ def summarize_run(config, setup, state, meta, *, val, test, steps) -> dict[str, 
     'steps': steps,
     'params_sha256': state_lib.params_sha256(params),
     'per_layer_sparsity': per_layer,
-    # γ and s of the last compression pass (config.ec2t's for the default stages).
-    'gamma': float(compressing[-1].settings.gamma) if compressing else config.ec2t.gamma,
-    'init_scale': (
-      float(compressing[-1].settings.init_scale) if compressing else config.ec2t.init_scale
-    ),
+    'gamma': float(last.gamma) if ec2t_settings else None,
+    'init_scale': float(last.init_scale) if ec2t_settings else None,
     'passes': [
       {'name': p.name, 'kind': p.kind}
-      | ({'gamma': p.settings.gamma, 'init_scale': p.settings.init_scale} if p.kind != FP else {})
+      | (
+        {'gamma': p.settings.gamma, 'init_scale': p.settings.init_scale}
+        if p.kind != FP and ec2t_settings
+        else {}
+      )
       for p in setup.passes
     ],
     'schedule': setup.schedule.to_dict(),
@@ -1002,6 +1010,7 @@ def summarize_run(config, setup, state, meta, *, val, test, steps) -> dict[str, 
 def print_summary(summary: dict[str, Any]) -> None:
   """Prints the summary's main numbers as a small table."""
   rows = [
+    ('method', summary.get('method', 'ec2t')),
     ('full-precision test accuracy', summary.get('fp_test_accuracy')),
     ('ternary test accuracy (final)', summary.get('test_accuracy')),
     ('magnitude-pruned test accuracy', summary.get('magnitude_pruned_test_accuracy')),

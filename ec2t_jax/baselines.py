@@ -1,0 +1,258 @@
+"""Baselines in the same framework as EC2T: BitNet b1.58's absmean ternarization.
+
+`absmean_ternary(...)` is a drop-in replacement for `ec2t_jax.ec2t(...)`: the
+same ternary mask, the same full-precision optimizer for the other leaves, and
+a params pytree that *is* the ternary network, so the trainer, checkpoints,
+export and report treat both alike (`config.method = 'absmean'`, see
+docs/baselines.md).
+
+Reference: Ma et al., "The Era of 1-bit LLMs: All Large Language Models are in
+1.58 Bits", 2024, arXiv:2402.17764 (BitNet b1.58).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ec2t_jax import alias, ternary, transforms, tree_util
+from ec2t_jax import masks as masks_lib
+
+__all__ = [
+  'AbsmeanTernaryTrainingState',
+  'absmean_assignment',
+  'absmean_quantize',
+  'absmean_scale',
+  'absmean_ternary',
+  'absmean_ternary_training',
+  'is_absmean_state',
+  'states',
+]
+
+
+def absmean_scale(w: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike = jnp.float32) -> jax.Array:
+  """The level `m = mean|W|` of one leaf, float32, on the grid of `ternary.snap_centroids`.
+
+  Rounding `m` to a multiple of `4·ulp(m)` in `dtype` (a change of at most
+  2^-22 relative in float32) keeps the ternary params exact under
+  `optax.apply_updates`, as for EC2T's centroids.
+  """
+  m = jnp.mean(jnp.abs(jnp.asarray(w, jnp.float32)))
+  return ternary.snap_centroids(jnp.stack([m, m]), dtype)[0]
+
+
+def absmean_quantize(
+  w: jax.typing.ArrayLike, eps: jax.typing.ArrayLike = 1e-5, dtype: jax.typing.DTypeLike = None
+) -> jax.Array:
+  """BitNet b1.58's absmean ternarization of one leaf: values in `{-m, 0, +m}`.
+
+      m = mean|W|,   Q(W) = round(clip(W / (m + ε), -1, 1)) · m
+
+  `m` as `absmean_scale` rounds it; zeros are +0.0 (never -0.0, which the
+  export format refuses).
+
+  Args:
+    w: the latent weights of one leaf.
+    eps: `ε >= 0`, keeps an all-zero leaf from dividing by zero.
+    dtype: the dtype of the result (and of the grid `m` lies on); None: `w`'s.
+
+  Returns:
+    `Q(W)`, shaped like `w`.
+
+  Example:
+    >>> absmean_quantize(jnp.array([0.5, -1.0, 0.25, 0.25])).tolist()
+    [0.5, -0.5, 0.0, 0.0]
+  """
+  dtype = jnp.result_type(w) if dtype is None else dtype
+  w = jnp.asarray(w, jnp.float32)
+  m = absmean_scale(w, dtype)
+  r = jnp.round(jnp.clip(w / (m + jnp.asarray(eps, jnp.float32)), -1.0, 1.0))
+  return jnp.where(r == 0, 0.0, r * m).astype(dtype)
+
+
+def absmean_assignment(w: jax.typing.ArrayLike, eps: jax.typing.ArrayLike = 1e-5) -> jax.Array:
+  """int8 symbols of `absmean_quantize(w, eps)` in EC2T's convention: 0 → -m, 1 → 0, 2 → +m."""
+  return (jnp.sign(absmean_quantize(w, eps, jnp.float32)) + 1).astype(jnp.int8)
+
+
+class AbsmeanTernaryTrainingState(NamedTuple):
+  """State of `absmean_ternary_training`.
+
+  Attributes:
+    latent: float32 full-precision latent weights `W`, params-shaped
+      (`optax.MaskedNode` where another transformation owns the leaf).
+    latent_opt_state: state of the latent-weight optimizer.
+    quantizer_eps: float32 scalar, the `ε` of the quantizer (so that
+      `ec2t_jax.ternarize` and `ec2t_jax.compressed_kernels` quantize as the
+      updates do).
+  """
+
+  latent: Any
+  latent_opt_state: optax.OptState
+  quantizer_eps: jax.Array
+
+
+def is_absmean_state(x: Any) -> bool:
+  """True for the state of `absmean_ternary_training`."""
+  return isinstance(x, AbsmeanTernaryTrainingState)
+
+
+def absmean_ternary_training(
+  *,
+  latent_optimizer: optax.GradientTransformation | None = None,
+  eps: jax.typing.ArrayLike = 1e-5,
+) -> optax.GradientTransformation:
+  """Trains every leaf it is given into an absmean-ternary kernel (straight-through estimator).
+
+  One update, with `G = ∂L/∂q` the gradient w.r.t. the params leaf `q = Q(W)`:
+
+      W ← W + latent_optimizer(G)      (STE: ∂q/∂W taken as the identity)
+      q ← Q(W) = round(clip(W / (m + ε), -1, 1)) · m,   m = mean|W|
+
+  and the returned update turns each params leaf into the new `Q(W)` exactly
+  under `optax.apply_updates`. A gradient with a NaN or inf leaves the latent
+  weights and their optimizer as they were (a zero update).
+
+  `init` copies the params (as float32) into the latent weights; call
+  `ec2t_jax.ternarize(params, opt_state)` once after it, as for `ec2t`, so the
+  network starts ternary.
+
+  Use it under `optax.partition` so that it sees only the leaves to ternarize,
+  or call `absmean_ternary`, which does that.
+
+  Args:
+    latent_optimizer: optimizer of the latent weights (default Adam, 1e-4).
+    eps: `ε >= 0` of the quantizer.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is an `AbsmeanTernaryTrainingState`.
+
+  Raises:
+    ValueError: for a negative or non-finite `eps`; at `init`, for a leaf that is
+      not floating point.
+
+  Example:
+    >>> params = {'kernel': jnp.array([0.5, -1.0, 0.25, 0.25])}
+    >>> tx = absmean_ternary_training(latent_optimizer=optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> ec2t_jax.ternarize(params, state)['kernel'].tolist()
+    [0.5, -0.5, 0.0, 0.0]
+  """
+  transforms.check_hyperparameter('eps', eps, minimum=0.0, strict=False)
+  latent_optimizer = latent_optimizer or optax.adam(1e-4)
+
+  def init_fn(params):
+    for name, leaf in tree_util.named_leaves(params, skip_masked=True):
+      if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+        raise ValueError(
+          f'absmean_ternary_training is given {name} of dtype {jnp.result_type(leaf)}; only '
+          'floating-point leaves can be ternarized'
+        )
+    latent = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
+    return AbsmeanTernaryTrainingState(
+      latent, latent_optimizer.init(latent), jnp.asarray(eps, jnp.float32)
+    )
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(
+        'absmean_ternary_training needs the current params: call update(grads, state, params).'
+      )
+    # 1. Straight-through: the gradient w.r.t. Q(W) steps W unchanged.
+    grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.float32), updates)
+    steps, opt_state = latent_optimizer.update(grads, state.latent_opt_state, state.latent)
+    latent = optax.apply_updates(state.latent, steps)
+    # 2. A NaN/inf gradient would make W NaN for good: keep the state instead.
+    checks = [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
+    finite = jnp.all(jnp.stack(checks)) if checks else jnp.ones((), bool)
+    new_state = AbsmeanTernaryTrainingState(latent, opt_state, jnp.asarray(eps, jnp.float32))
+    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+
+    # 3. The new kernel Q(W), reached exactly by `optax.apply_updates`.
+    def kernel_update(p, w):
+      q = absmean_quantize(w, eps, p.dtype)
+      u = ternary.exact_update(p, q)
+      # From params that are not ternary yet (no `ternarize` after `init`) an exact
+      # `u` may not exist; `p + (-p)` is exactly 0, so the leaf still holds only
+      # {-m, 0, +m} (the next update places Q(W) again).
+      return jnp.where(p + u == q, u, -p)
+
+    return jax.tree.map(kernel_update, params, new_state.latent), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def absmean_ternary(
+  ternary_mask: masks_lib.MaskOrFn,
+  *,
+  latent_optimizer: optax.GradientTransformation | None = None,
+  fp_optimizer: optax.GradientTransformation | None = None,
+  fixed_mask: masks_lib.MaskOrFn | None = None,
+  eps: jax.typing.ArrayLike = 1e-5,
+) -> optax.GradientTransformation:
+  """BitNet b1.58's absmean ternarization as one optax optimizer, shaped like `ec2t`.
+
+  The ternary leaves get `absmean_ternary_training` (latent weights `W` in the
+  state, the params hold `Q(W) = round(clip(W / (m + ε), -1, 1)) · m` with
+  `m = mean|W|` per leaf, gradients applied to `W` straight through), the
+  others `fp_optimizer`; `fixed_mask` leaves and integer leaves get zero
+  updates. Call `ec2t_jax.ternarize(params, opt_state)` once after `init`, as
+  for `ec2t`; from then on the params stay exactly ternary.
+
+  Differences from EC2T (docs/algorithm.md): one symmetric level `±m` per
+  layer instead of two trained centroids `+w_p`, `-w_n`; no entropy term, so
+  the sparsity is whatever the rounding gives (about a third of the weights of
+  a Gaussian-like layer fall below `m/2`) and cannot be tuned; no frozen
+  phase. See docs/baselines.md.
+
+  Reference: Ma et al., "The Era of 1-bit LLMs: All Large Language Models are
+  in 1.58 Bits", 2024, arXiv:2402.17764.
+
+  Args:
+    ternary_mask: pytree of bools (or `params -> pytree of bools`) selecting the
+      leaves to ternarize; see `ec2t_jax.masks.default_ternary_mask`.
+    latent_optimizer: optimizer of the latent weights (default Adam, 1e-4).
+    fp_optimizer: optimizer of all other float params (default
+      `ec2t_jax.default_fp_optimizer()`).
+    fixed_mask: leaves held exactly as they are (zero updates, no state).
+    eps: `ε >= 0` of the quantizer.
+
+  Returns:
+    An `optax.GradientTransformation`; its state holds one
+    `AbsmeanTernaryTrainingState`.
+
+  Raises:
+    ValueError: for a bad `eps`; at `init`, for masks that select nothing,
+      overlap, or select non-float leaves.
+
+  Example:
+    >>> import ec2t_jax, optax
+    >>> params = {'dense': {'kernel': jnp.linspace(-1, 1, 12).reshape(3, 4),
+    ...                     'bias': jnp.zeros(4)}}
+    >>> tx = ec2t_jax.baselines.absmean_ternary({'dense': {'kernel': True, 'bias': False}})
+    >>> opt_state = tx.init(params)
+    >>> params = ec2t_jax.ternarize(params, opt_state)
+    >>> levels = sorted(set(params['dense']['kernel'].ravel().tolist()))
+    >>> len(levels), levels[0] == -levels[-1]  # m = mean|W| = 6/11, snapped.
+    (3, True)
+  """
+  ternary_tx = absmean_ternary_training(latent_optimizer=latent_optimizer, eps=eps)
+  parts = {
+    alias.TERNARY: ternary_tx,
+    alias.FULL_PRECISION: fp_optimizer or alias.default_fp_optimizer(),
+    alias.NON_FLOAT: optax.set_to_zero(),
+  }
+  if fixed_mask is not None:
+    parts[alias.FIXED] = optax.set_to_zero()
+  # The labels (and their validation) are `ec2t`'s, resolved once per params structure.
+  labels = alias._cached_labels(ternary_mask, None, fixed_mask)
+  return optax.partition(parts, labels)
+
+
+def states(opt_state: optax.OptState) -> list[AbsmeanTernaryTrainingState]:
+  """All `AbsmeanTernaryTrainingState` inside `opt_state`."""
+  leaves = jax.tree.leaves(opt_state, is_leaf=is_absmean_state)
+  return [x for x in leaves if is_absmean_state(x)]
