@@ -10,7 +10,7 @@ from ec2t_jax import main as program
 
 VARIANTS = {
   'default': [()],
-  'mnist': [(), ('smoke',)],
+  'mnist': [(), ('smoke',), ('vit',), ('vit_smoke',)],
   'cifar10': [(), ('resnet20',), ('micronet',), ('smoke',)],
   'cifar100': [(), ('micronet',), ('resnet20',), ('smoke',)],
   'imagenet': [(), ('efficientnet_b1',), ('resnet18',), ('smoke',)],

@@ -19,6 +19,7 @@ from ec2t_jax.models import efficientnet, layers
 EXPECTED = {
   # name: (num_classes, params)
   'lenet5': (10, 61_706),  # 156 + 2,416 + 48,120 + 10,164 + 850.
+  'vit_tiny': (10, 138_890),  # The formula in tests/vit_test.py.
   # He et al. 2016, Table 6: 0.27M / 0.46M / 0.66M / 0.85M / 1.7M.
   'resnet20': (10, 269_722),
   'resnet32': (10, 464_154),
@@ -46,6 +47,7 @@ EXPECTED = {
 
 EXPECTED_INPUT = {
   'lenet5': (28, 28, 1),
+  'vit_tiny': (28, 28, 1),
   'resnet20': (32, 32, 3),
   'micronet_c100': (32, 32, 3),
   'resnet50': (224, 224, 3),
@@ -166,13 +168,15 @@ def test_param_count_and_output_shape(name):
   assert logits.shape == (2, num_classes)
   assert logits.dtype == jnp.float32
   assert _count(variables['params']) == expected
-  if name != 'lenet5':
+  if name not in ('lenet5', 'vit_tiny'):  # The two without BatchNorm.
     assert set(variables) == {'params', 'batch_stats'}
     leaves = jax.tree_util.tree_leaves_with_path(variables['batch_stats'])
     assert {path[-1].key for path, _ in leaves} == {'mean', 'var'}
 
 
-@pytest.mark.parametrize('name', ['lenet5', 'resnet20', 'micronet', 'resnet18', 'efficientnet_b0'])
+@pytest.mark.parametrize(
+  'name', ['lenet5', 'vit_tiny', 'resnet20', 'micronet', 'resnet18', 'efficientnet_b0']
+)
 def test_bfloat16_logits_float32_params(name):
   model = models.create(name, num_classes=10, dtype=jnp.bfloat16)
   logits, variables = _abstract_init(model, models.input_shape(name))

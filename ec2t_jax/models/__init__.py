@@ -41,6 +41,7 @@ from ec2t_jax.models.lenet import LeNet5
 from ec2t_jax.models.micronet import MicroNet, MicroNetBlock, micronet_scaled
 from ec2t_jax.models.resnet import STAGE_SIZES, BasicBlock, Bottleneck, ResNet
 from ec2t_jax.models.resnet_cifar import CifarBasicBlock, CifarResNet
+from ec2t_jax.models.vit import ViT
 
 __all__ = [
   'BasicBlock',
@@ -53,6 +54,7 @@ __all__ = [
   'MicroNet',
   'MicroNetBlock',
   'ResNet',
+  'ViT',
   'check_name',
   'create',
   'efficientnet',
@@ -182,7 +184,8 @@ def create(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
     num_classes: number of output logits.
     **kwargs: module attributes, e.g. ``dtype=jnp.bfloat16``, ``axis_name='batch'``,
       ``bn_momentum``, ``depth_mult``/``width_mult`` for ``'micronet'``,
-      ``same_padding`` for EfficientNets.
+      ``same_padding`` for EfficientNets, ``patch_size``/``width``/``depth`` for
+      ``'vit_tiny'``.
 
   Returns:
     The unbound linen module.
@@ -210,7 +213,7 @@ def create(name: str, *, num_classes: int, **kwargs: Any) -> nn.Module:
 def input_shape(name: str) -> tuple[int, int, int]:
   """The default input shape ``(H, W, C)`` of a registered model.
 
-  28x28x1 for LeNet-5, 32x32x3 for the CIFAR nets, 224x224x3 for the ImageNet
+  28x28x1 for LeNet-5 and ViT-tiny, 32x32x3 for the CIFAR nets, 224x224x3 for the ImageNet
   ResNets, and the variant's resolution for EfficientNets (e.g. 240 for B1).
 
   Args:
@@ -241,6 +244,7 @@ def __getattr__(name: str) -> Any:
 def _register_builtins() -> None:
   mnist, cifar, imagenet = (28, 28, 1), (32, 32, 3), (224, 224, 3)
   register('lenet5', LeNet5, input_shape=mnist)
+  register('vit_tiny', ViT, input_shape=mnist)  # Any H, W divisible by its patch_size (7).
   for depth in (20, 32, 44, 56, 110):
     register(f'resnet{depth}', functools.partial(CifarResNet, depth=depth), input_shape=cifar)
   register('micronet', MicroNet, input_shape=cifar)
