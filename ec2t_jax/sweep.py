@@ -232,6 +232,11 @@ def point_config(
     >>> c.ec2t.gamma, c.ec2t.init_scale, c.fp.num_epochs, c.init_from
     (0.3, 0.5, 0, '/sweep/fp/fp_variables')
   """
+  if (config.get('method') or 'ec2t') != 'ec2t':
+    raise ValueError(
+      f'config.method={config.method!r} has no γ or s to sweep; the sweep varies EC2T '
+      "(config.method='ec2t'); train the baseline once with main.py instead"
+    )
   gamma = _check_value('gamma', gamma, positive=False)
   init_scale = _check_value('init_scale', init_scale, positive=True)
   targets = _swept_stages(config, stages)

@@ -114,6 +114,14 @@ def test_nothing_after_full_precision_is_refused():
     sweep.point_config(_explicit_config('pre,warm'), 0.1, 0.3)
 
 
+def test_a_baseline_method_is_refused():
+  config = _default_config()
+  with config.unlocked():
+    config.method = 'absmean'
+  with pytest.raises(ValueError, match="config.method='absmean' has no γ or s to sweep"):
+    sweep.point_config(config, 0.1, 0.3, '/x')
+
+
 def test_names_and_values():
   assert sweep.point_name(0.15, 0.3) == 'g0.15_s0.3'
   assert sweep.point_name(0, 1) == 'g0_s1'
