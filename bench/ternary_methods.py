@@ -1,6 +1,7 @@
 """EC2T against the BitNet b1.58 absmean baseline, from one full-precision network.
 
-    python bench/ternary_methods.py --model vit --gammas 0,0.15,0.3,0.6 --workdir cmp/vit
+    python bench/ternary_methods.py --model vit --gammas 0,0.15,0.3,0.6 --init_scales 0.6,0.8 \
+        --workdir cmp/vit
     python bench/ternary_methods.py --model lenet5 --gammas 0,0.15,0.3,0.6 --workdir cmp/lenet5
 
 For one model of the embedded MNIST (`--model vit`: `configs/mnist.py:vit`; `--model
@@ -83,13 +84,14 @@ def _measure(workdir: str, out_file: str) -> dict[str, Any]:
 
 def _table(rows: list[dict[str, Any]]) -> str:
   lines = [
-    '| method | γ | test acc | sparsity | bits / ternary weight | ternary weights KiB | '
+    '| method | γ | s | test acc | sparsity | bits / ternary weight | ternary weights KiB | '
     'file KiB | float32 KiB |',
-    '|---|---|---|---|---|---|---|---|',
+    '|---|---|---|---|---|---|---|---|---|',
   ]
   for r in rows:
     lines.append(
-      f'| {r["method"]} | {r["gamma"]} | {r["test_accuracy"]:.4f} | {100 * r["sparsity"]:.2f}% | '
+      f'| {r["method"]} | {r["gamma"]} | {r["init_scale"]} | {r["test_accuracy"]:.4f} | '
+      f'{100 * r["sparsity"]:.2f}% | '
       f'{r["bits_per_ternary_weight"]:.3f} | {r["ternary_bits"] / 8 / 1024:.2f} | '
       f'{r["file_bytes"] / 1024:.2f} | {r["float32_bytes"] / 1024:.1f} |'
     )
@@ -103,15 +105,19 @@ def _plot(rows: list[dict[str, Any]], title: str, path: str) -> None:
   fig = Figure(figsize=(5.5, 3.8))
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
-  ec2t = sorted((r for r in rows if r['method'] == 'ec2t'), key=lambda r: r['gamma'])
-  ax.plot(
-    [r['bits_per_ternary_weight'] for r in ec2t],
-    [100 * r['test_accuracy'] for r in ec2t],
-    'o-',
-    label='EC2T (γ sweep)',
-  )
-  for r in ec2t:
-    ax.annotate(f'γ={r["gamma"]:g}', (r['bits_per_ternary_weight'], 100 * r['test_accuracy']))
+  ec2t = [r for r in rows if r['method'] == 'ec2t']
+  for init_scale in dict.fromkeys(r['init_scale'] for r in ec2t):
+    line = sorted((r for r in ec2t if r['init_scale'] == init_scale), key=lambda r: r['gamma'])
+    ax.plot(
+      [r['bits_per_ternary_weight'] for r in line],
+      [100 * r['test_accuracy'] for r in line],
+      'o-',
+      label=f'EC2T, s={init_scale:g} (γ sweep)',
+    )
+    for r in line:
+      ax.annotate(
+        f' γ={r["gamma"]:g}', (r['bits_per_ternary_weight'], 100 * r['test_accuracy']), fontsize=7
+      )
   base = [r for r in rows if r['method'] == 'absmean']
   ax.plot(
     [r['bits_per_ternary_weight'] for r in base],
@@ -138,7 +144,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   )
   parser.add_argument('--model', choices=sorted(CONFIGS), required=True)
   parser.add_argument('--gammas', default='0,0.15,0.3,0.6', help='EC2T entropy gains')
-  parser.add_argument('--init_scale', type=float, default=None, help="the recipe's s if unset")
+  parser.add_argument(
+    '--init_scales', default='', help="EC2T initial centroid scales s (the recipe's if unset)"
+  )
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--smoke', action='store_true', help='the tiny :smoke recipes (tests)')
   parser.add_argument(
@@ -147,8 +155,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   args = parser.parse_args(argv)
   try:
     gammas = [float(g) for g in args.gammas.split(',') if g.strip()]
+    scales = [float(x) for x in args.init_scales.split(',') if x.strip()]
   except ValueError:
-    parser.error(f'--gammas must be comma-separated numbers, got {args.gammas!r}')
+    parser.error(
+      f'--gammas and --init_scales must be comma-separated numbers, got {args.gammas!r} '
+      f'and {args.init_scales!r}'
+    )
   if not gammas:
     parser.error('--gammas is empty; give e.g. 0,0.15,0.3')
   config = CONFIGS[args.model][1 if args.smoke else 0]
@@ -160,7 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   from ec2t_jax.configs import mnist
 
   recipe = mnist.get_config(config.partition(':')[2])
-  init_scale = recipe.ec2t.init_scale if args.init_scale is None else args.init_scale
+  scales = scales or [recipe.ec2t.init_scale]
   sweep_dir = os.path.join(workdir, 'ec2t')
   _run(
     [
@@ -169,7 +181,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
       'ec2t_jax.sweep',
       f'--config={config}',
       f'--gammas={",".join(_gamma_label(g) for g in gammas)}',
-      f'--init_scales={init_scale:g}',
+      f'--init_scales={",".join(f"{x:g}" for x in scales)}',
       f'--workdir={sweep_dir}',
       *args.override,
     ],
@@ -191,17 +203,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
       log,
     )
   rows = []
-  for gamma in gammas:
-    point = os.path.join(sweep_dir, sweep.point_name(gamma, init_scale))
-    row = _measure(point, os.path.join(workdir, f'ec2t_g{_gamma_label(gamma)}.ec2t'))
-    rows.append({'method': 'ec2t', 'gamma': gamma, **row})
+  for init_scale in scales:
+    for gamma in gammas:
+      name = sweep.point_name(gamma, init_scale)
+      row = _measure(os.path.join(sweep_dir, name), os.path.join(workdir, f'ec2t_{name}.ec2t'))
+      rows.append({'method': 'ec2t', 'gamma': gamma, 'init_scale': init_scale, **row})
   row = _measure(absmean_dir, os.path.join(workdir, 'absmean.ec2t'))
-  rows.append({'method': 'absmean', 'gamma': '-', **row})
+  rows.append({'method': 'absmean', 'gamma': '-', 'init_scale': '-', **row})
   title = f'{args.model} on MNIST: EC2T vs absmean'
   _plot(rows, title, os.path.join(workdir, 'methods_accuracy_vs_size.png'))
   table = _table(rows)
   with open(os.path.join(workdir, 'methods.md'), 'w') as f:
-    f.write(f'# {title}\n\nConfig `{config}`, s = {init_scale:g}.\n\n{table}\n')
+    f.write(f'# {title}\n\nConfig `{config}`.\n\n{table}\n')
   with open(os.path.join(workdir, 'methods.json'), 'w') as f:
     json.dump({'model': args.model, 'config': config, 'rows': rows}, f, indent=1)
   print(table, flush=True)
