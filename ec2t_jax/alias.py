@@ -168,7 +168,7 @@ def ec2t(
     parts[PRUNE] = transforms.entropy_constrained_pruning(**hyperparams)
   if fixed_mask is not None:
     parts[FIXED] = optax.set_to_zero()
-  labels = _cached_labels(ternary_mask, prune_mask, fixed_mask)
+  labels = cached_param_labels(ternary_mask, prune_mask, fixed_mask)
   inner = optax.partition(parts, labels)
 
   def init_fn(params):
@@ -228,13 +228,28 @@ def _check_default_fp_dtypes(params: optax.Params, labels: optax.Params) -> None
         )
 
 
-def _cached_labels(ternary_mask, prune_mask, fixed_mask=None):
-  """A label function that resolves the masks once per params structure.
+def cached_param_labels(
+  ternary_mask: masks_lib.MaskOrFn,
+  prune_mask: masks_lib.MaskOrFn | None = None,
+  fixed_mask: masks_lib.MaskOrFn | None = None,
+):
+  """`param_labels` as a label function that resolves the masks once per params structure.
 
   Mask functions may depend on the params dict's insertion order (the order
   Flax created the layers), which JAX loses when it rebuilds a dict inside
   `jit` (keys come back sorted). Resolving once, at `init`, and keying the
-  result by parameter path keeps `init` and every `update` consistent.
+  result by parameter path keeps `init` and every `update` consistent. This is
+  the labelling `ec2t` (and `ec2t_jax.baselines.absmean_ternary`) give to
+  `optax.partition`.
+
+  Args:
+    ternary_mask: pytree of bools, or `params -> pytree of bools`, as for `param_labels`.
+    prune_mask: the same for the leaves to prune, or None.
+    fixed_mask: the same for the leaves held fixed, or None.
+
+  Returns:
+    A function `params -> pytree of labels` (see `param_labels`), which raises
+    `param_labels`'s `ValueError`s on the first params structure it sees.
   """
   cache = {}
 

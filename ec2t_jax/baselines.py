@@ -38,7 +38,8 @@ def absmean_scale(w: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike = jnp.flo
 
   Rounding `m` to a multiple of `4·ulp(m)` in `dtype` (a change of at most
   2^-22 relative in float32) keeps the ternary params exact under
-  `optax.apply_updates`, as for EC2T's centroids.
+  `optax.apply_updates`, as for EC2T's centroids. Pass the params leaf's
+  dtype: the level of a bfloat16 network is coarser than the float32 default.
   """
   m = jnp.mean(jnp.abs(jnp.asarray(w, jnp.float32)))
   return ternary.snap_centroids(jnp.stack([m, m]), dtype)[0]
@@ -73,9 +74,16 @@ def absmean_quantize(
   return jnp.where(r == 0, 0.0, r * m).astype(dtype)
 
 
-def absmean_assignment(w: jax.typing.ArrayLike, eps: jax.typing.ArrayLike = 1e-5) -> jax.Array:
-  """int8 symbols of `absmean_quantize(w, eps)` in EC2T's convention: 0 → -m, 1 → 0, 2 → +m."""
-  return (jnp.sign(absmean_quantize(w, eps, jnp.float32)) + 1).astype(jnp.int8)
+def absmean_assignment(
+  w: jax.typing.ArrayLike,
+  eps: jax.typing.ArrayLike = 1e-5,
+  dtype: jax.typing.DTypeLike = jnp.float32,
+) -> jax.Array:
+  """int8 symbols of `absmean_quantize(w, eps, dtype)` in EC2T's convention: 0 → -m, 1 → 0, 2 → +m.
+
+  `dtype` is that of the params leaf (the grid `m` lies on, as in the network).
+  """
+  return (jnp.sign(absmean_quantize(w, eps, dtype)) + 1).astype(jnp.int8)
 
 
 class AbsmeanTernaryTrainingState(NamedTuple):
@@ -168,12 +176,13 @@ def absmean_ternary_training(
     # 2. A NaN/inf gradient would make W NaN for good: keep the state instead.
     checks = [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
     finite = jnp.all(jnp.stack(checks)) if checks else jnp.ones((), bool)
-    new_state = AbsmeanTernaryTrainingState(latent, opt_state, jnp.asarray(eps, jnp.float32))
+    new_state = AbsmeanTernaryTrainingState(latent, opt_state, state.quantizer_eps)
     new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
 
-    # 3. The new kernel Q(W), reached exactly by `optax.apply_updates`.
+    # 3. The new kernel Q(W), reached exactly by `optax.apply_updates`. The ε is the
+    # state's, the one `ec2t_jax.ternarize` and `compressed_kernels` read.
     def kernel_update(p, w):
-      q = absmean_quantize(w, eps, p.dtype)
+      q = absmean_quantize(w, new_state.quantizer_eps, p.dtype)
       u = ternary.exact_update(p, q)
       # From params that are not ternary yet (no `ternarize` after `init`) an exact
       # `u` may not exist; `p + (-p)` is exactly 0, so the leaf still holds only
@@ -248,7 +257,7 @@ def absmean_ternary(
   if fixed_mask is not None:
     parts[alias.FIXED] = optax.set_to_zero()
   # The labels (and their validation) are `ec2t`'s, resolved once per params structure.
-  labels = alias._cached_labels(ternary_mask, None, fixed_mask)
+  labels = alias.cached_param_labels(ternary_mask, None, fixed_mask)
   return optax.partition(parts, labels)
 
 

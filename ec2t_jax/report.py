@@ -216,13 +216,16 @@ def _layer_states(run: Any) -> list[LayerState]:
           assignment=a,
         )
       )
-  for state in baselines.states(run.opt_state):  # The absmean baseline: levels ±m, no λ.
+  # The absmean baseline: levels ±m, no λ; m on the grid of the params leaf's dtype.
+  dtypes = {n: jnp.asarray(x).dtype for n, x in tree_util.named_leaves(run.variables['params'])}
+  for state in baselines.states(run.opt_state):
     for name, w in tree_util.named_leaves(state.latent, skip_masked=True):
-      a = np.asarray(baselines.absmean_assignment(w, state.quantizer_eps)).ravel()
+      dtype = dtypes.get(name, jnp.float32)
+      a = np.asarray(baselines.absmean_assignment(w, state.quantizer_eps, dtype)).ravel()
       p = np.bincount(a.astype(np.int64), minlength=3) / max(a.size, 1)
       with jax.enable_x64(True):
         entropy = float(ternary.entropy_bits(p))
-      m = float(baselines.absmean_scale(w))
+      m = float(baselines.absmean_scale(w, dtype))
       out.append(
         LayerState(
           name=name,

@@ -79,7 +79,9 @@ def ternarize(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
   return jax.tree_util.tree_map_with_path(place, params)
 
 
-def statistics(opt_state: optax.OptState) -> dict[str, jax.Array]:
+def statistics(
+  opt_state: optax.OptState, params: optax.Params | None = None
+) -> dict[str, jax.Array]:
   """Per-layer and total EC2T statistics as arrays (usable inside `jit`).
 
   Keys: `'<path>/sparsity'` (fraction of zeros), `'/w_p'`, `'/w_n'`,
@@ -87,18 +89,34 @@ def statistics(opt_state: optax.OptState) -> dict[str, jax.Array]:
   per weight), and totals `'total_sparsity'` (zeros over all compressed
   weights), `'num_compressed'`, `'entropy_bits'` (weighted mean). Leaves of the
   absmean baseline have `w_p = w_n = m` and no `'/lambda'`.
+
+  Args:
+    opt_state: the optimizer state (see `ternarize`).
+    params: the params, or None. The absmean baseline's state holds float32
+      latent weights only; its level `m` (and so its symbols) lies on the grid
+      of the params leaf's dtype, which is read from `params` (float32 without).
+      EC2T's statistics do not depend on it.
+
+  Raises:
+    ValueError: if `opt_state` holds a leaf that `params` lacks.
   """
+  dtypes = {}
+  if params is not None:
+    dtypes = {name: jnp.asarray(leaf).dtype for name, leaf in tree_util.named_leaves(params)}
   out = {}
   zeros = jnp.zeros((), jnp.float32)
   total = 0
   weighted_bits = jnp.zeros((), jnp.float32)
   for state in baselines.states(opt_state):
     for name, w in tree_util.flat_dict(state.latent, skip_masked=True).items():
-      a = baselines.absmean_assignment(w, state.quantizer_eps)
+      if params is not None and name not in dtypes:
+        raise ValueError(f'opt_state holds {name!r}, which is not a leaf of params')
+      dtype = dtypes.get(name, jnp.float32)
+      a = baselines.absmean_assignment(w, state.quantizer_eps, dtype)
       cnt = ternary.counts(a)
       bits = ternary.entropy_bits(cnt / a.size)
       out[f'{name}/sparsity'] = cnt[ternary.ZERO] / a.size
-      out[f'{name}/w_p'] = out[f'{name}/w_n'] = baselines.absmean_scale(w)
+      out[f'{name}/w_p'] = out[f'{name}/w_n'] = baselines.absmean_scale(w, dtype)
       out[f'{name}/entropy_bits'] = bits
       zeros = zeros + cnt[ternary.ZERO]
       weighted_bits = weighted_bits + bits * a.size
@@ -124,15 +142,18 @@ def statistics(opt_state: optax.OptState) -> dict[str, jax.Array]:
   return out
 
 
-def summarize(opt_state: optax.OptState) -> dict[str, float]:
-  """`statistics(opt_state)` as Python floats, for logging and reports.
+def summarize(opt_state: optax.OptState, params: optax.Params | None = None) -> dict[str, float]:
+  """`statistics(opt_state, params)` as Python floats, for logging and reports.
+
+  Pass `params` for the absmean baseline's levels in a non-float32 network
+  (see `statistics`).
 
   Example:
     >>> summary = summarize(opt_state)  # doctest: +SKIP
     >>> summary['total_sparsity']       # doctest: +SKIP
     0.91
   """
-  return {k: float(np.asarray(v)) for k, v in jax.device_get(statistics(opt_state)).items()}
+  return {k: float(np.asarray(v)) for k, v in jax.device_get(statistics(opt_state, params)).items()}
 
 
 def with_update_count(opt_state: optax.OptState, count: int) -> optax.OptState:

@@ -162,9 +162,13 @@ def test_first_update_from_full_precision_params_is_ternary():
   state = tx.init(params)
   updates, state = jax.jit(tx.update)(_grads(params, 0), state, params)
   params = optax.apply_updates(params, updates)
+  kernels = ec2t_jax.compressed_kernels(state, params)
   for k in ('conv', 'dense'):
     _assert_symmetric_ternary(params[k])
     assert np.unique(np.asarray(params[k])).size == 3
+    # Exactly Q(W) of the new latent weights: the `-p` fallback zeroed nothing.
+    np.testing.assert_array_equal(params[k], kernels[k])
+    np.testing.assert_array_equal(params[k], baselines.absmean_quantize(_latent(state)[k]))
 
 
 def _counting_jit(tx):
@@ -227,14 +231,43 @@ def test_contract_inject_hyperparams_identical():
       np.testing.assert_array_equal(p1[k], p2[k])
 
 
-def test_nonfinite_gradient_keeps_latent_and_params():
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])
+def test_nonfinite_gradient_keeps_latent_adam_state_and_params(bad):
   params = {'k': jnp.asarray(W)}
-  tx = baselines.absmean_ternary_training(latent_optimizer=optax.sgd(0.1))
+  tx = baselines.absmean_ternary_training(latent_optimizer=optax.adam(0.1))
   state = tx.init(params)
   params = ec2t_jax.ternarize(params, state)
-  updates, new = tx.update({'k': jnp.array([np.nan, 0.0, 0.0, 0.0])}, state, params)
-  np.testing.assert_array_equal(new.latent['k'], W)
+  update = jax.jit(tx.update)
+  # One finite step first, so Adam's moments and count are not their initial zeros.
+  updates, state = update({'k': jnp.array([1.0, -2.0, -1.0, 0.5])}, state, params)
+  params = optax.apply_updates(params, updates)
+  assert int(optax.tree.get(state.latent_opt_state, 'count')) == 1
+  updates, new = update({'k': jnp.array([bad, 0.0, 1.0, 0.0])}, state, params)
+  np.testing.assert_array_equal(new.latent['k'], state.latent['k'])
+  jax.tree.map(np.testing.assert_array_equal, new.latent_opt_state, state.latent_opt_state)
+  assert int(optax.tree.get(new.latent_opt_state, 'count')) == 1
+  np.testing.assert_array_equal(new.quantizer_eps, state.quantizer_eps)
   np.testing.assert_array_equal(updates['k'], 0.0)
+  assert not np.any(np.signbit(np.asarray(updates['k'])))
+  np.testing.assert_array_equal(optax.apply_updates(params, updates)['k'], params['k'])
+
+
+def test_update_quantizes_with_the_eps_in_the_state():
+  # A leaf of zeros: m = 0, so Q(W) = round(clip(W / ε)) · 0 hides ε; take W with
+  # |W| ≈ ε instead, where ε decides the rounding (W/(m + ε) = 1/2 vs ≈ 1).
+  params = {'k': jnp.full((4,), 1e-3, jnp.float32)}
+  tx = baselines.absmean_ternary_training(latent_optimizer=optax.sgd(0.0), eps=1e-5)
+  state = tx.init(params)
+  params = ec2t_jax.ternarize(params, state)
+  m = float(baselines.absmean_scale(params['k']))
+  np.testing.assert_array_equal(params['k'], m)  # W/(m + 1e-5) ≈ 0.99 → 1.
+  # The same state with ε = m: W/(m + ε) = 1/2 rounds to 0 (to even), and the update
+  # must quantize with that ε, as `ternarize` and `compressed_kernels` do.
+  state = state._replace(quantizer_eps=jnp.asarray(m, jnp.float32))
+  updates, state = tx.update({'k': jnp.zeros(4)}, state, params)
+  params = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(params['k'], 0.0)
+  np.testing.assert_array_equal(params['k'], ec2t_jax.compressed_kernels(state, params)['k'])
 
 
 def test_statistics_read_the_absmean_state():
@@ -245,6 +278,29 @@ def test_statistics_read_the_absmean_state():
   assert stats['k/w_p'] == stats['k/w_n'] == 0.5
   assert stats['k/entropy_bits'] == pytest.approx(1.5)  # P = (1/4, 1/2, 1/4).
   assert stats['num_compressed'] == 4
+
+
+def test_statistics_and_report_levels_of_bfloat16_params_are_those_in_the_params():
+  rng = np.random.default_rng(7)
+  latent = jnp.asarray(rng.standard_normal((16, 8)) * 0.1, jnp.float32)
+  params = {'k': latent.astype(jnp.bfloat16), 'b': jnp.zeros(3)}
+  tx = baselines.absmean_ternary({'k': True, 'b': False}, latent_optimizer=optax.sgd(0.1))
+  state = tx.init(params)
+  params = ec2t_jax.ternarize(params, state)
+  updates, state = tx.update(_grads(params, 0), state, params)
+  params = optax.apply_updates(params, updates)
+  assert params['k'].dtype == jnp.bfloat16
+  m = _assert_symmetric_ternary(np.asarray(params['k'], np.float32))
+  # The float32 grid gives another level: the test would not see a float32 m.
+  assert m != float(baselines.absmean_scale(_latent(state)['k']))
+  stats = ec2t_jax.summarize(state, params)
+  assert stats['k/w_p'] == stats['k/w_n'] == m
+  zeros = float(np.mean(np.asarray(params['k'], np.float32) == 0))
+  assert stats['k/sparsity'] == pytest.approx(zeros, abs=1e-7)
+  jitted = jax.jit(ec2t_jax.statistics)(state, params)
+  assert float(jitted['k/w_p']) == m
+  with pytest.raises(ValueError, match=r"opt_state holds 'k', which is not a leaf of params"):
+    ec2t_jax.statistics(state, {'b': params['b']})
 
 
 def test_bad_arguments_are_refused():
