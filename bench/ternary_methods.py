@@ -188,20 +188,29 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     log,
   )
   absmean_dir = os.path.join(workdir, 'absmean')
+  absmean_args = [
+    f'--config={config}',
+    f'--workdir={absmean_dir}',
+    '--config.method=absmean',
+    f'--config.init_from={os.path.join(sweep_dir, "fp", "fp_variables")}',
+    '--config.fp.num_epochs=0',
+    *args.override,
+  ]
+  # The sweep refuses another base config in its directory; the absmean run is checked
+  # against the arguments it was trained with, so a rerun never mixes stale results in.
+  recorded = os.path.join(workdir, 'absmean_args.json')
+  if os.path.exists(recorded):
+    with open(recorded) as f:
+      before = json.load(f)
+    if before != absmean_args:
+      raise SystemExit(
+        f'error: {absmean_dir!r} was trained with {before}, not {absmean_args}; use another '
+        '--workdir (or delete it) to compare another configuration'
+      )
   if not os.path.exists(os.path.join(absmean_dir, 'summary.json')):
-    _run(
-      [
-        sys.executable,
-        'main.py',
-        f'--config={config}',
-        f'--workdir={absmean_dir}',
-        '--config.method=absmean',
-        f'--config.init_from={os.path.join(sweep_dir, "fp", "fp_variables")}',
-        '--config.fp.num_epochs=0',
-        *args.override,
-      ],
-      log,
-    )
+    with open(recorded, 'w') as f:
+      json.dump(absmean_args, f)
+    _run([sys.executable, 'main.py', *absmean_args], log)
   rows = []
   for init_scale in scales:
     for gamma in gammas:
@@ -210,7 +219,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
       rows.append({'method': 'ec2t', 'gamma': gamma, 'init_scale': init_scale, **row})
   row = _measure(absmean_dir, os.path.join(workdir, 'absmean.ec2t'))
   rows.append({'method': 'absmean', 'gamma': '-', 'init_scale': '-', **row})
-  title = f'{args.model} on MNIST: EC2T vs absmean'
+  dataset = recipe.dataset
+  for override in args.override:
+    if override.startswith('--config.dataset='):
+      dataset = override.partition('=')[2]
+  title = f'{args.model} on {os.path.basename(dataset)}: EC2T vs absmean'
   _plot(rows, title, os.path.join(workdir, 'methods_accuracy_vs_size.png'))
   table = _table(rows)
   with open(os.path.join(workdir, 'methods.md'), 'w') as f:
