@@ -850,7 +850,7 @@ def _write_onnx(onnx_export: Any, run: Any, out: str) -> int:
       metadata={'ec2t_jax.model': info},
     )
     size = onnx_export.save(out, proto)
-  except (ValueError, NotImplementedError, OSError) as e:
+  except (ValueError, NotImplementedError, OSError, onnx_export.onnx.checker.ValidationError) as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     return 2
   tern = onnx_export.ternary_initializers(proto)
@@ -862,7 +862,11 @@ def _write_onnx(onnx_export: Any, run: Any, out: str) -> int:
     f'checkpoint {run.step}: {len(tern)} ternary kernels stored as int8, '
     f'{len(folded)} BatchNorms folded into their convolutions'
   )
-  scaling = 'on [0, 1], normalized in the graph' if run.normalization else 'as the run fed them'
+  scaling = (
+    "on [0, 1], the run's (x - mean) / std computed in the graph"
+    if run.normalization
+    else 'on [0, 1], without normalization (the checkpoint records none)'
+  )
   print(
     f'input images: float32 (batch, {shape}) {scaling}; output logits (batch, {run.num_classes})'
   )
@@ -882,7 +886,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     choices=('ec2t', 'onnx'),
     default='ec2t',
     help="ec2t: this module's file; onnx: an ONNX model with int8 ternary kernels "
-    '(docs/onnx.md; the --entropy-coding and --fp16 options do not apply)',
+    '(docs/onnx.md; --entropy-coding, --fp16 and --fp16-centroids are refused with it)',
   )
   parser.add_argument(
     '--entropy-coding',
@@ -895,6 +899,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   parser.add_argument('--best', action='store_true', help='the best-by-validation checkpoint')
   args = parser.parse_args(argv)
+  if args.format == 'onnx':
+    for flag in ('entropy_coding', 'fp16', 'fp16_centroids'):
+      if getattr(args, flag):
+        option = '--' + flag.replace('_', '-')
+        print(f'error: {option} applies to --format ec2t only, got --format onnx', file=sys.stderr)
+        return 2
   problem = cli.output_path_error('--out', args.out)
   if problem:
     print(problem, file=sys.stderr)

@@ -37,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -285,6 +286,77 @@ def _dims(a: Any, b: Any, batches: tuple[int, int]) -> tuple[int | _Batch, ...]:
   return tuple(out)
 
 
+# Equation parameters that hold shapes or slice bounds, and so may carry the batch
+# size: the translation reads them through the symbolic dims of `_dims` (or refuses
+# a batch-dependent one, as `_Translator._slice_axes` does). Every other parameter
+# must be equal in the two traces.
+_SHAPE_PARAMS = frozenset({'shape', 'new_sizes', 'start_indices', 'limit_indices', 'slice_sizes'})
+_DATA = (bool, int, float, complex, str, bytes, type(None), np.dtype, enum.Enum)
+
+
+def _short(value: Any) -> str:
+  """A value for an error message: ``2.0 (float32)``, or a few elements and the shape."""
+  arr = np.asarray(value)
+  if not arr.ndim:
+    return f'{arr.item()!r} ({arr.dtype})'
+  return f'{np.array2string(arr, threshold=6, precision=6)} ({arr.dtype}{list(arr.shape)})'
+
+
+def _same(a: Any, b: Any) -> bool:
+  """Whether two equation parameters of the twin traces are equal.
+
+  Data (numbers, strings, dtypes, enums, arrays, and tuples of them such as
+  dimension numbers) is compared; anything else (jaxprs, which `walk` opens
+  and compares itself, wrapped functions, thunks, shardings) is taken as equal.
+  """
+  if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+  if isinstance(a, (np.ndarray, np.generic)) or isinstance(b, (np.ndarray, np.generic)):
+    return np.shape(a) == np.shape(b) and np.array_equal(np.asarray(a), np.asarray(b))
+  if isinstance(a, _DATA) or isinstance(b, _DATA):
+    return type(a) is type(b) and a == b
+  return True
+
+
+def _check_twins(eqn: Any, eqn_b: Any, batches: tuple[int, int]) -> None:
+  """Raises NotImplementedError unless ``eqn_b`` (the other batch size's trace) is ``eqn``.
+
+  The primitives, literal operands and non-shape parameters must be equal: a
+  value that depends on the batch size (``x - x.mean(0)`` divides by it) would
+  otherwise be frozen at the first trace's batch.
+  """
+  name = eqn.primitive.name
+  again = 'ONNX export needs one graph for every batch size'
+  if name != eqn_b.primitive.name:
+    raise NotImplementedError(
+      f'the model traces to {name} at batch {batches[0]} and {eqn_b.primitive.name} at '
+      f'batch {batches[1]}; {again}'
+    )
+  for i, (v, w) in enumerate(zip(eqn.invars, eqn_b.invars, strict=True)):
+    lit_v, lit_w = isinstance(v, jcore.Literal), isinstance(w, jcore.Literal)
+    if lit_v != lit_w or (
+      lit_v
+      and not (
+        np.shape(v.val) == np.shape(w.val) and np.array_equal(np.asarray(v.val), np.asarray(w.val))
+      )
+    ):
+      a = _short(v.val) if lit_v else 'a computed value'
+      b = _short(w.val) if lit_w else 'a computed value'
+      raise NotImplementedError(
+        f'operand {i} of {name} depends on the batch size: {a} at batch {batches[0]}, '
+        f'{b} at batch {batches[1]} (e.g. a mean over the batch divides by it); {again}'
+      )
+  for key in sorted(set(eqn.params) | set(eqn_b.params)):
+    if key in _SHAPE_PARAMS:
+      continue
+    a, b = eqn.params.get(key), eqn_b.params.get(key)
+    if not _same(a, b):
+      raise NotImplementedError(
+        f'parameter {key!r} of {name} depends on the batch size: {a!r} at batch {batches[0]}, '
+        f'{b!r} at batch {batches[1]}; {again}'
+      )
+
+
 def _trace(fn: Callable[..., Any], input_shape: Sequence[int], leaves: Sequence[Any]):
   """``fn(x, *leaves)`` traced at the two batch sizes of `_TRACE_BATCHES`."""
   specs = [jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for v in leaves]
@@ -446,22 +518,40 @@ class _Translator:
       self.env[v] = name
       self.dims[v] = _dims(v.aval, w.aval, self.batches)
 
-  def walk(self, jaxpr: Any, twin: Any, consts: Sequence[Any] = ()) -> list[str]:
-    """Translates every equation; returns the names of the jaxpr's outputs."""
+  def walk(
+    self, jaxpr: Any, twin: Any, consts: Sequence[Any] = (), twin_consts: Sequence[Any] = ()
+  ) -> list[str]:
+    """Translates every equation; returns the names of the jaxpr's outputs.
+
+    ``twin`` is the same computation traced at the other batch size; every
+    equation must match its twin in primitive, literal operands and parameters
+    (`_check_twins`), so that the values frozen into the graph hold at any batch.
+    """
+    for i, (c, c_b) in enumerate(zip(consts, twin_consts, strict=True)):
+      if np.shape(c) == np.shape(c_b) and not np.array_equal(np.asarray(c), np.asarray(c_b)):
+        raise NotImplementedError(
+          f'constant {i} of the traced model depends on the batch size '
+          f'({_short(c)} at batch {self.batches[0]}, {_short(c_b)} at batch {self.batches[1]}); '
+          'ONNX export needs one graph for every batch size'
+        )
     for v, c in zip(jaxpr.constvars, consts, strict=True):
       self.env[v] = self.g.const(np.asarray(c))
       self.dims[v] = tuple(int(d) for d in np.shape(c))
     if len(jaxpr.eqns) != len(twin.eqns):
       raise NotImplementedError(
-        'the model traces to different computations at different batch sizes; '
+        f'the model traces to {len(jaxpr.eqns)} equations at batch {self.batches[0]} and '
+        f'{len(twin.eqns)} at batch {self.batches[1]}; '
         'ONNX export needs one graph for every batch size'
       )
     for eqn, eqn_b in zip(jaxpr.eqns, twin.eqns, strict=True):
-      if eqn.primitive.name != eqn_b.primitive.name:
-        raise NotImplementedError(
-          f'the model traces to {eqn.primitive.name} at one batch size and '
-          f'{eqn_b.primitive.name} at another; ONNX export needs one graph for every batch size'
-        )
+      _check_twins(eqn, eqn_b, self.batches)
+      for v in eqn.outvars:
+        dtype = v.aval.dtype
+        if _is_float(dtype) and np.dtype(dtype) != np.float32:
+          raise ValueError(
+            f'the model computes {eqn.primitive.name} in {dtype} '
+            f'(output {v.aval.str_short()}); {_FLOAT32_HOWTO}'
+          )
       for v, w in zip(eqn.outvars, eqn_b.outvars, strict=True):
         self.dims[v] = _dims(v.aval, w.aval, self.batches)
       body = jaxprs.call_body(eqn)
@@ -471,7 +561,7 @@ class _Translator:
         for v, w, outer in zip(inner.invars, body_b[0].invars, eqn.invars, strict=True):
           self.env[v] = self.read(outer)
           self.dims[v] = _dims(v.aval, w.aval, self.batches)
-        outs = self.walk(inner, body_b[0], consts_in)
+        outs = self.walk(inner, body_b[0], consts_in, body_b[1])
       else:
         outs = self.equation(eqn)
       for v, name in zip(eqn.outvars, outs, strict=True):
@@ -512,6 +602,10 @@ class _Translator:
     return [self.g.node('Reciprocal', [self.g.node('Sqrt', [x])])]
 
   def _erfc(self, eqn, x):
+    # ``1 - Erf(x)`` cancels for large x: erfc(3) ≈ 2.2e-5, so past x ≈ 3 it keeps only a
+    # few correct digits, and where float32 erf rounds to 1 it is 0 (erfc(5) ≈ 1.5e-12).
+    # The absolute error stays near float32's epsilon, which is what GELU's
+    # ``x·erfc(-x/√2)/2`` needs; ONNX has no Erfc operator to do better.
     one = self.g.const(np.ones((), eqn.outvars[0].aval.dtype))
     return [self.g.node('Sub', [one, self.g.node('Erf', [x])])]
 
@@ -672,12 +766,20 @@ class _Translator:
   def _slice_axes(self, eqn, x, starts, limits, steps):
     dims = self.dims_of(eqn.invars[0])
     axes, s, e, st = [], [], [], []
+    out_dims = self.dims[eqn.outvars[0]]
     for axis, (d, lo, hi, step) in enumerate(zip(dims, starts, limits, steps, strict=True)):
-      full = isinstance(d, _Batch) or hi == d
-      if lo == 0 and step == 1 and full:
-        continue
       if isinstance(d, _Batch):
-        raise NotImplementedError('slicing the batch dimension is not translated')
+        # The whole batch (the same symbol out as in) is kept as it is; any other slice of
+        # it (``x[:1]``, ``x[::2]``) would be frozen at the trace's batch size.
+        if lo == 0 and step == 1 and out_dims[axis] == d:
+          continue
+        raise NotImplementedError(
+          f'{eqn.primitive.name} of the batch dimension (axis {axis}: start {lo}, limit {hi}, '
+          f'step {step} at batch {self.batches[0]}, output {out_dims[axis]}) is not translated; '
+          'only the whole batch can be kept'
+        )
+      if lo == 0 and step == 1 and hi == d:
+        continue
       axes.append(axis)
       s.append(int(lo))
       e.append(int(hi))
@@ -859,7 +961,7 @@ def _check_ternary(flat: Mapping[str, np.ndarray], names: Any) -> list[str]:
         f'{sorted(flat)[:3]}'
       )
     value = flat[name]
-    if value.dtype.kind != 'f' or tree_util.ternary_levels(value) is None:
+    if not _is_float(value.dtype) or tree_util.ternary_levels(value) is None:
       raise ValueError(
         f'ternary leaf {name!r} does not hold the values {{-w_n, 0, +w_p}} '
         f'({value.dtype}, {np.unique(value).size} distinct values)'
@@ -868,6 +970,29 @@ def _check_ternary(flat: Mapping[str, np.ndarray], names: Any) -> list[str]:
       raise ValueError(f'ternary leaf {name!r} holds -0.0, which int8 storage would turn into +0.0')
     out.append(name)
   return out
+
+
+_FLOAT32_HOWTO = (
+  'ONNX export supports float32 computation only: export the float32 model, e.g. create it '
+  'with dtype=jnp.float32 and cast the variables with '
+  'jax.tree.map(lambda a: a.astype(jnp.float32), variables)'
+)
+
+
+def _is_float(dtype: Any) -> bool:
+  """Whether ``dtype`` is a floating type, bfloat16 and the other ml_dtypes included."""
+  return jnp.issubdtype(dtype, jnp.floating)
+
+
+def _check_float32(flat: Mapping[str, np.ndarray]) -> None:
+  bad = {name: str(v.dtype) for name, v in flat.items() if _is_float(v.dtype)}
+  bad = {name: dtype for name, dtype in bad.items() if dtype != 'float32'}
+  if bad:
+    name = sorted(bad)[0]
+    raise ValueError(
+      f'variable leaf {name!r} is {bad[name]} ({len(bad)} floating leaves are not float32); '
+      + _FLOAT32_HOWTO
+    )
 
 
 def ternary_initializers(proto: Any) -> list[str]:
@@ -925,8 +1050,11 @@ def to_onnx(
 
   Raises:
     ValueError: for an opset out of range, an input shape with a non-positive
-      dimension, or a named leaf that is missing or not ternary.
-    NotImplementedError: for a JAX primitive without a translation (named in the message).
+      dimension, a named leaf that is missing or not ternary, or a floating leaf
+      or computation that is not float32 (bfloat16, float16, float64).
+    NotImplementedError: for a JAX primitive without a translation (named in the
+      message), a slice of the batch dimension, or a computation that depends on
+      the batch size (e.g. a mean over the batch).
 
   Example:
     >>> proto = to_onnx(model, variables, (32, 32, 3))  # doctest: +SKIP
@@ -945,6 +1073,7 @@ def to_onnx(
   variables = jax.device_get(variables)
   named = tree_util.named_leaves(variables)
   flat = {name: np.asarray(value) for name, value in named}
+  _check_float32(flat)
   if ternary_leaves is None:
     from ec2t_jax import export
 
@@ -992,7 +1121,7 @@ def to_onnx(
     twin.jaxpr,
     [INPUT_NAME] + [lazy(n, v) for n, v in zip(leaf_names, leaf_values, strict=True)],
   )
-  outs = tr.walk(closed.jaxpr, twin.jaxpr, closed.consts)
+  outs = tr.walk(closed.jaxpr, twin.jaxpr, closed.consts, twin.consts)
   if len(outs) != 1:
     raise NotImplementedError(f'the model returns {len(outs)} arrays; ONNX export takes one')
   graph.nodes.append(helper.make_node('Identity', [outs[0]], [OUTPUT_NAME], name='output'))

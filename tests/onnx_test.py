@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -203,7 +204,98 @@ def test_errors_name_the_bad_value():
     onnx_export.to_onnx(Sorts(), {}, (4,))
 
 
-@pytest.mark.parametrize('opset', [onnx_export.MIN_OPSET, onnx_export.MAX_OPSET])
+class _Fn(nn.Module):
+  """``fn(x)`` as a linen module without variables."""
+
+  fn: Any
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    return self.fn(x)
+
+
+def test_computation_that_depends_on_the_batch_size_raises():
+  # The mean over the batch divides by 2 in one trace and by 3 in the other: exporting it
+  # would freeze the divisor at 2.
+  with pytest.raises(NotImplementedError, match=r'div depends on the batch size: 2\.0'):
+    onnx_export.to_onnx(_Fn(lambda x: x - x.mean(0)), {}, (4,))
+  # A mean over the features does not depend on the batch.
+  proto = onnx_export.to_onnx(_Fn(lambda x: x - x.mean(-1, keepdims=True)), {}, (4,))
+  x = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
+  np.testing.assert_allclose(
+    _session(proto).run(None, {'images': x})[0], x - x.mean(-1, keepdims=True), atol=1e-6
+  )
+
+
+@pytest.mark.parametrize(
+  'fn', [lambda x: x[:1], lambda x: x[1:], lambda x: x[::2]], ids=['head', 'tail', 'step']
+)
+def test_slicing_the_batch_raises(fn):
+  with pytest.raises(NotImplementedError, match='batch'):
+    onnx_export.to_onnx(_Fn(fn), {}, (4,))
+
+
+def test_batch_norm_folding_with_conv_bias_and_without_scale_or_bias():
+  class ConvBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = nn.Conv(6, (3, 3), use_bias=True, name='conv_a')(x)
+      x = nn.relu(nn.BatchNorm(use_running_average=not train, name='bn_a')(x))
+      x = nn.Conv(5, (3, 3), use_bias=True, name='conv_b')(x)
+      x = nn.BatchNorm(use_running_average=not train, use_scale=False, use_bias=False, name='bn_b')(
+        x
+      )
+      return nn.Dense(10, name='head')(nn.relu(x).reshape(x.shape[0], -1))
+
+  model, shape = ConvBN(), (6, 6, 2)
+  variables = jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, *shape))))
+  rng = np.random.default_rng(1)
+  stats = variables['batch_stats']
+  for name in ('bn_a', 'bn_b'):  # Running statistics far from (0, 1), set by hand.
+    n = stats[name]['mean'].shape
+    stats[name]['mean'] = rng.normal(0.5, 1.0, n).astype(np.float32)
+    stats[name]['var'] = rng.uniform(0.2, 3.0, n).astype(np.float32)
+  for name in ('conv_a', 'conv_b'):  # Non-zero conv biases.
+    bias = variables['params'][name]['bias']
+    variables['params'][name]['bias'] = rng.normal(0, 0.5, bias.shape).astype(np.float32)
+  bn = variables['params']['bn_a']
+  bn['scale'] = rng.uniform(0.5, 2.0, bn['scale'].shape).astype(np.float32)
+  bn['bias'] = rng.normal(0, 0.5, bn['bias'].shape).astype(np.float32)
+  assert 'bn_b' not in variables['params']
+
+  folds = onnx_export.folded_batch_norms(model, variables, shape)
+  assert [(f.conv, f.norm) for f in folds] == [('conv_a', 'bn_a'), ('conv_b', 'bn_b')]
+  proto = onnx_export.to_onnx(model, variables, shape)
+  assert not {n.op_type for n in proto.graph.node} & NORM_OPS
+  props = {p.key: json.loads(p.value) for p in proto.metadata_props}
+  assert props['ec2t_jax.folded_batch_norms'] == [['conv_a', 'bn_a'], ['conv_b', 'bn_b']]
+  x = np.random.default_rng(2).normal(size=(5, *shape)).astype(np.float32)
+  _compare(_session(proto).run(None, {'images': x})[0], _apply(model, variables, x))
+
+
+def test_only_float32_is_exported():
+  class Dense(nn.Module):
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dense(3, dtype=self.dtype, name='fc')(x)
+
+  variables = jax.device_get(Dense().init(jax.random.key(0), jnp.zeros((1, 4))))
+  with pytest.raises(ValueError, match=r'computes \w+ in bfloat16.*dtype=jnp\.float32'):
+    onnx_export.to_onnx(Dense(dtype=jnp.bfloat16), variables, (4,))
+  half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), variables)
+  with pytest.raises(ValueError, match=r"'params/fc/bias' is bfloat16 \(2 floating leaves"):
+    onnx_export.to_onnx(Dense(), half, (4,))
+  # The remedy the message gives exports.
+  back = jax.tree.map(lambda a: a.astype(jnp.float32), half)
+  proto = onnx_export.to_onnx(Dense(dtype=jnp.float32), back, (4,))
+  x = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
+  _compare(_session(proto).run(None, {'images': x})[0], _apply(Dense(), back, x))
+
+
+@pytest.mark.parametrize('opset', range(onnx_export.MIN_OPSET, onnx_export.MAX_OPSET + 1))
 def test_opsets(opset):
   model, variables = _build('tiny_vit', (16, 16, 3))
   proto = onnx_export.to_onnx(model, variables, (16, 16, 3), opset=opset)
@@ -237,6 +329,28 @@ def test_cli_exports_a_trained_workdir(trained_workdir, tmp_path, capsys):
   _compare(got, _apply(run.model, run.variables, (x - mean) / std))
 
 
+@pytest.mark.parametrize('flag', ['--entropy-coding', '--fp16', '--fp16-centroids'])
+def test_cli_refuses_ec2t_only_flags_with_onnx(flag, tmp_path, capsys):
+  out = str(tmp_path / 'net.onnx')
+  assert export.main(['--workdir', str(tmp_path), '--format', 'onnx', '--out', out, flag]) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and f'error: {flag} applies to --format ec2t only' in err
+  assert not os.path.exists(out)
+
+
+def test_cli_reports_an_invalid_model_in_one_line(trained_workdir, tmp_path, capsys, monkeypatch):
+  import onnx
+
+  def invalid(*args, **kwargs):
+    raise onnx.checker.ValidationError('Field "shape" of "type" is required\nbut not set')
+
+  monkeypatch.setattr(onnx_export, 'to_onnx', invalid)
+  out = str(tmp_path / 'net.onnx')
+  assert export.main(['--workdir', trained_workdir, '--format', 'onnx', '--out', out]) == 2
+  err = capsys.readouterr().err
+  assert err == 'error: Field "shape" of "type" is required but not set\n'
+
+
 def test_cli_without_onnx_says_which_extra(monkeypatch, tmp_path, capsys):
   import ec2t_jax
 
@@ -248,11 +362,8 @@ def test_cli_without_onnx_says_which_extra(monkeypatch, tmp_path, capsys):
   assert err.count('\n') == 1 and "pip install 'ec2t_jax[onnx]'" in err
 
 
-def test_zoo_vit_if_registered():
-  try:
-    model = models.create('vit_tiny', num_classes=10)
-  except ValueError:
-    pytest.skip('no vit_tiny in this checkout')
+def test_zoo_vit():
+  model = models.create('vit_tiny', num_classes=10)
   variables = _variables(model, (28, 28, 1), _middle)
   proto = onnx_export.to_onnx(model, variables, (28, 28, 1))
   assert onnx_export.ternary_initializers(proto) == sorted(export.ternary_leaves(variables))
