@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from ec2t_jax import masks, models, tree_util
 from ec2t_jax.configs import mnist
@@ -158,12 +159,92 @@ def test_dropout_draws_from_the_dropout_rng_in_training_only():
   np.testing.assert_array_equal(no_dropout.apply(variables, x, train=True), reference)
 
 
+def _randomized(params, seed):
+  """`params` with every leaf redrawn from N(0, 0.3²) (biases nonzero, unlike at init)."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten(
+    [0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+  )
+
+
+@pytest.mark.parametrize('num_heads, width, tokens', [(4, 32, 9), (1, 8, 5), (3, 24, 16)])
+def test_self_attention_equals_flax_multi_head_attention(num_heads, width, tokens):
+  attn = vit.SelfAttention(
+    num_heads,
+    dense=nn.Dense,
+    dropout=functools.partial(nn.Dropout, rate=0.0, deterministic=True),
+  )
+  x = _images((tokens, width), batch=2, seed=3)
+  params = _randomized(attn.init(jax.random.key(0), x)['params'], seed=1)
+  h, c = num_heads, width // num_heads
+  # The same weights in flax's per-head layout: (D, D) -> (D, H, D/H) for the
+  # projections to the heads, (D, D) -> (H, D/H, D) for `out`; feature j of the
+  # concatenated heads is head j // (D/H), channel j % (D/H).
+  reference = {
+    name: {
+      'kernel': params[name]['kernel'].reshape(width, h, c),
+      'bias': params[name]['bias'].reshape(h, c),
+    }
+    for name in ('query', 'key', 'value')
+  }
+  reference['out'] = {
+    'kernel': params['out']['kernel'].reshape(h, c, width),
+    'bias': params['out']['bias'],
+  }
+  mha = nn.MultiHeadDotProductAttention(
+    num_heads=h, qkv_features=width, out_features=width, deterministic=True
+  )
+  expected_shapes = jax.tree.map(jnp.shape, mha.init(jax.random.key(0), x)['params'])
+  assert jax.tree.map(jnp.shape, reference) == expected_shapes
+  got = jax.jit(attn.apply)({'params': params}, x)
+  want = jax.jit(mha.apply)({'params': reference}, x)
+  assert got.shape == (2, tokens, width)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  # A swapped softmax axis or mixed-up heads would be far off (guards the check itself).
+  assert np.max(np.abs(np.asarray(got) - np.asarray(x))) > 1e-2
+
+
+@pytest.mark.parametrize('shape, patch_size', [((28, 28, 1), 7), ((32, 32, 3), 4), ((8, 12, 2), 2)])
+def test_patch_embed_is_the_documented_strided_convolution(shape, patch_size):
+  model = models.create('vit_tiny', num_classes=10, patch_size=patch_size, width=16, depth=1)
+  x = _images(shape, batch=2, seed=5)
+  params = _randomized(jax.jit(model.init)(jax.random.key(0), x)['params'], seed=2)
+  _, state = model.apply(
+    {'params': params},
+    x,
+    capture_intermediates=lambda module, _: module.name == 'patch_embed',
+    mutable=['intermediates'],
+  )
+  (tokens,) = state['intermediates']['patch_embed']['__call__']
+  p, (h, w, ch) = patch_size, shape
+  kernel = params['patch_embed']['kernel'].reshape(p, p, ch, 16)  # HWIO.
+  conv = jax.lax.conv_general_dilated(
+    x,
+    kernel,
+    window_strides=(p, p),
+    padding='VALID',
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    precision=jax.lax.Precision.HIGHEST,
+  )
+  conv = conv + params['patch_embed']['bias']
+  assert conv.shape == (2, h // p, w // p, 16)
+  # Tokens in row-major patch order: token i·(W/p) + j is the patch at row i, column j.
+  np.testing.assert_allclose(tokens, conv.reshape(2, -1, 16), rtol=1e-5, atol=1e-5)
+
+
 def test_bad_shapes_are_refused():
   model = models.create('vit_tiny', num_classes=10)
   with pytest.raises(ValueError, match=r'patch_size 7 .* got an image of 32x32'):
     _abstract(model, (32, 32, 3))
   with pytest.raises(ValueError, match=r'num_heads 5 must divide width 64; valid: \[1, 2, 4'):
     _abstract(models.create('vit_tiny', num_classes=10, num_heads=5), (28, 28, 1))
+  for bad in (0, -4):
+    with pytest.raises(ValueError, match=rf'num_heads {bad} must divide width 64; valid: \[1, 2'):
+      _abstract(models.create('vit_tiny', num_classes=10, num_heads=bad), (28, 28, 1))
+    attn = vit.SelfAttention(bad, dense=nn.Dense, dropout=nn.Dropout)
+    with pytest.raises(ValueError, match=rf'num_heads {bad} must divide the token width 8; valid'):
+      attn.init(jax.random.key(0), jnp.zeros((1, 3, 8)))
   # The position table has the size of the images it was initialised on.
   model, variables = _mnist_vit()
   with pytest.raises(Exception, match=r'pos_embedding.*\(1, 25, 64\).*\(1, 16, 64\)'):

@@ -28,8 +28,12 @@ primitives only: ``dot_general``, ``add``, ``sub``, ``mul``, ``div``, ``neg``,
 ``max``, ``square``, ``exp``, ``erfc`` (the exact GELU is
 ``x·erfc(-x/√2)/2``), ``rsqrt``, ``reduce_max``, ``reduce_sum``, ``reshape``,
 ``transpose``, ``broadcast_in_dim``, ``stop_gradient`` and ``copy`` (plus
-``convert_element_type`` with another ``dtype``). Dropout (``dropout_rate``, default 0)
-draws from the ``'dropout'`` rng, after the attention and in the MLP.
+``convert_element_type`` with another ``dtype``); that is the network in
+evaluation (``train=False``), where dropout is the identity. Dropout
+(``dropout_rate``, default 0; training only) draws from the ``'dropout'`` rng
+at four places: on the tokens after the position embedding is added, after
+each block's attention (its ``out`` projection), and in each MLP after the
+GELU and after ``fc2``.
 
 Parameter count, with ``D = width``, ``M = mlp_ratio·D``, ``P = p·p·C``::
 
@@ -79,7 +83,7 @@ class SelfAttention(nn.Module):
   attention weights are computed in float32 whatever the computation dtype.
 
   Attributes:
-    num_heads: number of heads; must divide the token width.
+    num_heads: number of heads; a positive divisor of the token width.
     dense: the network's Dense layer (dtypes and initialisers set).
     dropout: the network's Dropout (rate and train/eval mode set).
   """
@@ -97,8 +101,16 @@ class SelfAttention(nn.Module):
 
     Returns:
       Tokens, shape ``(N, T, D)``.
+
+    Raises:
+      ValueError: if ``num_heads`` is not a positive divisor of ``D``.
     """
     n, t, d = x.shape
+    if self.num_heads <= 0 or d % self.num_heads:
+      raise ValueError(
+        f'num_heads {self.num_heads} must divide the token width {d}; valid: '
+        f'{[k for k in range(1, d + 1) if d % k == 0]}'
+      )
     head_dim = d // self.num_heads
 
     def heads(y):  # (N, T, D) -> (N, H, T, D/H)
@@ -188,9 +200,10 @@ class ViT(nn.Module):
     patch_size: side of the square patches; must divide the image's height and width.
     width: token width ``D``.
     depth: number of encoder blocks.
-    num_heads: attention heads per block; must divide ``width``.
+    num_heads: attention heads per block; a positive divisor of ``width``.
     mlp_ratio: the MLP's hidden width is ``mlp_ratio · width``.
-    dropout_rate: dropout after the attention and in the MLP (training only).
+    dropout_rate: dropout after the position embedding, after each attention and
+      in each MLP (training only; see the module docstring).
     dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay ``param_dtype``.
     param_dtype: parameter dtype.
 
@@ -223,7 +236,7 @@ class ViT(nn.Module):
         f'patch_size {p} must be positive and divide the image height and width, '
         f'got an image of {h}x{w}'
       )
-    if self.width % self.num_heads:
+    if self.num_heads <= 0 or self.width % self.num_heads:
       raise ValueError(
         f'num_heads {self.num_heads} must divide width {self.width}; valid: '
         f'{[k for k in range(1, self.width + 1) if self.width % k == 0]}'
@@ -242,7 +255,7 @@ class ViT(nn.Module):
 
     Raises:
       ValueError: if the image sides are not multiples of ``patch_size``, or
-        ``num_heads`` does not divide ``width``.
+        ``num_heads`` is not a positive divisor of ``width``.
     """
     self._check(x.shape)
     dense = layers.with_dtypes(self, nn.Dense, kernel_init=_dense_init)
