@@ -638,7 +638,7 @@ class TrainMetrics:
       lr = state_lib.learning_rate_schedule(p.settings, p.num_steps)
       scalars['train/learning_rate'] = float(lr(step - self._schedule.group_start(stage.group)))
     else:
-      stats = jax.device_get(self._statistics(state.opt_state))
+      stats = jax.device_get(self._statistics(state.opt_state, state.params))
       scalars.update({f'ec2t/{k}': float(v) for k, v in stats.items()})
     self._writer.write_scalars(step, scalars)
     logging.info(
@@ -943,7 +943,7 @@ def _train(config, workdir, mesh, data, setup, preemption, start_time) -> dict[s
     summary.update(
       {
         f'ec2t/{k}': float(v)
-        for k, v in jax.device_get(p_statistics(state.opt_state)).items()
+        for k, v in jax.device_get(p_statistics(state.opt_state, state.params)).items()
         if '/' not in k
       }
     )
