@@ -961,7 +961,7 @@ def _check_ternary(flat: Mapping[str, np.ndarray], names: Any) -> list[str]:
         f'{sorted(flat)[:3]}'
       )
     value = flat[name]
-    if not _is_float(value.dtype) or tree_util.ternary_levels(value) is None:
+    if tree_util.ternary_levels(value) is None:  # Also None for a non-floating leaf.
       raise ValueError(
         f'ternary leaf {name!r} does not hold the values {{-w_n, 0, +w_p}} '
         f'({value.dtype}, {np.unique(value).size} distinct values)'

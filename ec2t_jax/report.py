@@ -182,8 +182,17 @@ def _label(workdir: str, taken: set[str]) -> str:
   return label
 
 
+def _symbol_entropy(assignment: np.ndarray) -> tuple[np.ndarray, float]:
+  """The symbols' empirical probabilities and their entropy in bits (float64, as exported)."""
+  from ec2t_jax import ternary
+
+  p = np.bincount(assignment.astype(np.int64), minlength=3) / max(assignment.size, 1)
+  with jax.enable_x64(True):
+    return p, float(ternary.entropy_bits(p))
+
+
 def _layer_states(run: Any) -> list[LayerState]:
-  from ec2t_jax import baselines, masks, state_utils, ternary, transforms, tree_util
+  from ec2t_jax import baselines, masks, state_utils, transforms, tree_util
 
   x = jax.ShapeDtypeStruct((1, *run.image_shape), jnp.float32)
   order = masks.call_order(run.model, x, train=False)
@@ -199,9 +208,7 @@ def _layer_states(run: Any) -> list[LayerState]:
     lam = dict(tree_util.named_leaves(state.lam))
     for name, a in tree_util.named_leaves(state.assignment):
       a = np.asarray(a).ravel()
-      p = np.bincount(a.astype(np.int64), minlength=3) / max(a.size, 1)
-      with jax.enable_x64(True):  # The entropy of p in float64, as exported.
-        entropy = float(ternary.entropy_bits(p))
+      _, entropy = _symbol_entropy(a)
       out.append(
         LayerState(
           name=name,
@@ -217,14 +224,12 @@ def _layer_states(run: Any) -> list[LayerState]:
         )
       )
   # The absmean baseline: levels ±m, no λ; m on the grid of the params leaf's dtype.
-  dtypes = {n: jnp.asarray(x).dtype for n, x in tree_util.named_leaves(run.variables['params'])}
+  dtypes = tree_util.leaf_dtypes(run.variables['params'])
   for state in baselines.states(run.opt_state):
     for name, w in tree_util.named_leaves(state.latent, skip_masked=True):
       dtype = dtypes.get(name, jnp.float32)
       a = np.asarray(baselines.absmean_assignment(w, state.quantizer_eps, dtype)).ravel()
-      p = np.bincount(a.astype(np.int64), minlength=3) / max(a.size, 1)
-      with jax.enable_x64(True):
-        entropy = float(ternary.entropy_bits(p))
+      p, entropy = _symbol_entropy(a)
       m = float(baselines.absmean_scale(w, dtype))
       out.append(
         LayerState(

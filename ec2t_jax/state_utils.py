@@ -27,7 +27,7 @@ def compressed_kernels(opt_state: optax.OptState, params: optax.Params) -> dict[
   EC2T and ECP leaves from their assignment and centroids; leaves of the absmean
   baseline as `baselines.absmean_quantize` of their latent weights.
   """
-  dtypes = {name: jnp.asarray(leaf).dtype for name, leaf in tree_util.named_leaves(params)}
+  dtypes = tree_util.leaf_dtypes(params)
   out = {}
   for state in baselines.states(opt_state):
     for name, w in tree_util.flat_dict(state.latent, skip_masked=True).items():
@@ -100,9 +100,7 @@ def statistics(
   Raises:
     ValueError: if `opt_state` holds a leaf that `params` lacks.
   """
-  dtypes = {}
-  if params is not None:
-    dtypes = {name: jnp.asarray(leaf).dtype for name, leaf in tree_util.named_leaves(params)}
+  dtypes = {} if params is None else tree_util.leaf_dtypes(params)
   out = {}
   zeros = jnp.zeros((), jnp.float32)
   total = 0

@@ -232,7 +232,9 @@ def point_config(
     >>> c.ec2t.gamma, c.ec2t.init_scale, c.fp.num_epochs, c.init_from
     (0.3, 0.5, 0, '/sweep/fp/fp_variables')
   """
-  if (config.get('method') or 'ec2t') != 'ec2t':
+  from ec2t_jax.training import state as state_lib  # Local: the trainer's imports are heavy.
+
+  if state_lib.check_method(config) != state_lib.EC2T_METHOD:
     raise ValueError(
       f'config.method={config.method!r} has no γ or s to sweep; the sweep varies EC2T '
       "(config.method='ec2t'); train the baseline once with main.py instead"

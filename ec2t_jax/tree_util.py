@@ -20,11 +20,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 __all__ = [
   'flat_dict',
+  'leaf_dtypes',
   'is_masked',
   'magnitude_prune',
   'is_ternary',
@@ -77,6 +79,11 @@ def named_leaves(tree: Any, *, skip_masked: bool = False) -> list[tuple[str, Any
   is_leaf = is_masked if skip_masked else None
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
   return [(path_str(p), leaf) for p, leaf in flat if not (skip_masked and is_masked(leaf))]
+
+
+def leaf_dtypes(tree: Any) -> dict[str, Any]:
+  """`{path: dtype}` of every leaf of `tree` (arrays or scalars), keyed as `named_leaves`."""
+  return {name: jnp.asarray(leaf).dtype for name, leaf in named_leaves(tree)}
 
 
 def flat_dict(tree: Any, *, skip_masked: bool = False) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from conftest import counting_jit
 
 import ec2t_jax
 from ec2t_jax import baselines, export, tree_util
@@ -171,24 +172,13 @@ def test_first_update_from_full_precision_params_is_ternary():
     np.testing.assert_array_equal(params[k], baselines.absmean_quantize(_latent(state)[k]))
 
 
-def _counting_jit(tx):
-  traces = []
-
-  @jax.jit
-  def update(g, s, p):
-    traces.append(1)
-    return tx.update(g, s, p)
-
-  return update, traces
-
-
 def test_contract_jit_compiles_once_and_preserves_dtype():
   params = _weights()
   params['half'] = jnp.asarray(_weights(3)['dense'], jnp.bfloat16)
   tx = baselines.absmean_ternary(lambda p: {k: k != 'bias' for k in p})
   state = tx.init(params)
   params = ec2t_jax.ternarize(params, state)
-  update, traces = _counting_jit(tx)
+  update, traces = counting_jit(tx)
   for i in range(3):
     updates, state = update(_grads(params, i), state, params)
     params = optax.apply_updates(params, updates)

@@ -33,6 +33,19 @@ import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
+def counting_jit(tx):
+  """`tx.update` under `jax.jit`, and the list that grows by one per trace."""
+  traces = []
+
+  @jax.jit
+  def update(g, s, p):
+    traces.append(1)
+    return tx.update(g, s, p)
+
+  return update, traces
+
+
 # configs/mnist.py:smoke made smaller: 3 steps per epoch, one epoch per stage.
 TINY_OVERRIDES = {
   'steps_per_epoch': 3,

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import counting_jit
 from flax import linen as nn
 
 import ec2t_jax
@@ -218,24 +219,12 @@ def _grads(params, seed):
   return jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape) * 0.05, p.dtype), params)
 
 
-def _counting_jit(tx):
-  """`tx.update` under `jax.jit`, and the list that grows by one per trace."""
-  traces = []
-
-  @jax.jit
-  def update(g, s, p):
-    traces.append(1)
-    return tx.update(g, s, p)
-
-  return update, traces
-
-
 @pytest.mark.parametrize('name', list(FACTORIES))
 def test_contract_jit_compiles_once_and_preserves_dtype(name):
   tx = FACTORIES[name]()
   params = {k: jnp.asarray(v) for k, v in _weights().items()}
   params['half'] = jnp.asarray(_weights(3)['small'], jnp.bfloat16)
-  update, traces = _counting_jit(tx)
+  update, traces = counting_jit(tx)
   state = tx.init(params)
   for i in range(3):
     updates, state = update(_grads(params, i), state, params)
@@ -281,7 +270,7 @@ def test_contract_inject_hyperparams_identical_and_schedulable():
   sched = optax.inject_hyperparams(ec2t_jax.ec2t, static_args=('ternary_mask',))(
     _all_true, gamma=optax.linear_schedule(0.0, 2.0, 10)
   )
-  upd, traces = _counting_jit(sched)
+  upd, traces = counting_jit(sched)
   s3 = sched.init(params)
   p3 = ec2t_jax.ternarize(params, s3)
   for i in range(6):

@@ -57,14 +57,26 @@ EC2T_METHOD, ABSMEAN_METHOD = 'ec2t', 'absmean'
 METHODS = (EC2T_METHOD, ABSMEAN_METHOD)
 
 
-def check_method(config: ml_collections.ConfigDict) -> str:
-  """`config.method` ('ec2t' when a config has none), refused unless it is one of `METHODS`."""
-  method = config.get('method') or EC2T_METHOD
+def _check_method_name(method: str) -> str:
+  """`method`, refused with a `ValueError` unless it is one of `METHODS`."""
   if method not in METHODS:
     raise ValueError(
       f'unknown config.method {method!r}; valid: {", ".join(repr(m) for m in METHODS)}'
     )
   return method
+
+
+def check_method(config: ml_collections.ConfigDict) -> str:
+  """`config.method` ('ec2t' when a config has none), refused unless it is one of `METHODS`."""
+  return _check_method_name(config.get('method') or EC2T_METHOD)
+
+
+def _absmean_cannot_prune(prune_pattern: str) -> ValueError:
+  """The error for a prune pattern with `config.method='absmean'`."""
+  return ValueError(
+    f"config.method='absmean' ternarizes only; it cannot prune (prune_pattern="
+    f"{prune_pattern!r}): use config.method='ec2t' or prune_pattern=''"
+  )
 
 
 class TrainState(train_state.TrainState):
@@ -229,21 +241,14 @@ def create_ec2t_optimizer(
   Raises:
     ValueError: for an unknown `method`, or a `prune_mask` with `'absmean'`.
   """
-  if method == ABSMEAN_METHOD:
+  if _check_method_name(method) == ABSMEAN_METHOD:
     if prune_mask is not None:
-      raise ValueError(
-        "config.method='absmean' ternarizes only; it cannot prune (prune_pattern="
-        f"{cfg.get('prune_pattern')!r}): use config.method='ec2t' or prune_pattern=''"
-      )
+      raise _absmean_cannot_prune(cfg.get('prune_pattern'))
     return ec2t_jax.baselines.absmean_ternary(
       ternary_mask,
       latent_optimizer=optax.adam(cfg.latent_learning_rate),
       fp_optimizer=ec2t_jax.default_fp_optimizer(cfg.learning_rate, cfg.weight_decay),
       fixed_mask=fixed_mask,
-    )
-  if method != EC2T_METHOD:
-    raise ValueError(
-      f'unknown config.method {method!r}; valid: {", ".join(repr(m) for m in METHODS)}'
     )
   return ec2t_jax.ec2t(
     ternary_mask,
@@ -415,10 +420,7 @@ def _create_pass(
       "such stage: use kinds 'fp', 'ec2t' and 'frozen', or config.method='ec2t'"
     )
   if method == ABSMEAN_METHOD and settings.get('prune_pattern'):
-    raise ValueError(
-      f"config.method='absmean' ternarizes only; it cannot prune (prune_pattern="
-      f"{settings.prune_pattern!r}): use config.method='ec2t' or prune_pattern=''"
-    )
+    raise _absmean_cannot_prune(settings.prune_pattern)
   if kind == schedule_lib.FP:
     fixed = jax.tree.map(lambda f, c: f or c, fixed, compressed)
     tx = create_fp_optimizer(settings, num_steps)
