@@ -26,6 +26,10 @@ class _QuietLibraries(logging.Filter):
   def filter(self, record):
     """Keeps warnings and errors, and INFO records of everything but the noisy libraries."""
     noisy = ('/orbax/', '/tensorflow_datasets/', '/grain/', 'xla_bridge.py')
+    if '/tensorflow_datasets/' in record.pathname and record.getMessage().endswith(
+      'has no dataset_info.json'
+    ):
+      return False  # tfds probing a dataset that is not prepared; the error says so.
     return record.levelno > logging.INFO or not any(n in record.pathname for n in noisy)
 
 
@@ -121,6 +125,10 @@ def run_command(argv: Sequence[str], action, *, interrupted: str) -> None:
   ) as e:
     # One line that names the problem and the fix; no traceback for bad input.
     sys.exit('error: ' + ' '.join(str(e).split()))
+  except ImportError as e:  # An optional extra (torch for a .pt init_from, ...) is missing.
+    if (getattr(e, 'name', None) or '').startswith('ec2t_jax'):
+      raise
+    sys.exit('error: ' + ' '.join(str(e).split()))
   except KeyboardInterrupt:  # A second Ctrl-C: the first one's checkpoint may be incomplete.
     print(f'interrupted; {interrupted}', file=sys.stderr)
     sys.exit(130)
@@ -150,6 +158,13 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    missing = [n for n in ('config', 'workdir') if f'Flag --{n} must have a value' in str(e)]
+    if missing:
+      sys.exit(
+        f'error: {" and ".join("--" + n for n in missing)} must be given, e.g. '
+        f'{os.path.basename(argv[0]) if argv else "main.py"} --config=mnist:smoke '
+        '--workdir=/tmp/ec2t_mnist (--help lists the flags)'
+      )
     message = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').replace("'", '').split())
     if any(arg.startswith('--config.model_kwargs.') for arg in argv):
       message += (

@@ -166,3 +166,48 @@ def test_program_refuses_a_config_that_is_neither_a_file_nor_a_recipe(tmp_path):
     "error: no config file 'nope', and it names no packaged recipe "
     '(mnist, cifar10, cifar100, imagenet, default; e.g. --config=mnist:smoke)'
   )
+
+
+def test_the_training_extra_brings_what_the_compilation_cache_needs():
+  """JAX's persistent cache reads and sizes its entries under filelock; [train] installs it."""
+  from importlib import metadata
+
+  train = [r for r in metadata.requires('ec2t_jax') or [] if 'extra == "train"' in r]
+  assert any(r.startswith('filelock') for r in train), train
+
+
+@pytest.mark.slow
+def test_a_second_run_reads_the_compilation_cache(tmp_path):
+  """Two smoke runs on one cache: the first writes entries, the second only reads them."""
+  cache = tmp_path / 'cache'
+  flags = [
+    '--config=configs/mnist.py:smoke',
+    f'--config.compilation_cache_dir={cache}',
+  ]
+  # As a user runs it: without the suite's own cache and compiler settings (conftest.py).
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(('JAX_COMPILATION_CACHE', 'JAX_PERSISTENT_CACHE', 'JAX_DISABLE_MOST'))
+    and k not in ('XLA_FLAGS', 'PYTHONPATH')
+  }
+  runs = []
+  for name in ('a', 'b'):
+    proc = subprocess.run(
+      [sys.executable, 'main.py', *flags, f'--workdir={tmp_path / name}'],
+      cwd=REPO,
+      # Every compilation stored (not only those of a second or more, which a busy machine
+      # may or may not reach): the second run must find each one.
+      env={**env, 'JAX_PLATFORMS': 'cpu', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'},
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'compilation cache' not in proc.stderr.replace('persistent compilation cache:', ''), (
+      proc.stderr[-3000:]
+    )
+    runs.append(sorted(p.name for p in cache.iterdir()))
+  assert runs[0], 'the first run wrote no cache entry'
+  new = sorted(set(runs[1]) - set(runs[0]))
+  assert not new, f'the second run compiled {len(new)} programs again'

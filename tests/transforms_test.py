@@ -61,8 +61,8 @@ def test_matches_numpy_reference_for_220_steps(parity):
       np.testing.assert_array_equal(state.assignment[k], ref.a[k], err_msg=f'{k} step {step}')
   for k in SHAPES:
     np.testing.assert_allclose(state.latent[k], ref.latent[k], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(state.centroids[k], ref.c[k], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(params[k]), ref.kernels()[k], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(state.centroids[k], ref.c[k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(params[k]), ref.kernels()[k], rtol=1e-5, atol=1e-6)
   _assert_exactly_ternary(params, opt_state)
 
 
@@ -200,7 +200,7 @@ def test_reset_at_step_restarts_inner_state():
     u, st = tx.update(jnp.ones(3), st, params)
     updates.append(u)
   # Adam's first update is -lr·sign(g); after the reset at step 2 it is the first again.
-  np.testing.assert_allclose(updates[2], updates[0])
+  np.testing.assert_allclose(updates[2], updates[0], rtol=1e-6)
   assert int(st.inner_state[0].count) == 2
 
 
@@ -479,7 +479,7 @@ def test_grouped_layers_match_layer_by_layer():
   for field in ('latent', 'centroids', 'centroid_latent', 'pmf', 'lam'):
     for k in shapes:
       np.testing.assert_allclose(
-        getattr(grouped, field)[k], getattr(single, field)[k], rtol=1e-5, atol=1e-7
+        getattr(grouped, field)[k], getattr(single, field)[k], rtol=1e-5, atol=1e-6
       )
   # Three shapes: the grouped update traces far fewer operations than six leaves one by one.
   assert runs[True][2] < 0.75 * runs[False][2], (runs[True][2], runs[False][2])

@@ -502,19 +502,22 @@ def prepare_command(name: str | DatasetSpec, data_dir: str | os.PathLike | None 
 
 
 def _not_prepared_message(spec: DatasetSpec, data_dir: str) -> str:
-  lines = [
+  """Why `spec` cannot be read and how to prepare it, as sentences (shown joined on one line)."""
+  sentences = [
     f'dataset {spec.name!r} (tfds {spec.tfds_name!r}) is not prepared in array_record '
-    f'format under {data_dir}. Prepare it once (needs `pip install tensorflow '
-    f'tensorflow-datasets`, e.g. in a separate environment) with:',
-    f'  {prepare_command(spec, data_dir)}',
+    f'format under {data_dir}.',
   ]
   if spec.tfds_name == 'imagenet2012':
-    lines.append(
-      'ImageNet is not downloadable: first place ILSVRC2012_img_train.tar and '
+    sentences.append(
+      'ImageNet cannot be downloaded by tfds: first place ILSVRC2012_img_train.tar and '
       f'ILSVRC2012_img_val.tar in {os.path.join(data_dir, "downloads", "manual")}.'
     )
-  lines.append('Or pass data_dir=... / set TFDS_DATA_DIR to where it is prepared.')
-  return '\n'.join(lines)
+  sentences += [
+    f'Prepare it once with `{prepare_command(spec, data_dir)}` (tfds build needs '
+    '`pip install tensorflow-cpu tensorflow-datasets`, e.g. in a separate environment).',
+    'Or set --config.data_dir (or $TFDS_DATA_DIR) to where it is prepared.',
+  ]
+  return '\n'.join(sentences)
 
 
 class InMemorySource:

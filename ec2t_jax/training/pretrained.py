@@ -254,7 +254,7 @@ def grow_from_pretrained(
   _check_families(config, base, model)
   try:
     base_variables = state_lib.load_init_from(
-      base_config, _abstract_variables(base, tuple(image_shape))
+      base_config, _abstract_variables(base, tuple(image_shape)), num_classes=num_classes
     )
   except ValueError as e:
     raise ValueError(f'{e} (read as the base network {_label(config, base, base=True)})') from e

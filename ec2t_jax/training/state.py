@@ -288,8 +288,18 @@ def _check_variables(loaded: Any, expected: Any, source: str) -> None:
     )
 
 
-def load_init_from(config: ml_collections.ConfigDict, expected: dict[str, Any]) -> dict[str, Any]:
+def load_init_from(
+  config: ml_collections.ConfigDict, expected: dict[str, Any], *, num_classes: int | None = None
+) -> dict[str, Any]:
   """Pretrained variables from `config.init_from` (orbax directory or PyTorch file).
+
+  Args:
+    config: the run's config (`init_from`, `model`, `model_kwargs`).
+    expected: the model's fresh variables (or their shapes): the structure,
+      shapes and dtypes the loaded ones must have.
+    num_classes: the classifier's outputs, as the run resolved them (the
+      dataset's when `config.num_classes` is 0); defaults to
+      `config.num_classes`.
 
   Raises:
     ValueError: naming `config.init_from` for a file or directory that cannot
@@ -303,7 +313,8 @@ def load_init_from(config: ml_collections.ConfigDict, expected: dict[str, Any]) 
       from ec2t_jax.models import pytorch  # Local: torch is optional.
 
       kwargs = dict(config.get('model_kwargs') or {})
-      loaded = pytorch.from_pytorch(source, config.model, num_classes=config.num_classes, **kwargs)
+      classes = num_classes or config.get('num_classes') or None
+      loaded = pytorch.from_pytorch(source, config.model, num_classes=classes, **kwargs)
     else:
       loaded = checkpoint_lib.load_variables(source)
   except (ValueError, TypeError) as e:
@@ -350,7 +361,7 @@ def create_setup(
       config, model=model, variables=variables, image_shape=image_shape, num_classes=num_classes
     )
   elif load_pretrained and config.init_from:
-    variables = load_init_from(config, variables)
+    variables = load_init_from(config, variables, num_classes=num_classes)
   passes = _create_passes(config, schedule, model, variables['params'], image_shape)
   ternary, prune = _final_masks(passes)
   if ternary is None:  # A full-precision-only run: the masks of config.ec2t describe it.

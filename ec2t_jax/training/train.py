@@ -62,8 +62,13 @@ class NonFiniteError(FloatingPointError):
 # --- configuration ---------------------------------------------------------------------------
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: ml_collections.ConfigDict, *, check_init_from: bool = True) -> None:
   """Refuses bad settings before anything is computed or written.
+
+  Args:
+    config: the run's config.
+    check_init_from: also refuse a recipe that needs `config.init_from` and has
+      none (`missing_init_from`).
 
   Raises:
     ValueError: naming the bad value and what would be valid.
@@ -101,18 +106,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     from ec2t_jax.training import pretrained  # Local: only runs that grow a base need it.
 
     pretrained.validate_grow_config(config)
+  problem = missing_init_from(config) if check_init_from else None
+  if problem:
+    raise ValueError(problem)
+
+
+def missing_init_from(config: ml_collections.ConfigDict) -> str | None:
+  """The error of a recipe that needs `config.init_from` and has none, else None.
+
+  A run with no full-precision stage and no `init_from` compresses a randomly
+  initialised network: refused when `config.needs_init_from` is set (the
+  ImageNet recipes), else a warning.
+  """
+  specs = schedule_lib.stage_specs(config)
   starts_fp = next((s.kind for s in specs if s.num_epochs), None) == FP
-  if not starts_fp and not config.init_from:
-    if config.get('needs_init_from'):
-      raise ValueError(
-        'this recipe compresses a pretrained network (it has no full-precision stage) but '
-        'config.init_from is empty: give --config.init_from=/path/weights (.pth/.pt or an '
-        'orbax directory), or --config.needs_init_from=False to compress a randomly '
-        'initialised network'
-      )
-    logging.warning(
-      'no full-precision stage and no config.init_from: EC2T starts from random init.'
+  if starts_fp or config.init_from:
+    return None
+  if config.get('needs_init_from'):
+    return (
+      'this recipe compresses a pretrained network (it has no full-precision stage) but '
+      'config.init_from is empty: give --config.init_from=/path/weights (.pth/.pt or an '
+      'orbax directory), or --config.needs_init_from=False to compress a randomly '
+      'initialised network'
     )
+  logging.warning('no full-precision stage and no config.init_from: EC2T starts from random init.')
+  return None
 
 
 # Settings that are counts where 0 means "no limit" (negative ones are refused).
@@ -755,7 +773,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info(
     'JAX devices: %s (process %d of %d)', check_backend(), jax.process_index(), jax.process_count()
   )
-  validate_config(config)
+  validate_config(config, check_init_from=False)
+  # Said after the data is opened, so that a missing dataset and init_from are said at once.
+  init_problem = missing_init_from(config)
   logging.info(
     'persistent compilation cache: %s',
     enable_compilation_cache(config.get('compilation_cache_dir', '')) or 'off',
@@ -763,7 +783,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Everything that can refuse the config (data, masks, init_from) runs before the
   # workdir is touched.
   mesh = create_mesh(config)
-  data = open_data(config)
+  try:
+    data = open_data(config)
+  except datasets.DatasetNotPreparedError as e:
+    if init_problem:
+      raise datasets.DatasetNotPreparedError(f'{e}\nAlso, {init_problem}.') from e
+    raise
+  if init_problem:
+    raise ValueError(init_problem)
   schedule = schedule_lib.create_schedule(config, data.steps_per_epoch)
   setup = state_lib.create_setup(
     config, schedule, num_classes=data.num_classes, image_shape=data.image_shape
