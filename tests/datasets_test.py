@@ -9,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from ec2t_jax.training import datasets
+from ec2t_jax.training.datasets import embedded
 
 MOCK = tfds.testing.MockPolicy.USE_CODE
 
@@ -46,7 +47,8 @@ def test_embedded_mnist_arrays():
 
 
 def test_embedded_mnist_hash_mismatch_is_an_error(monkeypatch):
-  monkeypatch.setattr(datasets, 'EMBEDDED_MNIST_SHA256', '0' * 64)
+  # `load_embedded_mnist` reads the constant of the module that defines it.
+  monkeypatch.setattr(embedded, 'EMBEDDED_MNIST_SHA256', '0' * 64)
   datasets.load_embedded_mnist.cache_clear()
   try:
     with pytest.raises(ValueError, match='sha256'):

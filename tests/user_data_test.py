@@ -15,6 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from ec2t_jax.training import datasets, input_pipeline, train
+from ec2t_jax.training.datasets import registry
 
 MOCK = tfds.testing.MockPolicy.USE_CODE
 CLASSES = ('circle', 'square', 'stripe')
@@ -417,8 +418,11 @@ def test_tfds_dataset_of_varying_size_under_mock_data(tmp_path, tiny_mnist):
 
 
 def test_register_a_dataset_and_a_form(monkeypatch, tmp_path):
-  monkeypatch.setattr(datasets, 'DATASETS', dict(datasets.DATASETS))
-  monkeypatch.setattr(datasets, '_FACTORIES', dict(datasets._FACTORIES))
+  # `register` and `get_spec` use the registry module's dicts; the package re-exports DATASETS.
+  registered = dict(registry.DATASETS)
+  monkeypatch.setattr(registry, 'DATASETS', registered)
+  monkeypatch.setattr(datasets, 'DATASETS', registered)
+  monkeypatch.setattr(registry, '_FACTORIES', dict(registry._FACTORIES))
   arrays = {'train': make_images(30, 8), 'test': make_images(30, 8)}
   sizes = {'train': 30, 'test': 30}
   digits = datasets.DatasetSpec('digits', None, 3, (8, 8, 1), sizes, 'test', 3, arrays=arrays)

@@ -27,7 +27,6 @@ import functools
 import logging
 import os
 import queue
-import re
 import signal
 import threading
 import time
@@ -42,10 +41,11 @@ import optax
 from jax.experimental import multihost_utils
 
 import ec2t_jax
-from ec2t_jax import models, tree_util
+from ec2t_jax import tree_util
 from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import datasets, input_pipeline, metric_writers
 from ec2t_jax.training import schedule as schedule_lib
+from ec2t_jax.training import spec as spec_lib
 from ec2t_jax.training import state as state_lib
 from ec2t_jax.training import workdir as workdir_lib
 from ec2t_jax.training.schedule import BEST, FP
@@ -63,114 +63,20 @@ class NonFiniteError(FloatingPointError):
 
 
 def validate_config(config: ml_collections.ConfigDict, *, check_init_from: bool = True) -> None:
-  """Refuses bad settings before anything is computed or written.
+  """Refuses bad settings before anything is computed or written (no data is opened).
+
+  `ec2t_jax.training.spec.parse` without its data checks: every problem is
+  reported at once.
 
   Args:
     config: the run's config.
     check_init_from: also refuse a recipe that needs `config.init_from` and has
-      none (`missing_init_from`).
+      none.
 
   Raises:
-    ValueError: naming the bad value and what would be valid.
+    ValueError: naming each bad value and what would be valid.
   """
-  models.check_name(config.model)  # Raises a ValueError naming the valid forms.
-  # Raises a ValueError listing the valid forms, or naming what is wrong with the user's data.
-  datasets.spec_for_config(config)
-  for name in ('batch_size', 'eval_batch_size', 'log_every_steps', 'checkpoint_every_steps'):
-    if config.get(name) is not None and config[name] <= 0:
-      raise ValueError(f'config.{name} must be > 0, got {config[name]}')
-  _validate_run_settings(config)
-  state_lib.check_method(config)
-  n = config.get('num_devices') or jax.device_count()
-  if config.batch_size % n:
-    raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the {n} devices')
-  for stage in ('fp', 'ec2t'):
-    for key in ('num_epochs', 'frozen_epochs'):
-      value = config[stage].get(key)
-      if value is not None and value < 0:
-        raise ValueError(f'config.{stage}.{key} must be >= 0, got {value}')
-    for key in ('learning_rate', 'latent_learning_rate', 'centroid_learning_rate'):
-      value = config[stage].get(key)
-      if value is not None and value <= 0:
-        raise ValueError(f'config.{stage}.{key} must be > 0, got {value}')
-  specs = schedule_lib.stage_specs(config)  # Raises a one-line ValueError naming the stage.
-  if any(s.start_from == BEST for s in specs) and config.get('validation_size') == 0:
-    best = next(s.name for s in specs if s.start_from == BEST)
-    raise ValueError(
-      f"stage {best!r} starts from the best-by-validation checkpoint (start_from='best') but "
-      'config.validation_size=0 holds out no validation data; set config.validation_size > 0 '
-      "(or -1 for the dataset's default), or start_from='last'"
-    )
-  grow = config.get('grow') or {}
-  if grow.get('base_model'):
-    from ec2t_jax.training import pretrained  # Local: only runs that grow a base need it.
-
-    pretrained.validate_grow_config(config)
-  problem = missing_init_from(config) if check_init_from else None
-  if problem:
-    raise ValueError(problem)
-
-
-def missing_init_from(config: ml_collections.ConfigDict) -> str | None:
-  """The error of a recipe that needs `config.init_from` and has none, else None.
-
-  A run with no full-precision stage and no `init_from` compresses a randomly
-  initialised network: refused when `config.needs_init_from` is set (the
-  ImageNet recipes), else a warning.
-  """
-  specs = schedule_lib.stage_specs(config)
-  starts_fp = next((s.kind for s in specs if s.num_epochs), None) == FP
-  if starts_fp or config.init_from:
-    return None
-  if config.get('needs_init_from'):
-    return (
-      'this recipe compresses a pretrained network (it has no full-precision stage) but '
-      'config.init_from is empty: give --config.init_from=/path/weights (.pth/.pt or an '
-      'orbax directory), or --config.needs_init_from=False to compress a randomly '
-      'initialised network'
-    )
-  logging.warning('no full-precision stage and no config.init_from: EC2T starts from random init.')
-  return None
-
-
-# Settings that are counts where 0 means "no limit" (negative ones are refused).
-_LIMITS = {
-  'steps_per_epoch': '0 = every batch of the training set',
-  'num_eval_examples': '0 = the whole evaluation set',
-}
-
-
-def _validate_run_settings(config: ml_collections.ConfigDict) -> None:
-  """Refuses bad checkpointing, limit and EC2T settings (`validate_config`'s non-data part).
-
-  Raises:
-    ValueError: naming the field, the bad value and what is valid.
-  """
-  max_to_keep = config.get('max_to_keep', 3)
-  if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
-    raise ValueError(
-      f'config.max_to_keep must be an integer >= 1 (how many checkpoints stay on disk; a '
-      f'stopped run resumes from the newest), got {max_to_keep!r}'
-    )
-  for name, meaning in _LIMITS.items():
-    value = config.get(name)
-    if value is not None and (isinstance(value, bool) or value < 0):
-      raise ValueError(f'config.{name} must be >= 0 ({meaning}), got {value!r}')
-  ec2t_cfg = config.get('ec2t') or {}
-  for name in ('gamma', 'init_scale', 'sustain', 'p0_min', 'centroid_floor_std'):
-    value = ec2t_cfg.get(name)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and not np.isfinite(value):
-      raise ValueError(f'config.ec2t.{name} must be a finite number, got {value}')
-  for name in ('ternary_pattern', 'ternary_exclude', 'keep_pattern', 'prune_pattern'):
-    pattern = ec2t_cfg.get(name)
-    if pattern:
-      try:
-        re.compile(pattern)
-      except re.error as e:
-        raise ValueError(
-          f'config.ec2t.{name}={pattern!r} is not a valid regular expression ({e}); it is '
-          "matched against leaf paths like 'conv1/kernel'"
-        ) from e
+  spec_lib.parse(config, check_data=False, check_init_from=check_init_from)
 
 
 def check_backend() -> list[jax.Device]:
@@ -773,24 +679,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info(
     'JAX devices: %s (process %d of %d)', check_backend(), jax.process_index(), jax.process_count()
   )
-  validate_config(config, check_init_from=False)
-  # Said after the data is opened, so that a missing dataset and init_from are said at once.
-  init_problem = missing_init_from(config)
-  logging.info(
-    'persistent compilation cache: %s',
-    enable_compilation_cache(config.get('compilation_cache_dir', '')) or 'off',
-  )
-  # Everything that can refuse the config (data, masks, init_from) runs before the
-  # workdir is touched.
+  # Every setting, the data's classes and shapes and the model's outputs are checked here,
+  # before the workdir is touched: all problems in one error.
+  spec_lib.parse(config)
   mesh = create_mesh(config)
-  try:
-    data = open_data(config)
-  except datasets.DatasetNotPreparedError as e:
-    if init_problem:
-      raise datasets.DatasetNotPreparedError(f'{e}\nAlso, {init_problem}.') from e
-    raise
-  if init_problem:
-    raise ValueError(init_problem)
+  data = open_data(config)
   schedule = schedule_lib.create_schedule(config, data.steps_per_epoch)
   setup = state_lib.create_setup(
     config, schedule, num_classes=data.num_classes, image_shape=data.image_shape
