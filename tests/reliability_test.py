@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ec2t_jax.training import checkpoint as checkpoint_lib
-from ec2t_jax.training import metric_writers, train
+from ec2t_jax.training import metric_writers, runtime, train
 from ec2t_jax.training import workdir as workdir_lib
 
 pytestmark = pytest.mark.slow  # Subprocesses or long runs: left out of `make test-fast`.
@@ -85,14 +85,14 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise_identical(
 def test_compilation_cache_is_enabled_unless_chosen_already(tmp_path):
   before = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
   try:
-    assert train.enable_compilation_cache(str(tmp_path / 'other')) == before[0]  # Kept.
+    assert runtime.enable_compilation_cache(str(tmp_path / 'other')) == before[0]  # Kept.
     jax.config.update('jax_compilation_cache_dir', None)
-    assert train.enable_compilation_cache('') is None
+    assert runtime.enable_compilation_cache('') is None
     assert jax.config.jax_compilation_cache_dir is None
     home = os.path.expanduser('~')
-    assert train.enable_compilation_cache('~/ec2t_cache') == os.path.join(home, 'ec2t_cache')
+    assert runtime.enable_compilation_cache('~/ec2t_cache') == os.path.join(home, 'ec2t_cache')
     assert jax.config.jax_compilation_cache_dir == os.path.join(home, 'ec2t_cache')
-    assert jax.config.jax_compilation_cache_max_size == train.COMPILATION_CACHE_BYTES
+    assert jax.config.jax_compilation_cache_max_size == runtime.COMPILATION_CACHE_BYTES
   finally:
     jax.config.update('jax_compilation_cache_dir', before[0])
     jax.config.update('jax_compilation_cache_max_size', before[1])

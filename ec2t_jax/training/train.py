@@ -26,33 +26,34 @@ import base64
 import functools
 import logging
 import os
-import queue
-import signal
-import threading
 import time
-from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 import ec2t_jax
 from ec2t_jax import tree_util
 from ec2t_jax.training import checkpoint as checkpoint_lib
-from ec2t_jax.training import datasets, input_pipeline, metric_writers
+from ec2t_jax.training import metric_writers
 from ec2t_jax.training import schedule as schedule_lib
 from ec2t_jax.training import spec as spec_lib
 from ec2t_jax.training import state as state_lib
 from ec2t_jax.training import workdir as workdir_lib
+from ec2t_jax.training.batches import create_input_iter, eval_batches, open_data
+from ec2t_jax.training.runtime import (
+  Preemption,
+  check_backend,
+  create_mesh,
+  enable_compilation_cache,
+  initialize_distributed,
+  to_global,
+)
 from ec2t_jax.training.schedule import BEST, FP
-
-# Size limit of the persistent compilation cache when `config.compilation_cache_dir`
-# turns it on; the least recently used executables are evicted beyond it.
-COMPILATION_CACHE_BYTES = 2 << 30
+from ec2t_jax.training.summary import print_summary, saved_summary, summarize_run
 
 
 class NonFiniteError(FloatingPointError):
@@ -79,265 +80,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_init_from: bool 
   spec_lib.parse(config, check_data=False, check_init_from=check_init_from)
 
 
-def check_backend() -> list[jax.Device]:
-  """`jax.devices()`, or a one-line ValueError when JAX cannot start its backend.
-
-  JAX reports a platform that is asked for (`JAX_PLATFORMS=cuda`) but cannot
-  start with a bare `AssertionError` or a long `RuntimeError`.
-
-  Raises:
-    ValueError: naming `JAX_PLATFORMS` and the fix.
-  """
-  try:
-    return jax.devices()
-  except (RuntimeError, AssertionError) as e:
-    platforms = os.environ.get('JAX_PLATFORMS') or jax.config.jax_platforms or ''
-    detail = ' '.join(str(e).split())[:200] or 'no backend could be initialized'
-    raise ValueError(
-      f'JAX cannot start a backend for JAX_PLATFORMS={platforms!r} ({type(e).__name__}: '
-      f'{detail}); install the jax plugin of that accelerator (e.g. pip install '
-      "'jax[cuda12]'), or set JAX_PLATFORMS=cpu"
-    ) from e
-
-
-def enable_compilation_cache(path: str) -> str | None:
-  """Points JAX's persistent compilation cache at `path` (`~` expanded), before any compile.
-
-  A cache the user chose already (`$JAX_COMPILATION_CACHE_DIR` or
-  `jax.config.update('jax_compilation_cache_dir', ...)`) is left as it is. Only
-  compilations that take at least a second are stored, so a restart of a large
-  model skips most of its compile time (`docs/benchmarks.md`, section 3).
-
-  Args:
-    path: the cache directory, or '' to leave the cache off.
-
-  Returns:
-    The cache directory in use, or None when there is none.
-  """
-  current = jax.config.jax_compilation_cache_dir
-  if current or not path:
-    return current or None
-  path = os.path.expanduser(path)
-  jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_compilation_cache_max_size', COMPILATION_CACHE_BYTES)
-  return path
-
-
-def initialize_distributed(config: ml_collections.ConfigDict) -> None:
-  """`jax.distributed.initialize` for `config.distributed` runs (multi-host), once."""
-  if not config.get('distributed') or jax.distributed.is_initialized():
-    return
-  # On TPU pods and SLURM everything is detected; elsewhere name the coordinator.
-  jax.distributed.initialize(
-    coordinator_address=config.get('coordinator_address') or None,
-    num_processes=config.get('num_processes') or None,
-    process_id=config.process_id if config.get('process_id', -1) >= 0 else None,
-  )
-  if jax.process_count() > 1:
-    # Set up the collectives now, while all processes are in step: the first
-    # collective otherwise comes after compilation, and a process that lags
-    # there by more than the handshake timeout (30 s with gloo) fails the run.
-    multihost_utils.sync_global_devices('ec2t_jax:start')
-
-
-def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """A one-axis (`'data'`) mesh over every device, or the first `config.num_devices`."""
-  devices = jax.devices()
-  if config.get('num_devices'):
-    if jax.process_count() > 1 or not 0 < config.num_devices <= len(devices):
-      raise ValueError(
-        f'config.num_devices must be in [1, {len(devices)}] on one host, got {config.num_devices}'
-      )
-    devices = devices[: config.num_devices]
-  return jax.sharding.Mesh(np.array(devices), ('data',))
-
-
 # --- data ------------------------------------------------------------------------------------
-
-
-class Data(NamedTuple):
-  """A run's data: sources, the train/validation split and the batch sizes of this process.
-
-  Attributes:
-    train_source: random-access source of the 'train' split.
-    test_source: the test split's source.
-    train_indices: records of `train_source` used for training.
-    val_indices: records of `train_source` held out for validation.
-    steps_per_epoch: training batches per epoch.
-    num_classes: classifier outputs.
-    image_shape: one input image, `(height, width, channels)`.
-    batch_size: training batch size of this process.
-    eval_batch_size: evaluation batch size of this process.
-    spec: the dataset's `datasets.DatasetSpec` (recipe, sizes, classes).
-    normalization: per-channel `(mean, std)` of the pipelines: the config's,
-      else the dataset's, else computed from the training records.
-  """
-
-  train_source: Any
-  test_source: Any
-  train_indices: np.ndarray
-  val_indices: np.ndarray
-  steps_per_epoch: int
-  num_classes: int
-  image_shape: tuple[int, ...]
-  batch_size: int
-  eval_batch_size: int
-  spec: datasets.DatasetSpec | None = None
-  normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
-
-
-def open_data(config: ml_collections.ConfigDict) -> Data:
-  """Opens the config's dataset, splits off the validation records, fixes the normalization.
-
-  The user's data (`tfds:`, `npz:`, `folder:`) hold out 10 % of the training
-  records (at most 5,000) unless `config.validation_size` says otherwise, and
-  are normalized with the mean and std of the remaining training records
-  unless `config.normalization` gives them.
-
-  Raises:
-    datasets.DatasetNotPreparedError: for a tfds dataset not prepared yet.
-    ValueError: for bad data, or a validation size, batch size or
-      normalization the data cannot satisfy.
-  """
-  spec = datasets.spec_for_config(config)
-  # Images of varying size (ImageNet, some tfds data) cannot be held in memory.
-  in_memory = config.get('in_memory', True) and spec.image_shape is not None
-  open_split = functools.partial(
-    datasets.get_data_source, spec, data_dir=config.data_dir or None, in_memory=in_memory
-  )
-  train_source, test_source = open_split('train'), open_split(spec.test_split)
-  num_train = config.get('num_train_examples') or len(train_source)
-  val_size = config.validation_size
-  val_size = spec.validation_size if val_size is None or val_size < 0 else val_size
-  if not 0 <= val_size < num_train:
-    raise ValueError(f'config.validation_size must be in [0, {num_train}), got {val_size}')
-  train_indices, val_indices = input_pipeline.split_indices(num_train, val_size)
-  batch_size = config.batch_size // jax.process_count()
-  steps_per_epoch = input_pipeline.num_batches(
-    len(train_indices), batch_size=batch_size, train=True
-  )
-  if config.get('steps_per_epoch'):
-    steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
-  if steps_per_epoch <= 0:
-    raise ValueError(
-      f'{len(train_indices)} training examples make no batch of {config.batch_size}; '
-      'lower config.batch_size'
-    )
-  num_classes, image_shape = datasets.classes_and_shape(config)
-  try:  # Refuses bad evaluation options now, not after the first epoch.
-    input_pipeline.preprocess_ops(
-      spec,
-      train=False,
-      image_size=config.get('eval_image_size') or image_shape[0],
-      **_eval_options(config),
-    )
-  except ValueError as e:
-    raise ValueError(
-      f'config.eval_image_size / eval_crop_fraction / eval_resize_method: {e}'
-    ) from e
-  normalization = input_pipeline.parse_normalization(
-    config.get('normalization'), channels=image_shape[-1]
-  )
-  if normalization is None:
-    normalization = spec.normalization
-  if normalization is None:
-    normalization = input_pipeline.compute_normalization(train_source, train_indices)
-    logging.info(
-      'normalization of %s from its %d training records: mean %s, std %s '
-      '(config.normalization overrides it)',
-      spec.name,
-      len(train_indices),
-      *(', '.join(f'{v:.4f}' for v in part) for part in normalization),
-    )
-  if spec.normalization is None and isinstance(train_source, datasets.InMemorySource):
-    val_classes = np.unique(train_source.labels[val_indices]).size
-    if val_classes == 1 and spec.num_classes > 1:
-      logging.warning(
-        'the validation set of %s (the last %d training records) holds one class only: '
-        'are the training records sorted by class? Shuffle them.',
-        spec.name,
-        len(val_indices),
-      )
-  return Data(
-    train_source=train_source,
-    test_source=test_source,
-    train_indices=train_indices,
-    val_indices=val_indices,
-    steps_per_epoch=steps_per_epoch,
-    num_classes=num_classes,
-    image_shape=image_shape,
-    batch_size=batch_size,
-    eval_batch_size=(config.eval_batch_size or config.batch_size) // jax.process_count(),
-    spec=spec,
-    normalization=normalization,
-  )
-
-
-def create_input_iter(config: ml_collections.ConfigDict, data: Data) -> Prefetch:
-  """The endless, checkpointable iterator of training batches, prefetched in a thread."""
-  return Prefetch(
-    _create_split(
-      config,
-      data,
-      data.train_source,
-      data.train_indices,
-      batch_size=data.batch_size,
-      train=True,
-      worker_count=config.get('worker_count', 0),
-    )
-  )
-
-
-def _eval_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The evaluation transform's options the config sets (`crop_fraction`, `resize_method`)."""
-  options = {}
-  if config.get('eval_crop_fraction'):
-    options['crop_fraction'] = config.eval_crop_fraction
-  if config.get('eval_resize_method'):
-    options['resize_method'] = config.eval_resize_method
-  return options
-
-
-def _create_split(config, data, source, indices, **kwargs):
-  """`input_pipeline.create_split` of `source` with the run's recipe and normalization."""
-  image_size = data.image_shape[0]
-  if not kwargs.get('train', True):
-    kwargs.update(_eval_options(config))
-    image_size = config.get('eval_image_size') or image_size
-  return input_pipeline.create_split(
-    source,
-    seed=config.seed,
-    dataset=data.spec or config.dataset,
-    image_size=image_size,
-    normalization=data.normalization,
-    indices=indices,
-    **kwargs,
-  )
-
-
-def eval_batches(
-  config: ml_collections.ConfigDict, data: Data, split: str
-) -> Iterator[dict[str, Any]]:
-  """One pass over the `'val'` or `'test'` split (at most `config.num_eval_examples`)."""
-  if split == 'val':
-    source, indices = data.train_source, data.val_indices
-    if len(indices) == 0:
-      return iter(())
-  else:
-    source, indices = data.test_source, None
-  limit = config.get('num_eval_examples')
-  if limit:
-    indices = np.arange(min(limit, len(source))) if indices is None else indices[:limit]
-  return _create_split(
-    config, data, source, indices, batch_size=data.eval_batch_size, train=False, num_epochs=1
-  )
-
-
-def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, Any]:
-  """This process's part of a batch as global arrays sharded on the leading axis."""
-  return {
-    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
-  }
 
 
 # --- steps -----------------------------------------------------------------------------------
@@ -403,96 +146,6 @@ def evaluate(p_eval_step, state, batches, sharding) -> dict[str, float]:
 
 
 # --- the loop's helpers ----------------------------------------------------------------------
-
-
-class Prefetch:
-  """Produces the next batches in a background thread while the device computes.
-
-  `get_state()` is the wrapped iterator's state right after the last batch that
-  was *consumed* (not produced), so a checkpoint resumes exactly there.
-  `set_state()` must come before the first `next()`.
-  """
-
-  def __init__(self, iterator, depth: int = 2):
-    self._it = iterator
-    self._depth = depth
-    self._queue = None
-    self._state = iterator.get_state()
-
-  def set_state(self, state) -> None:
-    if self._queue is not None:
-      raise RuntimeError('set_state() after iteration started')
-    self._it.set_state(state)
-    self._state = state
-
-  def get_state(self):
-    return self._state
-
-  def _produce(self):
-    try:
-      while True:
-        batch = next(self._it)
-        self._queue.put((batch, self._it.get_state()))
-    except BaseException as e:  # noqa: BLE001 - handed to the consumer.
-      self._queue.put((e, None))
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if self._queue is None:
-      self._queue = queue.Queue(maxsize=self._depth)
-      threading.Thread(target=self._produce, daemon=True).start()
-    batch, state = self._queue.get()
-    if isinstance(batch, BaseException):
-      raise batch
-    self._state = state
-    return batch
-
-
-class Preemption:
-  """Turns SIGTERM and Ctrl-C (SIGINT) into a flag the training loop checks after each step.
-
-  On the flag the loop saves a checkpoint and returns, so the same command
-  resumes bit for bit. A second Ctrl-C raises `KeyboardInterrupt` at once (the
-  checkpoints already on disk stay intact). Outside the main thread signals
-  are left alone.
-
-  Attributes:
-    requested: True once a signal asked the run to stop.
-    signal_name: `'SIGTERM'` or `'SIGINT'`, the first signal received.
-  """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.requested = False
-    self.signal_name = ''
-    self._previous: dict[int, Any] = {}
-
-  def __enter__(self):
-    for signum in self.SIGNALS:
-      try:
-        self._previous[signum] = signal.signal(signum, self._handle)
-      except ValueError:  # Not the main thread: no signal handling.
-        break
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    name = signal.Signals(signum).name
-    if self.requested and signum == signal.SIGINT:
-      raise KeyboardInterrupt(f'second {name}: stopping at once')
-    if not self.requested:
-      self.signal_name = name
-      more = ' (Ctrl-C again to stop at once)' if signum == signal.SIGINT else ''
-      logging.warning('%s received: saving a checkpoint and stopping%s.', name, more)
-    self.requested = True
-
-  def __exit__(self, *exc):
-    for signum, previous in self._previous.items():
-      signal.signal(signum, signal.SIG_DFL if previous is None else previous)
-    self._previous = {}
 
 
 def _format_eta(seconds: float) -> str:
@@ -682,6 +335,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Every setting, the data's classes and shapes and the model's outputs are checked here,
   # before the workdir is touched: all problems in one error.
   spec_lib.parse(config)
+  logging.info(
+    'persistent compilation cache: %s',
+    enable_compilation_cache(config.get('compilation_cache_dir', '')) or 'off',
+  )
   mesh = create_mesh(config)
   data = open_data(config)
   schedule = schedule_lib.create_schedule(config, data.steps_per_epoch)
@@ -695,26 +352,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finally:
     if lock is not None:
       lock.release()
-
-
-def _saved_summary(workdir: str, params: Any) -> dict[str, Any] | None:
-  """`summary.json` if it belongs to `params` (the same params_sha256), else None."""
-  path = os.path.join(workdir, 'summary.json')
-  if not os.path.exists(path):
-    return None
-  try:
-    saved = workdir_lib.read_json_object(path, 'the run summary')
-  except ValueError as e:
-    logging.warning('%s; computing the summary again', e)
-    return None
-  if saved.get('params_sha256') != state_lib.params_sha256(params):
-    logging.warning(
-      '%s does not belong to the newest checkpoint (another params_sha256); computing the '
-      'summary again',
-      path,
-    )
-    return None
-  return saved
 
 
 def _train(config, workdir, mesh, data, setup, preemption, start_time) -> dict[str, Any]:
@@ -740,7 +377,7 @@ def _train(config, workdir, mesh, data, setup, preemption, start_time) -> dict[s
         '--workdir, or --config.overwrite=True to start over there (the old run is moved aside)'
       )
     if step is not None and step >= schedule.total_steps:
-      saved = _saved_summary(workdir, tree['params'])
+      saved = saved_summary(workdir, tree['params'])
       if saved is not None:  # A finished run: change nothing on disk, show what it saved.
         logging.info('%s holds a finished run (step %d); its saved summary:', workdir, step)
         print_summary(saved)
@@ -879,76 +516,3 @@ def _train(config, workdir, mesh, data, setup, preemption, start_time) -> dict[s
     if writer is not None:
       writer.close()
     ckpt.close()
-
-
-def summarize_run(config, setup, state, meta, *, val, test, steps) -> dict[str, Any]:
-  """The run's summary: accuracies, sparsity, parameter counts, the params' hash, the schedule."""
-  params = jax.device_get(state.params)
-  per_layer, sparsity = tree_util.zero_fractions(params, setup.ternary_mask)
-  _, total_sparsity = tree_util.zero_fractions(params)
-  sizes = [np.size(x) for x in jax.tree.leaves(params)]
-  selected = [bool(m) for m in jax.tree.leaves(setup.ternary_mask)]
-  compressing = [p for p in setup.passes if p.kind != FP]
-  method = state_lib.check_method(config)
-  # γ and s of the last compression pass (config.ec2t's for the default stages); the
-  # absmean baseline has neither.
-  ec2t_settings = method == state_lib.EC2T_METHOD
-  last = compressing[-1].settings if compressing else config.ec2t
-  return {
-    'model': config.model,
-    'dataset': config.dataset,
-    'method': method,
-    'fp_test_accuracy': meta.get('fp_test_accuracy'),
-    'fp_val_accuracy': meta.get('fp_val_accuracy'),
-    'test_accuracy': test.get('accuracy'),
-    'test_loss': test.get('loss'),
-    'val_accuracy': val.get('accuracy'),
-    'best_val_accuracy': meta.get('best_val_accuracy'),
-    'best_step': meta.get('best_step'),
-    'sparsity': sparsity,
-    'total_sparsity': total_sparsity,
-    'num_params': int(sum(sizes)),
-    'num_ternary_params': int(sum(n for n, m in zip(sizes, selected, strict=True) if m)),
-    'steps': steps,
-    'params_sha256': state_lib.params_sha256(params),
-    'per_layer_sparsity': per_layer,
-    'gamma': float(last.gamma) if ec2t_settings else None,
-    'init_scale': float(last.init_scale) if ec2t_settings else None,
-    'passes': [
-      {'name': p.name, 'kind': p.kind}
-      | (
-        {'gamma': p.settings.gamma, 'init_scale': p.settings.init_scale}
-        if p.kind != FP and ec2t_settings
-        else {}
-      )
-      for p in setup.passes
-    ],
-    'schedule': setup.schedule.to_dict(),
-  }
-
-
-def print_summary(summary: dict[str, Any]) -> None:
-  """Prints the summary's main numbers as a small table."""
-  rows = [
-    ('method', summary.get('method', 'ec2t')),
-    ('full-precision test accuracy', summary.get('fp_test_accuracy')),
-    ('ternary test accuracy (final)', summary.get('test_accuracy')),
-    ('magnitude-pruned test accuracy', summary.get('magnitude_pruned_test_accuracy')),
-    ('ternary val accuracy (final)', summary.get('val_accuracy')),
-    ('best val accuracy', summary.get('best_val_accuracy')),
-    ('sparsity of ternary weights', summary.get('sparsity')),
-    ('sparsity of all params', summary.get('total_sparsity')),
-    ('params', summary.get('num_params')),
-    ('steps', summary.get('steps')),
-    ('wall time (s)', summary.get('wall_time_s')),
-    ('params sha256', summary.get('params_sha256')),
-  ]
-  width = max(len(r[0]) for r in rows)
-  lines = ['', 'EC2T run summary', '-' * (width + 20)]
-  for name, value in rows:
-    if value is None and name.startswith('magnitude'):  # Only runs that set it.
-      continue
-    if isinstance(value, float):
-      value = f'{value:.4f}'
-    lines.append(f'{name:<{width}}  {value}')
-  print('\n'.join(lines), flush=True)
