@@ -51,7 +51,7 @@ Example (small multipliers; a random base stands in for a trained one):
   >>> config = default.get_config()
   >>> config.num_classes = 10
   >>> config.init_from = os.path.join(tempfile.mkdtemp(), 'base')
-  >>> checkpoint.save_variables(config.init_from, state.initial_variables(base, (32, 32, 3), 0))
+  >>> checkpoint.save_variables(config.init_from, variables.initial_variables(base, (32, 32, 3), 0))
   >>> config.grow.base_model = 'micronet'
   >>> config.grow.base_model_kwargs = ml_collections.ConfigDict(base_kwargs)
   >>> config.model = 'micronet'
@@ -59,13 +59,13 @@ Example (small multipliers; a random base stands in for a trained one):
   ...   pretrained.compound_kwargs(1.4, 1.2, 2.0, **base_kwargs)
   ... )
   >>> pretrained.validate_grow_config(config)
-  >>> model = state.create_model(config, num_classes=10)
+  >>> model = variables.create_model(config, num_classes=10)
   >>> model.blocks_per_stage, model.widths
   (3, (16, 24, 48))
   >>> variables = pretrained.grow_from_pretrained(
   ...   config,
   ...   model=model,
-  ...   variables=state.initial_variables(model, (32, 32, 3), config.seed),
+  ...   variables=variables.initial_variables(model, (32, 32, 3), config.seed),
   ...   image_shape=(32, 32, 3),
   ...   num_classes=10,
   ... )
@@ -87,7 +87,7 @@ import numpy as np
 
 from ec2t_jax import models, tree_util
 from ec2t_jax.models import grow as grow_lib
-from ec2t_jax.training import state as state_lib
+from ec2t_jax.training import variables as variables_lib
 
 __all__ = [
   'NUM_CHECK_IMAGES',
@@ -184,8 +184,8 @@ def validate_grow_config(config: ml_collections.ConfigDict) -> None:
     return
   _check_fields(config)
   num_classes = config.get('num_classes') or 10  # Both models get the same; shapes only.
-  base = state_lib.create_model(_base_config(config, num_classes), num_classes)
-  target = state_lib.create_model(config, num_classes)
+  base = variables_lib.create_model(_base_config(config, num_classes), num_classes)
+  target = variables_lib.create_model(config, num_classes)
   _check_families(config, base, target)
   zeros = jax.tree.map(
     lambda s: np.zeros(s.shape, s.dtype), _abstract_variables(base, _SHAPE_PROBE)
@@ -205,8 +205,8 @@ def grow_from_pretrained(
 
   Builds ``config.grow.base_model`` (with ``config.grow.base_model_kwargs``,
   ``num_classes``, and bfloat16 compute if ``config.half_precision``, as
-  `ec2t_jax.training.state.create_model` builds ``config.model``), reads
-  ``config.init_from`` as its variables (`ec2t_jax.training.state.load_init_from`),
+  `ec2t_jax.training.variables.create_model` builds ``config.model``), reads
+  ``config.init_from`` as its variables (`ec2t_jax.training.variables.load_init_from`),
   grows them into ``model`` (`ec2t_jax.models.grow.grow`, rng ``config.grow.seed``
   or else ``config.seed``, split ``config.grow.split`` or else ``'equal'``), and
   compares both networks' eval-mode logits in float32 on `NUM_CHECK_IMAGES`
@@ -232,11 +232,11 @@ def grow_from_pretrained(
     FileNotFoundError: if ``config.init_from`` does not exist.
 
   Example:
-    >>> model = state_lib.create_model(config, num_classes=10)
+    >>> model = variables_lib.create_model(config, num_classes=10)
     >>> variables = grow_from_pretrained(
     ...   config,
     ...   model=model,
-    ...   variables=state_lib.initial_variables(model, (32, 32, 3), config.seed),
+    ...   variables=variables_lib.initial_variables(model, (32, 32, 3), config.seed),
     ...   image_shape=(32, 32, 3),
     ...   num_classes=10,
     ... )
@@ -246,14 +246,14 @@ def grow_from_pretrained(
     raise ValueError(
       f'grow_from_pretrained needs config.grow.base_model, got {grow_cfg.get("base_model")!r}; '
       "set it to the pretrained base's model name (e.g. 'micronet'), or read config.init_from "
-      'with state.load_init_from'
+      'with variables.load_init_from'
     )
   _check_fields(config)
   base_config = _base_config(config, num_classes)
-  base = state_lib.create_model(base_config, num_classes)
+  base = variables_lib.create_model(base_config, num_classes)
   _check_families(config, base, model)
   try:
-    base_variables = state_lib.load_init_from(
+    base_variables = variables_lib.load_init_from(
       base_config, _abstract_variables(base, tuple(image_shape)), num_classes=num_classes
     )
   except ValueError as e:

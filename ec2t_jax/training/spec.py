@@ -317,9 +317,9 @@ def _check_model_output(config, num_classes: int, image_shape, problems: _Proble
   import jax
   import jax.numpy as jnp
 
-  from ec2t_jax.training import state as state_lib  # Local: it imports flax.
+  from ec2t_jax.training import variables as variables_lib  # Local: it imports flax.
 
-  model = problems.check(lambda: state_lib.create_model(config, num_classes))
+  model = problems.check(lambda: variables_lib.create_model(config, num_classes))
   if model is None:
     return
   if not hasattr(model, 'init'):

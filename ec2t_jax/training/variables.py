@@ -1,0 +1,106 @@
+"""The run's network and the variables it starts from.
+
+`create_model` builds the linen module of `config.model`, `initial_variables`
+initializes it, and `load_init_from` reads pretrained variables (an orbax
+directory or a PyTorch `.pt`/`.pth` state_dict) checked against the model's.
+Both the train-state set-up (`ec2t_jax.training.state`) and the growth of a
+pretrained base (`ec2t_jax.training.pretrained`) use them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ec2t_jax import models, tree_util
+from ec2t_jax.training import checkpoint as checkpoint_lib
+
+__all__ = ['create_model', 'initial_variables', 'load_init_from']
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int):
+  """The linen module of `config.model` (registered, or `'package.module:factory'`).
+
+  Built with `num_classes`, the entries of `config.model_kwargs`, and bfloat16
+  compute (`dtype`) if `config.half_precision`.
+  """
+  dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  kwargs = dict(config.get('model_kwargs') or {})
+  return models.create(config.model, num_classes=num_classes, dtype=dtype, **kwargs)
+
+
+def initial_variables(model, image_shape: tuple[int, ...], seed: int) -> dict[str, Any]:
+  """`model.init` on a dummy batch: `{'params': ..., 'batch_stats': ...}` (float32)."""
+  rng = jax.random.key(seed)
+
+  @jax.jit
+  def init(rng):
+    return model.init({'params': rng, 'dropout': rng}, jnp.zeros((1, *image_shape)), train=False)
+
+  variables = dict(init(rng))
+  variables.setdefault('batch_stats', {})
+  return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+
+
+def _check_variables(loaded: Any, expected: Any, source: str) -> None:
+  """Raises one ValueError listing missing, extra and mis-shaped leaves."""
+  got = {n: np.shape(x) for n, x in tree_util.named_leaves(loaded)}
+  want = {n: np.shape(x) for n, x in tree_util.named_leaves(expected)}
+  problems = [f'missing {n} {want[n]}' for n in sorted(set(want) - set(got))]
+  problems += [f'unexpected {n} {got[n]}' for n in sorted(set(got) - set(want))]
+  problems += [
+    f'{n}: expected {want[n]}, found {got[n]}'
+    for n in sorted(set(want) & set(got))
+    if want[n] != got[n]
+  ]
+  if problems:
+    raise ValueError(
+      f'config.init_from={source!r} does not fit the model ({len(problems)} problems): '
+      + '; '.join(problems[:6])
+    )
+
+
+def load_init_from(
+  config: ml_collections.ConfigDict, expected: dict[str, Any], *, num_classes: int | None = None
+) -> dict[str, Any]:
+  """Pretrained variables from `config.init_from` (orbax directory or PyTorch file).
+
+  Args:
+    config: the run's config (`init_from`, `model`, `model_kwargs`).
+    expected: the model's fresh variables (or their shapes): the structure,
+      shapes and dtypes the loaded ones must have.
+    num_classes: the classifier's outputs, as the run resolved them (the
+      dataset's when `config.num_classes` is 0); defaults to
+      `config.num_classes`.
+
+  Raises:
+    ValueError: naming `config.init_from` for a file or directory that cannot
+      be read, holds no `params`, or does not fit the model.
+    FileNotFoundError: if it does not exist.
+    ImportError: for a PyTorch file without torch installed.
+  """
+  source = config.init_from
+  try:
+    if source.endswith(('.pt', '.pth')):
+      from ec2t_jax.models import pytorch  # Local: torch is optional.
+
+      kwargs = dict(config.get('model_kwargs') or {})
+      classes = num_classes or config.get('num_classes') or None
+      loaded = pytorch.from_pytorch(source, config.model, num_classes=classes, **kwargs)
+    else:
+      loaded = checkpoint_lib.load_variables(source)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'config.init_from={source!r}: {e}') from e
+  if not isinstance(loaded, Mapping) or not isinstance(loaded.get('params'), Mapping):
+    raise ValueError(
+      f"config.init_from={source!r} holds no 'params' collection; it must be a directory "
+      'written by ec2t_jax.training.checkpoint.save_variables, or a .pt/.pth state_dict'
+    )
+  loaded = {'params': loaded['params'], 'batch_stats': loaded.get('batch_stats') or {}}
+  _check_variables(loaded, expected, source)
+  return jax.tree.map(lambda x, e: jnp.asarray(x, e.dtype), loaded, expected)
