@@ -834,6 +834,7 @@ def run_model_info(run: Any) -> dict[str, Any]:
 
 
 def _kb(n: float) -> str:
+  """Bytes as KiB (1024 bytes) with one decimal, as report.md writes them."""
   return f'{n / 1024:,.1f} KiB'
 
 
@@ -917,18 +918,25 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 2
   from ec2t_jax.training import workdir as workdir_lib  # Local: keeps `--help` fast.
 
+  progress = workdir_lib.progress_printer('export')
   try:
-    run = workdir_lib.load_workdir(args.workdir, best=args.best)
+    run = workdir_lib.load_workdir(
+      args.workdir, best=args.best, progress=progress, compilation_cache=True
+    )
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   if args.format == 'onnx':
+    if progress is not None:
+      progress(f'converting checkpoint {run.step} to ONNX')
     return _write_onnx(onnx_export, run, args.out)
   options = dict(
     fp_dtype='float16' if args.fp16 else 'float32',
     centroid_dtype='float16' if args.fp16_centroids else 'float32',
     model=run_model_info(run),
   )
+  if progress is not None:
+    progress(f'packing checkpoint {run.step}, with and without entropy coding')
   try:
     packed, p_stats = dumps(run.variables, run.opt_state, entropy_coding=False, **options)
     coded, e_stats = dumps(run.variables, run.opt_state, entropy_coding=True, **options)
@@ -955,13 +963,15 @@ def main(argv: Sequence[str] | None = None) -> int:
       'kept in float32 (float16 cannot hold their values within 2^-11): '
       + ', '.join(p_stats.float32_leaves)
     )
-  print(f'{"":<24} {"size":>14} {"ratio":>8}')
+  # The sizes of the files this command writes with these options (the written one and
+  # the other kind), byte for byte; report.md lists those of `--fp16`.
+  print(f'{"":<24} {"bytes":>12} {"size":>14} {"ratio":>8}')
   for label, size in (
     ('float32 checkpoint', ref),
     ('packed (mask + sign)', p_stats.total_bytes),
     ('entropy coded', e_stats.total_bytes),
   ):
-    print(f'{label:<24} {_kb(size):>14} {ref / size:>7.1f}x')
+    print(f'{label:<24} {size:>12,d} {_kb(size):>14} {ref / size:>7.1f}x')
   bound = e_stats.entropy_bound_bits
   overhead = (
     f'coded {100 * (e_stats.ternary_payload_bits / bound - 1):+.2f}%' if bound > 0 else 'no bound'
@@ -971,7 +981,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     f'{e_stats.ternary_payload_bits:,d} bits, sum N*H(P) = {bound:,.0f} bits ({overhead})'
   )
   kind = 'entropy coded' if args.entropy_coding else 'packed'
-  print(f'wrote {args.out} ({kind}, {len(data):,d} bytes)')
+  print(f'wrote {args.out} ({kind}, {len(data):,d} bytes = {_kb(len(data))})')
   return 0
 
 

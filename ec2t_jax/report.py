@@ -47,7 +47,7 @@ import math
 import os
 import sys
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -248,8 +248,24 @@ def _layer_states(run: Any) -> list[LayerState]:
   return sorted(out, key=lambda s: (rank.get(s.name.rsplit('/', 1)[0], len(rank)), s.name))
 
 
-def load_run(workdir: str, label: str, *, best: bool = False) -> RunData:
-  """Reads one workdir: summary, metrics, final EC2T state, cost and export sizes."""
+def load_run(
+  workdir: str,
+  label: str,
+  *,
+  best: bool = False,
+  progress: Callable[[str], None] | None = None,
+  compilation_cache: bool = False,
+) -> RunData:
+  """Reads one workdir: summary, metrics, final EC2T state, cost and export sizes.
+
+  Args:
+    workdir: a finished run's directory.
+    label: its name in the report.
+    best: use the best-by-validation checkpoint instead of the newest.
+    progress: called with a line before each step that takes time (None: silent).
+    compilation_cache: use the run's persistent compilation cache
+      (`ec2t_jax.training.workdir.load_workdir`).
+  """
   from ec2t_jax import export, scoring
   from ec2t_jax.training import metric_writers
   from ec2t_jax.training import workdir as workdir_lib
@@ -259,10 +275,17 @@ def load_run(workdir: str, label: str, *, best: bool = False) -> RunData:
     raise FileNotFoundError(f'{workdir!r} has no summary.json: has its run finished?')
   with open(path) as f:
     summary = json.load(f)
-  run = workdir_lib.load_workdir(workdir, best=best)
+  run = workdir_lib.load_workdir(
+    workdir, best=best, progress=progress, compilation_cache=compilation_cache
+  )
+  if progress is not None:
+    progress(f'counting the cost and the export sizes of checkpoint {run.step}')
   cost = {mode: dict(scoring.count_run(run, mode=mode).totals) for mode in scoring.MODES}
-  _, packed = export.dumps(run.variables, run.opt_state, fp_dtype='float16')
-  _, coded = export.dumps(run.variables, run.opt_state, fp_dtype='float16', entropy_coding=True)
+  # The files `python -m ec2t_jax.export --fp16 [--entropy-coding]` writes, byte for byte
+  # (its model description included), so that both report the same sizes.
+  options = dict(fp_dtype='float16', model=export.run_model_info(run))
+  _, packed = export.dumps(run.variables, run.opt_state, **options)
+  _, coded = export.dumps(run.variables, run.opt_state, entropy_coding=True, **options)
   sizes = {
     'float32': packed.float32_bytes,
     'packed': packed.total_bytes,
@@ -541,12 +564,16 @@ def _markdown(runs: Sequence[RunData], images: Mapping[str, list[tuple[str, str]
     '',
     '## Storage',
     '',
-    '`ec2t_jax.export` with full-precision leaves in float16 and float32 centroids '
-    '(bit-exact ternary layers). The ternary payload is one mask bit per weight and one '
+    'The files `python -m ec2t_jax.export --fp16` (packed) and `python -m ec2t_jax.export '
+    '--fp16 --entropy-coding` (entropy coded) write, byte for byte: full-precision leaves in '
+    'float16, float32 centroids (bit-exact ternary layers), the model description included; '
+    'without `--fp16` the export keeps full-precision leaves in float32 and its files are '
+    'larger. KiB = 1024 bytes. The ternary payload is one mask bit per weight and one '
     'sign bit per non-zero when packed, and a range-coded stream when entropy coded; '
     '`Σ N·H(P)` is its entropy bound.',
     '',
-    '| run | float32 | packed | ratio | entropy coded | ratio | ternary payload packed '
+    '| run | float32 | packed (--fp16) | ratio | entropy coded (--fp16) | ratio '
+    '| ternary payload packed '
     '| coded | Σ N·H(P) | coded overhead |',
     '|---|---|---|---|---|---|---|---|---|---|',
   ]
@@ -584,13 +611,23 @@ def _markdown(runs: Sequence[RunData], images: Mapping[str, list[tuple[str, str]
   return '\n'.join(lines) + '\n'
 
 
-def write_report(workdirs: Sequence[str], out: str, *, best: bool = False) -> str:
+def write_report(
+  workdirs: Sequence[str],
+  out: str,
+  *,
+  best: bool = False,
+  progress: Callable[[str], None] | None = None,
+  compilation_cache: bool = False,
+) -> str:
   """Writes ``out/report.md`` and its PNG figures for one or more workdirs.
 
   Args:
     workdirs: directories written by `ec2t_jax.training.train.train_and_evaluate` (finished runs).
     out: the output directory (created).
     best: use the best-by-validation checkpoints instead of the newest.
+    progress: called with a line before each step that takes time (None: silent;
+      the command line passes `ec2t_jax.training.workdir.progress_printer`).
+    compilation_cache: use each run's persistent compilation cache (`load_run`).
 
   Returns:
     The path of ``report.md``.
@@ -607,9 +644,14 @@ def write_report(workdirs: Sequence[str], out: str, *, best: bool = False) -> st
     raise ValueError('give at least one workdir')
   os.makedirs(out, exist_ok=True)
   taken: set[str] = set()
-  runs = [load_run(w, _label(w, taken), best=best) for w in workdirs]
+  runs = [
+    load_run(w, _label(w, taken), best=best, progress=progress, compilation_cache=compilation_cache)
+    for w in workdirs
+  ]
   images: dict[str, list[tuple[str, str]]] = {}
   for r in runs:
+    if progress is not None:
+      progress(f'drawing the figures of {r.label} into {out}')
     files = []
     for title, suffix, plot in (
       ('Training curves', 'curves', plot_curves),
@@ -709,8 +751,9 @@ def _sweep_markdown(rows: Sequence[tuple[float, float, RunData]], out: str, imag
     '',
     f'{len(rows)} runs of `{first.get("model")}` on `{first.get("dataset")}`, one per '
     'entropy gain γ and initial centroid scale s, sorted by entropy-coded size (written by '
-    '`ec2t_jax.report.write_sweep_report`). Sizes are `ec2t_jax.export` files with '
-    'full-precision leaves in float16; float32 is the uncompressed network.',
+    '`ec2t_jax.report.write_sweep_report`). Sizes are those of the files '
+    '`python -m ec2t_jax.export --fp16 --entropy-coding` writes (full-precision leaves in '
+    'float16); float32 is the uncompressed network.',
     '',
   ]
   fp = _shared_fp_accuracy(runs)
@@ -793,8 +836,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'error: --out {args.out!r} is a file, not a directory', file=sys.stderr)
     return 2
   logging.getLogger('absl').setLevel(logging.WARNING)
+  from ec2t_jax.training import workdir as workdir_lib
+
   try:
-    path = write_report(args.workdir, args.out, best=args.best)
+    path = write_report(
+      args.workdir,
+      args.out,
+      best=args.best,
+      progress=workdir_lib.progress_printer('report'),
+      compilation_cache=True,
+    )
   except (FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

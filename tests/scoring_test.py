@@ -147,6 +147,26 @@ def test_corrected_ternary_dense_by_hand():
   assert row.storage == 'sparse-fp' and row.params == 1.625
 
 
+def test_two_sparsities_with_a_dead_channel_and_a_table_that_names_both():
+  # The kernel of test_corrected_ternary_dense_by_hand: output 1 is dead (all zero).
+  a, b_ = 0.5, 0.25
+  kernel = np.array([[a, 0], [a, 0], [-b_, 0], [0, 0]], np.float32)  # (in 4, out 2)
+  variables = {'params': {'fc': {'kernel': kernel}}}
+  for mode in scoring.MODES:
+    r = scoring.count(_Dense(), variables, input_shape=(1, 1, 4), mode=mode)
+    (row,) = r.layer_rows
+    # Over the whole kernel, as summary.json counts: 5 zeros of 8 weights.
+    assert row.kernel_sparsity == 5 / 8
+    assert r.as_dict()['rows'][0]['kernel_sparsity'] == 5 / 8
+    if mode == 'corrected':  # Without the dead channel: 1 zero of the 4 live weights.
+      assert (row.N, row.sparsity) == (4, 1 / 4)
+    text = r.format()
+    head, rule, line = text.splitlines()[:3]
+    assert head.split()[:6] == ['layer', 'kind', 'weights', 'sparsity', 'N', 'live']
+    assert line.split()[2:6] == ['8', '62.5%', str(row.N), f'{100 * row.sparsity:.1f}%']
+    assert 'sparsity: zeros / weights of the whole kernel (as in summary.json' in text
+
+
 def test_reference_tree_adder_formula():
   # 3x3 conv over 1 input channel, ternary, 9 non-zeros: vl = 9, the reference tree starts
   # at vl − 1 = 8: 4·16 + 2·17 + 1·18 = 116 bits per output; corrected: a true tree over

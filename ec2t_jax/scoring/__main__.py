@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ec2t_jax import cli, scoring
 
@@ -51,6 +52,11 @@ def score_workdir(
   from ec2t_jax.training import workdir as workdir_lib
 
   run = workdir_lib.load_workdir(workdir, best=best)
+  return _score_run(run, mode=mode, image_size=image_size, **kwargs)
+
+
+def _score_run(run: Any, *, mode: str, image_size: int | None, **kwargs) -> scoring.Report:
+  """`score_workdir` of a run read already."""
   image_size = image_size or run.config.get('score_image_size') or None
   report = scoring.count_run(run, mode=mode, image_size=image_size, **kwargs)
   if not run.schedule.compressed_at(run.step):
@@ -123,11 +129,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(problem, file=sys.stderr)
     return 2
   logging.getLogger('absl').setLevel(logging.WARNING)
+  from ec2t_jax.training import workdir as workdir_lib
+
   try:
-    report = score_workdir(
+    run = workdir_lib.load_workdir(
       args.workdir,
-      mode=args.mode,
       best=args.best,
+      progress=workdir_lib.progress_printer('scoring'),
+      compilation_cache=True,
+    )
+    report = _score_run(
+      run,
+      mode=args.mode,
       image_size=args.image_size,
       mul_bits=args.mul_bits,
       add_bits=args.add_bits,

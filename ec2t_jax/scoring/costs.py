@@ -79,7 +79,9 @@ class Row:
     shape: the kernel shape as stored (layer rows), or the output shape.
     N: kernel elements after removing dead channels.
     nnz: non-zero elements of those.
-    sparsity: ``1 - nnz/N``.
+    sparsity: ``1 - nnz/N``: the zeros among the live elements (what the costs count).
+      It differs from ``kernel_sparsity`` when channels are dead: a dead (all-zero)
+      filter takes its zeros out of the count.
     ternary: the kernel is ternary (values or mask).
     params: scoring parameters.
     mults: multiplications (weighted by ``mul_bits/32``).
@@ -94,6 +96,8 @@ class Row:
     group: ``'stem'``, ``'body'``, ``'fc'``, ``'projection'``, ``'other'``
       (reference mode truncates scoring params per group).
     counted: False for what the reference mode leaves out.
+    kernel_sparsity: zeros / all elements of the kernel as stored, dead channels
+      included: the per-layer sparsity of ``summary.json`` and ``report.md``.
   """
 
   name: str
@@ -114,6 +118,7 @@ class Row:
   storage: str = ''
   group: str = 'other'
   counted: bool = True
+  kernel_sparsity: float = 0.0
 
 
 @dataclasses.dataclass
@@ -152,16 +157,23 @@ class Report:
     }
 
   def format(self) -> str:
-    """A fixed-width table of the layers, the other ops by kind, and the totals."""
+    """A fixed-width table of the layers, the other ops by kind, and the totals.
+
+    A layer has two sparsities: ``sparsity`` over all the weights of its kernel
+    (`Row.kernel_sparsity`, as ``summary.json`` and ``report.md`` give it) and
+    ``sp. live`` over the ``N live`` weights left after removing its dead channels
+    (`Row.sparsity`, what the costs count); a line under the totals says so.
+    """
     head = (
-      f'{"layer":<34} {"kind":<9} {"N":>9} {"sparsity":>8} {"T":>1} {"storage":>9} '
-      f'{"params":>10} {"mults":>12} {"adds":>12} {"dead o/i":>9}'
+      f'{"layer":<34} {"kind":<9} {"weights":>9} {"sparsity":>8} {"N live":>9} {"sp. live":>8} '
+      f'{"T":>1} {"storage":>9} {"params":>10} {"mults":>12} {"adds":>12} {"dead o/i":>9}'
     )
     lines = [head, '-' * len(head)]
     for r in self.layer_rows:
       name = r.name if r.counted else f'({r.name})'
       lines.append(
-        f'{name[-34:]:<34} {r.kind:<9} {r.N:>9,d} {100 * r.sparsity:>7.1f}% '
+        f'{name[-34:]:<34} {r.kind:<9} {math.prod(r.shape):>9,d} {100 * r.kernel_sparsity:>7.1f}% '
+        f'{r.N:>9,d} {100 * r.sparsity:>7.1f}% '
         f'{"T" if r.ternary else "-":>1} {r.storage:>9} {r.params:>10,.1f} {r.mults:>12,.0f} '
         f'{r.adds:>12,.0f} {f"{r.dead_out}/{r.dead_in}":>9}'
       )
@@ -193,6 +205,11 @@ class Report:
     lines.append(
       f'total ({self.mode}): params {t["params"]:,.0f}, mults {t["mults"] / 1e6:.3f}M, '
       f'adds {t["adds"] / 1e6:.3f}M, FLOPs {t["flops"] / 1e6:.3f}M, {score}'
+    )
+    lines.append(
+      'sparsity: zeros / weights of the whole kernel (as in summary.json and report.md); '
+      'sp. live: zeros among the N live weights left after removing dead channels (dead o/i), '
+      'which the costs count'
     )
     for w in self.warnings:
       lines.append(f'warning: {w}')
@@ -304,7 +321,8 @@ def layer_row(
     layer: the traced layer.
     stats: its kernel without dead channels.
     group: ``'stem'``, ``'body'``, ``'projection'`` or ``'fc'``.
-    sparsity: the sparsity the row reports.
+    sparsity: the sparsity of the ``stats.N`` elements the row counts (`Row.sparsity`;
+      `Row.kernel_sparsity`, over the whole kernel, comes from ``layer``).
     ternary: the kernel counts as ternary.
     storage: ``(format, scoring params)`` (see `cheapest_storage`).
     mults: multiplications in 32-bit equivalents.
@@ -313,10 +331,12 @@ def layer_row(
     dead_out: dead output channels removed.
     dead_in: dead input channels removed.
   """
+  kernel = layer.kernel
   return Row(
     layer.name,
     layer.kind,
     shape=layer.kernel_shape,
+    kernel_sparsity=float(np.mean(kernel == 0)) if kernel is not None and kernel.size else 0.0,
     N=stats.N,
     nnz=stats.nnz,
     sparsity=sparsity,

@@ -20,7 +20,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -46,6 +46,7 @@ __all__ = [
   'load_workdir',
   'make_directory',
   'move_run_aside',
+  'progress_printer',
   'read_json_object',
   'write_json',
 ]
@@ -593,12 +594,78 @@ def _newest_extra(ckpt: checkpoint_lib.Checkpointer, workdir: str) -> dict[str, 
   raise FileNotFoundError(f'{workdir!r} has no periodic checkpoint that reads back')
 
 
-def load_workdir(workdir: str, *, best: bool = False) -> Workdir:
+def _check_model(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises one ValueError if the run's `config.model` cannot be built in this process.
+
+  A model of your own (`'package.module:factory'`, or a name your code
+  registered) must be importable here as it was in training. That is a property
+  of this process, not of a checkpoint, so `load_workdir` checks it once, before
+  it reads any checkpoint, instead of reporting it as one failure per checkpoint.
+  """
+  from ec2t_jax import models
+
+  name = config.get('model')
+  if not isinstance(name, str) or not name:
+    raise ValueError(
+      f'the run config of {workdir!r} names no model (model: {name!r}); restore its config.json'
+    )
+  try:
+    models.check_name(name)
+  except ValueError as e:
+    # A 'package.module:factory' error already says "is it on PYTHONPATH?".
+    hint = (
+      ''
+      if ':' in name
+      else '; import the module that registers it (ec2t_jax.models.register) before loading'
+    )
+    raise ValueError(f'cannot read {workdir!r}: {" ".join(str(e).split())}{hint}') from None
+
+
+def progress_printer(tool: str) -> Callable[[str], None] | None:
+  """`message -> None` printing ``'<tool>: <message>'`` to stderr, or None if that is no terminal.
+
+  The command-line tools (`scoring`, `export`, `report`) say what they are doing
+  while it takes seconds; on a terminal only, so that logs, pipes and captured
+  output hold their results and errors alone.
+  """
+  if not (hasattr(sys.stderr, 'isatty') and sys.stderr.isatty()):
+    return None
+  return lambda message: print(f'{tool}: {message}', file=sys.stderr, flush=True)
+
+
+def _use_compilation_cache(config: ml_collections.ConfigDict) -> None:
+  """Points JAX's persistent compilation cache at the run's `config.compilation_cache_dir`.
+
+  Building the run's setup compiles the model's initialization (seconds on CPU;
+  the checkpoint replaces its values), which the training run stored in that
+  cache: read from there, it costs milliseconds. A cache the user chose already
+  (`$JAX_COMPILATION_CACHE_DIR`, `jax.config.update`) is left as it is, as
+  `ec2t_jax.training.train.enable_compilation_cache` leaves it.
+  """
+  path = config.get('compilation_cache_dir') or ''
+  if path and isinstance(path, str) and not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
+
+
+def load_workdir(
+  workdir: str,
+  *,
+  best: bool = False,
+  progress: Callable[[str], None] | None = None,
+  compilation_cache: bool = False,
+) -> Workdir:
   """Reads the newest (or the best-by-validation) checkpoint of a run, without its dataset.
 
   Args:
     workdir: a directory written by `ec2t_jax.training.train.train_and_evaluate`.
     best: read the best-by-validation checkpoint instead of the newest.
+    progress: called with a line saying which checkpoint it reads, before it
+      reads it (e.g. `progress_printer`); None says nothing.
+    compilation_cache: use the run's persistent compilation cache
+      (`config.compilation_cache_dir`, unless one is set already) for the
+      compilations of building its setup. The command-line tools pass True:
+      with the cache the training run filled, they start in a second instead
+      of compiling the model's initialization again.
 
   Returns:
     A `Workdir` with the config, the linen module, `{'params', 'batch_stats'}`,
@@ -612,10 +679,14 @@ def load_workdir(workdir: str, *, best: bool = False) -> Workdir:
   Raises:
     FileNotFoundError: for a directory without config.json or without the
       requested checkpoint.
-    ValueError: for a config.json that is not a JSON object, or when no
-      checkpoint reads back.
+    ValueError: for a config.json that is not a JSON object, a model that
+      cannot be built in this process (one error, before any checkpoint is
+      tried), or when no checkpoint reads back.
   """
   config = config_from_workdir(workdir)
+  _check_model(config, workdir)  # Once: no checkpoint can fix a model that does not build.
+  if compilation_cache:
+    _use_compilation_cache(config)
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.get('max_to_keep', 3))
   try:
     if best:
@@ -629,6 +700,8 @@ def load_workdir(workdir: str, *, best: bool = False) -> Workdir:
         raise FileNotFoundError(f'{workdir!r} has no checkpoint')
     failures = []
     for step in candidates:
+      if progress is not None:
+        progress(f'reading {"the best checkpoint" if best else "checkpoint"} {step} of {workdir}')
       try:
         extra = ckpt.read_extra(step) if not best else _newest_extra(ckpt, workdir)
         steps_per_epoch, num_classes, image_shape = _data_facts(config, extra)
