@@ -5,7 +5,7 @@
 It reads the embedded MNIST arrays directly (no tfds, no grain) and runs each
 epoch as one compiled `lax.scan`, so it runs where only jax/flax/optax are
 installed, e.g. a GPU machine, and finishes a grid in minutes. It is a tool to
-choose `configs/mnist.py`'s recipe; the numbers the README reports come from
+choose `configs/mnist.py`'s recipe; the numbers docs/benchmarks.md reports come from
 `make demo` itself. Data split as the trainer's: the last 5,000 training
 images are the validation split.
 """

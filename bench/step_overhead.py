@@ -4,7 +4,7 @@
 
 The same measurement as `python bench/performance.py step --models MODEL --dtypes DTYPE`,
 which it runs: both steps in one process, interleaved, medians and their ratio.
-The older GPU outputs in `docs/gpu_2026-11-27/` were written by an earlier version of
+The older GPU outputs in `bench/results/gpu_2026-11-27/` were written by an earlier version of
 this script (fields `adam_median_s`, `ec2t_median_s`, `compile_s`).
 """
 
