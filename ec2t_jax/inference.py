@@ -36,8 +36,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from ec2t_jax import tree_util
-from ec2t_jax.scoring import jaxprs
+from ec2t_jax import jaxprs, tree_util
 
 __all__ = [
   'TernaryKernel',

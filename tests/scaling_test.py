@@ -4,9 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ec2t_jax import models
+from ec2t_jax import jaxprs, models
 from ec2t_jax.models import scaling
-from ec2t_jax.scoring import jaxprs
 
 
 def test_published_supernet_row():

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from ec2t_jax import models, scoring
+from ec2t_jax import jaxprs, models, scoring
 from ec2t_jax.scoring import __main__ as score
-from ec2t_jax.scoring import jaxprs
 
 
 def _m(x, digits=1):

@@ -28,8 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ec2t_jax import models
-from ec2t_jax.scoring import jaxprs
+from ec2t_jax import jaxprs, models
 
 __all__ = [
   'GRID',

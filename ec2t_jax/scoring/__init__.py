@@ -72,10 +72,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ec2t_jax import models, tree_util
+from ec2t_jax.jaxprs import count_macs
 from ec2t_jax.scoring import corrected, costs, reference
 from ec2t_jax.scoring.costs import Report, Row
 from ec2t_jax.scoring.graph import Graph, Layer, Op
-from ec2t_jax.scoring.jaxprs import count_macs
 from ec2t_jax.scoring.tracer import batch_one, trace
 from ec2t_jax.tree_util import is_ternary
 

@@ -34,8 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from ec2t_jax import tree_util
-from ec2t_jax.scoring import jaxprs
+from ec2t_jax import jaxprs, tree_util
 from ec2t_jax.scoring.graph import Graph, Layer, Op
 
 __all__ = ['batch_one', 'trace']
