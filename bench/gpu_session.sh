@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device session: the issue #7 benchmarks on a GPU (bench/performance.py).
+# One device session on a GPU: the step-time and optimizer-update benchmarks of
+# docs/benchmarks.md (EC2T against plain Adam; bench/performance.py).
 # Usage on a GPU machine with jax/flax/optax installed: OUT=dir bash bench/gpu_session.sh
 set -u
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1

@@ -7,10 +7,13 @@
     params = optax.apply_updates(params, updates)     # still exactly ternary
     ec2t_jax.summarize(opt_state)
 
+Other compression methods (the absmean and TWN baselines, or your own) share the
+protocol and registry of `ec2t_jax.methods`: `ec2t_jax.methods.get('twn')`.
+
 Reference: Marban et al., CVPR Workshops 2020, arXiv:2004.01077.
 """
 
-from ec2t_jax import masks, ternary
+from ec2t_jax import masks, methods, ternary
 from ec2t_jax.alias import default_fp_optimizer, ec2t, param_labels
 from ec2t_jax.baselines import absmean_ternary
 from ec2t_jax.masks import default_ternary_mask
@@ -31,23 +34,21 @@ from ec2t_jax.transforms import (
   reset_at_step,
   ternary_training,
 )
+from ec2t_jax.twn import twn_ternary
 
 __version__ = '0.1.0'
 
 # Subpackages that need more than jax and optax (flax, orbax, matplotlib, ...) load on
 # first use, so `import ec2t_jax` stays light and `ec2t_jax.export.load(...)` still works.
 _LAZY_SUBMODULES = (
-  'baselines',
   'export',
   'inference',
+  'jaxprs',
   'models',
-  'reference',
+  'onnx_export',
   'report',
   'scoring',
-  'state_utils',
   'training',
-  'transforms',
-  'tree_util',
 )
 
 
@@ -74,6 +75,7 @@ __all__ = [
   'ec2t',
   'entropy_constrained_pruning',
   'masks',
+  'methods',
   'param_labels',
   'reset_at_step',
   'statistics',
@@ -81,4 +83,5 @@ __all__ = [
   'ternarize',
   'ternary',
   'ternary_training',
+  'twn_ternary',
 ]

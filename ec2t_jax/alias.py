@@ -1,13 +1,19 @@
-"""`ec2t(...)`: the one-call EC2T optimizer, composed from `ec2t_jax.transforms`."""
+"""`ec2t(...)`: the one-call EC2T optimizer, composed from `ec2t_jax.transforms`.
+
+Also the routing every compression method shares (`compression_partition`) and
+EC2T's entry in the method registry (`EC2T`, `ec2t_jax.methods`).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from ec2t_jax import masks as masks_lib
-from ec2t_jax import transforms, tree_util
+from ec2t_jax import methods, ternary, transforms, tree_util
 
 TERNARY, PRUNE, FULL_PRECISION = 'ternary', 'prune', 'full_precision'
 # Leaves held fixed (e.g. layers an earlier pass compressed): a zero update, no state.
@@ -162,23 +168,20 @@ def ec2t(
   freeze = hyperparams['freeze_assignment_at']
   if reset_optimizers_at_freeze and freeze is not None:
     fp = transforms.reset_at_step(fp, freeze)
-  # NON_FLOAT holds no state, so the optimizer state of a float-only model is unchanged.
-  parts = {TERNARY: ternary_tx, FULL_PRECISION: fp, NON_FLOAT: optax.set_to_zero()}
+  prune_tx = None
   if prune_mask is not None:
-    parts[PRUNE] = transforms.entropy_constrained_pruning(**hyperparams)
-  if fixed_mask is not None:
-    parts[FIXED] = optax.set_to_zero()
-  labels = cached_param_labels(ternary_mask, prune_mask, fixed_mask)
-  inner = optax.partition(parts, labels)
-
-  def init_fn(params):
-    state = inner.init(params)  # Refuses bad masks and compressed-leaf dtypes first.
-    if fp_optimizer is None:
-      _check_default_fp_dtypes(params, labels(params))
-    return state
-
+    prune_tx = transforms.entropy_constrained_pruning(**hyperparams)
+  inner = compression_partition(
+    ternary_mask,
+    ternary_tx,
+    fp,
+    prune_mask=prune_mask,
+    prune_tx=prune_tx,
+    fixed_mask=fixed_mask,
+    check_fp_dtypes=fp_optimizer is None,
+  )
   if not skip_nonfinite:
-    return optax.GradientTransformation(init_fn, inner.update)
+    return inner
 
   def update_fn(updates, state, params=None):
     # One NaN/inf gradient anywhere skips the whole update (every part keeps its
@@ -199,7 +202,69 @@ def ec2t(
 
     return jax.lax.cond(_all_finite(updates), apply, skip, (updates, state, params))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(inner.init, update_fn)
+
+
+def compression_partition(
+  ternary_mask: masks_lib.MaskOrFn,
+  ternary_tx: optax.GradientTransformation,
+  fp_tx: optax.GradientTransformation,
+  *,
+  prune_mask: masks_lib.MaskOrFn | None = None,
+  prune_tx: optax.GradientTransformation | None = None,
+  fixed_mask: masks_lib.MaskOrFn | None = None,
+  check_fp_dtypes: bool = False,
+) -> optax.GradientTransformation:
+  """Routes each params leaf to its transformation by the masks: the optimizer of every method.
+
+  `optax.partition` over the labels of `cached_param_labels`: the leaves of
+  `ternary_mask` go to `ternary_tx`, those of `prune_mask` to `prune_tx`,
+  those of `fixed_mask` and integer leaves get zero updates (and no state),
+  all others go to `fp_tx`. `ec2t`, `ec2t_jax.baselines.absmean_ternary` and
+  `ec2t_jax.twn.twn_ternary` are this with their own `ternary_tx`.
+
+  Args:
+    ternary_mask: pytree of bools (or `params -> pytree of bools`) of the leaves to ternarize.
+    ternary_tx: the transformation of those leaves.
+    fp_tx: the transformation of the other float leaves.
+    prune_mask: the same for the leaves to prune, or None.
+    prune_tx: the transformation of those leaves; needed with a `prune_mask`.
+    fixed_mask: the same for leaves held as they are, or None.
+    check_fp_dtypes: refuse, at `init`, float16 leaves for `fp_tx` (pass True
+      when `fp_tx` is `default_fp_optimizer()`, whose Adam underflows there).
+
+  Returns:
+    An `optax.GradientTransformation` whose state is an `optax.PartitionState`
+    with one inner state per label (`'ternary'`, `'full_precision'`,
+    `'non_float'`, and `'prune'`, `'fixed'` with their masks).
+
+  Raises:
+    ValueError: for a `prune_mask` without `prune_tx`; at `init`, for masks that
+      select nothing, overlap, or select non-float leaves.
+  """
+  if (prune_mask is None) != (prune_tx is None):
+    raise ValueError(
+      'compression_partition needs prune_mask and prune_tx together, got '
+      f'prune_mask={"None" if prune_mask is None else "a mask"} and '
+      f'prune_tx={"None" if prune_tx is None else "a transformation"}'
+    )
+  # NON_FLOAT holds no state, so the optimizer state of a float-only model is unchanged.
+  parts = {TERNARY: ternary_tx, FULL_PRECISION: fp_tx, NON_FLOAT: optax.set_to_zero()}
+  if prune_tx is not None:
+    parts[PRUNE] = prune_tx
+  if fixed_mask is not None:
+    parts[FIXED] = optax.set_to_zero()
+  labels = cached_param_labels(ternary_mask, prune_mask, fixed_mask)
+  inner = optax.partition(parts, labels)
+  if not check_fp_dtypes:
+    return inner
+
+  def init_fn(params):
+    state = inner.init(params)  # Refuses bad masks and compressed-leaf dtypes first.
+    _check_default_fp_dtypes(params, labels(params))
+    return state
+
+  return optax.GradientTransformation(init_fn, inner.update)
 
 
 def _all_finite(tree: optax.Updates) -> jax.Array:
@@ -265,3 +330,102 @@ def cached_param_labels(
     )
 
   return labels
+
+
+# --- EC2T in the method registry (`ec2t_jax.methods`) -------------------------------------
+
+# The keys of `config.ec2t` (or a stage's settings) that EC2T's trainer optimizer reads.
+EC2T_SETTINGS = (
+  'gamma',
+  'init_scale',
+  'sustain',
+  'p0_min',
+  'centroid_floor_std',
+  'latent_learning_rate',
+  'centroid_learning_rate',
+  'learning_rate',
+  'weight_decay',
+  'reference_parity',
+)
+
+
+def ec2t_from_settings(
+  settings: Any,
+  ternary_mask: masks_lib.MaskOrFn,
+  *,
+  prune_mask: masks_lib.MaskOrFn | None = None,
+  fixed_mask: masks_lib.MaskOrFn | None = None,
+  freeze_at: int | None = None,
+) -> optax.GradientTransformation:
+  """The trainer's EC2T optimizer of one pass, from `config.ec2t` (`settings`): `EC2T.optimizer`.
+
+  `ec2t(...)` with γ, s, ς, `p0_min`, the centroid floor and `reference_parity`
+  from `settings`; Adam with `latent_learning_rate` on the latent weights and
+  with `centroid_learning_rate` on the centroids; `default_fp_optimizer(
+  learning_rate, weight_decay)` on the other leaves; ECP on the `prune_mask`
+  leaves; the assignment freezes at update `freeze_at`. Non-finite gradients
+  are not skipped here (`skip_nonfinite=False`): the trainer stops on, or
+  skips and counts, such steps itself.
+
+  Raises:
+    ValueError: for settings that lack a key of `EC2T_SETTINGS`, or bad values.
+  """
+  s = methods.read_settings(settings, EC2T_SETTINGS, 'ec2t')
+  return ec2t(
+    ternary_mask,
+    gamma=s['gamma'],
+    init_scale=s['init_scale'],
+    sustain=s['sustain'],
+    p0_min=s['p0_min'],
+    centroid_floor_std=s['centroid_floor_std'],
+    latent_optimizer=optax.adam(s['latent_learning_rate']),
+    centroid_optimizer=optax.adam(s['centroid_learning_rate']),
+    fp_optimizer=default_fp_optimizer(s['learning_rate'], s['weight_decay']),
+    prune_mask=prune_mask,
+    fixed_mask=fixed_mask,
+    freeze_assignment_at=freeze_at,
+    reference_parity=s['reference_parity'],
+    skip_nonfinite=False,
+  )
+
+
+def _ec2t_kernels(state: transforms.CompressionState, dtype_of: methods.DtypeOf):
+  """`{path: kernel}` of an EC2T (ternary) or ECP (pruned) state, from its assignment."""
+  prune = isinstance(state, transforms.EntropyConstrainedPruningState)
+  assignment = tree_util.flat_dict(state.assignment, skip_masked=True)
+  if prune:
+    latent = tree_util.flat_dict(state.latent, skip_masked=True)
+    return {n: ternary.pruned_kernel(a, latent[n], dtype_of(n)) for n, a in assignment.items()}
+  centroids = tree_util.flat_dict(state.centroids, skip_masked=True)
+  return {n: ternary.ternary_kernel(a, centroids[n], dtype_of(n)) for n, a in assignment.items()}
+
+
+def _ec2t_layers(state: transforms.CompressionState, dtype_of: methods.DtypeOf):
+  """`{path: CompressedLayer}` of an EC2T or ECP state (its levels do not depend on dtypes)."""
+  del dtype_of  # The state holds the centroids exactly as placed in the network.
+  centroids = tree_util.flat_dict(state.centroids, skip_masked=True)
+  latent = tree_util.flat_dict(state.latent, skip_masked=True)
+  lam = tree_util.flat_dict(state.lam, skip_masked=True)
+  pmf = tree_util.flat_dict(state.pmf, skip_masked=True)
+  return {
+    n: methods.CompressedLayer(
+      assignment=a,
+      w_p=centroids[n][0],
+      w_n=centroids[n][1],
+      latent=latent[n],
+      lam=lam[n],
+      pmf=pmf[n],
+    )
+    for n, a in tree_util.flat_dict(state.assignment, skip_masked=True).items()
+  }
+
+
+EC2T = methods.CompressionMethod(
+  name='ec2t',
+  optimizer=ec2t_from_settings,
+  owns=transforms.is_compression_state,
+  kernels=_ec2t_kernels,
+  layers=_ec2t_layers,
+  can_prune=True,
+  settings=EC2T_SETTINGS,
+)

@@ -6,22 +6,30 @@ a params pytree that *is* the ternary network, so the trainer, checkpoints,
 export and report treat both alike (`config.method = 'absmean'`, see
 docs/baselines.md).
 
+The parts every latent-weight baseline shares live here too:
+`straight_through_training` (latent weights in the state, a quantizer places
+the kernel) and `latent_method` (its entry in `ec2t_jax.methods`);
+`ec2t_jax.twn` is built from them.
+
 Reference: Ma et al., "The Era of 1-bit LLMs: All Large Language Models are in
 1.58 Bits", 2024, arXiv:2402.17764 (BitNet b1.58).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from ec2t_jax import alias, ternary, transforms, tree_util
+from ec2t_jax import alias, methods, ternary, transforms, tree_util
 from ec2t_jax import masks as masks_lib
 
 __all__ = [
+  'ABSMEAN',
+  'LATENT_SETTINGS',
   'AbsmeanTernaryTrainingState',
   'absmean_assignment',
   'absmean_quantize',
@@ -29,8 +37,14 @@ __all__ = [
   'absmean_ternary',
   'absmean_ternary_training',
   'is_absmean_state',
+  'latent_method',
   'states',
+  'straight_through_training',
 ]
+
+# `quantize(state, w, dtype) -> q`: the kernel of the latent weights `w` (float32) of one
+# leaf in `dtype`, with the state's settings (e.g. absmean's ε).
+Quantizer = Callable[[Any, jax.Array, jax.typing.DTypeLike], jax.Array]
 
 
 def absmean_scale(w: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike = jnp.float32) -> jax.Array:
@@ -108,6 +122,78 @@ def is_absmean_state(x: Any) -> bool:
   return isinstance(x, AbsmeanTernaryTrainingState)
 
 
+def straight_through_training(
+  what: str,
+  quantize: Quantizer,
+  new_state: Callable[[Any, optax.OptState], Any],
+  latent_optimizer: optax.GradientTransformation,
+) -> optax.GradientTransformation:
+  """Trains every leaf it is given into `quantize` of its latent weights (straight-through).
+
+  One update, with `G = ∂L/∂q` the gradient w.r.t. the params leaf `q = Q(W)`:
+
+      W ← W + latent_optimizer(G)      (STE: ∂q/∂W taken as the identity)
+      q ← Q(W) = quantize(state, W, params dtype)
+
+  and the returned update turns each params leaf into the new `Q(W)` exactly
+  under `optax.apply_updates` (so `quantize` must give values that it can
+  reach exactly: levels snapped as `ternary.snap_centroids` does, +0.0 for
+  zeros). A gradient with a NaN or inf leaves the whole state as it was (a
+  zero update). `init` copies the params (as float32) into the latent weights.
+
+  Args:
+    what: the transformation's name, for errors.
+    quantize: `(state, w, dtype) -> q`, the kernel of one leaf.
+    new_state: `(latent, latent_opt_state) -> state`, a NamedTuple with the
+      fields `latent` and `latent_opt_state` (and any settings `quantize` reads).
+    latent_optimizer: optimizer of the latent weights.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is `new_state(...)`'s.
+
+  Raises:
+    ValueError: at `init`, for a leaf that is not floating point; at `update`,
+      without params.
+  """
+
+  def init_fn(params):
+    for name, leaf in tree_util.named_leaves(params, skip_masked=True):
+      if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+        raise ValueError(
+          f'{what} is given {name} of dtype {jnp.result_type(leaf)}; only '
+          'floating-point leaves can be ternarized'
+        )
+    latent = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
+    return new_state(latent, latent_optimizer.init(latent))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(f'{what} needs the current params: call update(grads, state, params).')
+    # 1. Straight-through: the gradient w.r.t. Q(W) steps W unchanged.
+    grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.float32), updates)
+    steps, opt_state = latent_optimizer.update(grads, state.latent_opt_state, state.latent)
+    latent = optax.apply_updates(state.latent, steps)
+    # 2. A NaN/inf gradient would make W NaN for good: keep the state instead.
+    checks = [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
+    finite = jnp.all(jnp.stack(checks)) if checks else jnp.ones((), bool)
+    new = state._replace(latent=latent, latent_opt_state=opt_state)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+
+    # 3. The new kernel Q(W), reached exactly by `optax.apply_updates`, quantized with
+    # the state's settings (those `ec2t_jax.ternarize` and `compressed_kernels` read).
+    def kernel_update(p, w):
+      q = quantize(new, w, p.dtype)
+      u = ternary.exact_update(p, q)
+      # From params that are not ternary yet (no `ternarize` after `init`) an exact
+      # `u` may not exist; `p + (-p)` is exactly 0, so the leaf still holds only
+      # the levels of Q(W) and 0 (the next update places Q(W) again).
+      return jnp.where(p + u == q, u, -p)
+
+    return jax.tree.map(kernel_update, params, new.latent), new
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def absmean_ternary_training(
   *,
   latent_optimizer: optax.GradientTransformation | None = None,
@@ -150,48 +236,21 @@ def absmean_ternary_training(
     [0.5, -0.5, 0.0, 0.0]
   """
   transforms.check_hyperparameter('eps', eps, minimum=0.0, strict=False)
-  latent_optimizer = latent_optimizer or optax.adam(1e-4)
+  return straight_through_training(
+    'absmean_ternary_training',
+    _absmean_quantize_with_state,
+    lambda latent, opt_state: AbsmeanTernaryTrainingState(
+      latent, opt_state, jnp.asarray(eps, jnp.float32)
+    ),
+    latent_optimizer or optax.adam(1e-4),
+  )
 
-  def init_fn(params):
-    for name, leaf in tree_util.named_leaves(params, skip_masked=True):
-      if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-        raise ValueError(
-          f'absmean_ternary_training is given {name} of dtype {jnp.result_type(leaf)}; only '
-          'floating-point leaves can be ternarized'
-        )
-    latent = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
-    return AbsmeanTernaryTrainingState(
-      latent, latent_optimizer.init(latent), jnp.asarray(eps, jnp.float32)
-    )
 
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError(
-        'absmean_ternary_training needs the current params: call update(grads, state, params).'
-      )
-    # 1. Straight-through: the gradient w.r.t. Q(W) steps W unchanged.
-    grads = jax.tree.map(lambda g: jnp.asarray(g, jnp.float32), updates)
-    steps, opt_state = latent_optimizer.update(grads, state.latent_opt_state, state.latent)
-    latent = optax.apply_updates(state.latent, steps)
-    # 2. A NaN/inf gradient would make W NaN for good: keep the state instead.
-    checks = [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
-    finite = jnp.all(jnp.stack(checks)) if checks else jnp.ones((), bool)
-    new_state = AbsmeanTernaryTrainingState(latent, opt_state, state.quantizer_eps)
-    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
-
-    # 3. The new kernel Q(W), reached exactly by `optax.apply_updates`. The ε is the
-    # state's, the one `ec2t_jax.ternarize` and `compressed_kernels` read.
-    def kernel_update(p, w):
-      q = absmean_quantize(w, new_state.quantizer_eps, p.dtype)
-      u = ternary.exact_update(p, q)
-      # From params that are not ternary yet (no `ternarize` after `init`) an exact
-      # `u` may not exist; `p + (-p)` is exactly 0, so the leaf still holds only
-      # {-m, 0, +m} (the next update places Q(W) again).
-      return jnp.where(p + u == q, u, -p)
-
-    return jax.tree.map(kernel_update, params, new_state.latent), new_state
-
-  return optax.GradientTransformation(init_fn, update_fn)
+def _absmean_quantize_with_state(
+  state: AbsmeanTernaryTrainingState, w: jax.Array, dtype: jax.typing.DTypeLike
+) -> jax.Array:
+  """`absmean_quantize` of `w` with the state's ε."""
+  return absmean_quantize(w, state.quantizer_eps, dtype)
 
 
 def absmean_ternary(
@@ -248,20 +307,111 @@ def absmean_ternary(
     >>> len(levels), levels[0] == -levels[-1]  # m = mean|W| = 6/11, snapped.
     (3, True)
   """
-  ternary_tx = absmean_ternary_training(latent_optimizer=latent_optimizer, eps=eps)
-  parts = {
-    alias.TERNARY: ternary_tx,
-    alias.FULL_PRECISION: fp_optimizer or alias.default_fp_optimizer(),
-    alias.NON_FLOAT: optax.set_to_zero(),
-  }
-  if fixed_mask is not None:
-    parts[alias.FIXED] = optax.set_to_zero()
-  # The labels (and their validation) are `ec2t`'s, resolved once per params structure.
-  labels = alias.cached_param_labels(ternary_mask, None, fixed_mask)
-  return optax.partition(parts, labels)
+  return alias.compression_partition(
+    ternary_mask,
+    absmean_ternary_training(latent_optimizer=latent_optimizer, eps=eps),
+    fp_optimizer or alias.default_fp_optimizer(),
+    fixed_mask=fixed_mask,
+    check_fp_dtypes=fp_optimizer is None,
+  )
 
 
 def states(opt_state: optax.OptState) -> list[AbsmeanTernaryTrainingState]:
   """All `AbsmeanTernaryTrainingState` inside `opt_state`."""
   leaves = jax.tree.leaves(opt_state, is_leaf=is_absmean_state)
   return [x for x in leaves if is_absmean_state(x)]
+
+
+# --- latent-weight baselines in the method registry (`ec2t_jax.methods`) ----------------------
+
+# The keys of `config.ec2t` (or a stage's settings) a latent-weight baseline's optimizer reads.
+LATENT_SETTINGS = ('latent_learning_rate', 'learning_rate', 'weight_decay')
+
+
+def latent_method(
+  name: str,
+  factory: Callable[..., optax.GradientTransformation],
+  owns: Callable[[Any], bool],
+  quantize: Quantizer,
+  scale: Quantizer,
+) -> methods.CompressionMethod:
+  """The `ec2t_jax.methods.CompressionMethod` of a latent-weight baseline (absmean, TWN).
+
+  Its `optimizer(settings, ternary_mask, *, prune_mask=None, fixed_mask=None,
+  freeze_at=None)` is `factory(ternary_mask, latent_optimizer=optax.adam(
+  settings['latent_learning_rate']), fp_optimizer=ec2t_jax.default_fp_optimizer(
+  settings['learning_rate'], settings['weight_decay']), fixed_mask=fixed_mask)`.
+  Such a method has no assignment to freeze (`freeze_at` is ignored, so a frozen
+  stage continues training) and cannot prune (a `prune_mask` is refused). Its
+  state views read the state's latent weights: the kernel is `quantize`, the
+  levels are `±scale`, both in the params leaf's dtype.
+
+  Args:
+    name: the registry name.
+    factory: `factory(ternary_mask, *, latent_optimizer, fp_optimizer,
+      fixed_mask) -> optax.GradientTransformation`, e.g. `absmean_ternary`.
+    owns: True for the method's state (e.g. `is_absmean_state`); the state has
+      a params-shaped `latent` field (float32, `optax.MaskedNode` elsewhere).
+    quantize: `(state, w, dtype) -> kernel` of one leaf.
+    scale: `(state, w, dtype) -> level`, the float32 scalar `m` of the kernel's
+      `{-m, 0, +m}`.
+
+  Returns:
+    A `CompressionMethod` with `can_prune=False` and `settings=LATENT_SETTINGS`.
+  """
+
+  def optimizer(
+    settings: Any,
+    ternary_mask: masks_lib.MaskOrFn,
+    *,
+    prune_mask: masks_lib.MaskOrFn | None = None,
+    fixed_mask: masks_lib.MaskOrFn | None = None,
+    freeze_at: int | None = None,
+  ) -> optax.GradientTransformation:
+    """The trainer's optimizer of one pass, from `config.ec2t` (see `latent_method`)."""
+    del freeze_at  # No assignment to freeze: a frozen stage simply continues training.
+    if prune_mask is not None:
+      raise methods.pruning_error(
+        name, prune_pattern=methods.get_setting(settings, 'prune_pattern') or None
+      )
+    s = methods.read_settings(settings, LATENT_SETTINGS, name)
+    return factory(
+      ternary_mask,
+      latent_optimizer=optax.adam(s['latent_learning_rate']),
+      fp_optimizer=alias.default_fp_optimizer(s['learning_rate'], s['weight_decay']),
+      fixed_mask=fixed_mask,
+    )
+
+  def kernels(state: Any, dtype_of: methods.DtypeOf) -> dict[str, jax.Array]:
+    """`{path: quantize(state, W, dtype)}` of the state's latent weights."""
+    latent = tree_util.flat_dict(state.latent, skip_masked=True)
+    return {n: quantize(state, w, dtype_of(n)) for n, w in latent.items()}
+
+  def layers(state: Any, dtype_of: methods.DtypeOf) -> dict[str, methods.CompressedLayer]:
+    """`{path: CompressedLayer}`: symbols of `quantize`, levels `±scale`, no λ."""
+    out = {}
+    for n, w in tree_util.flat_dict(state.latent, skip_masked=True).items():
+      dtype = dtype_of(n)
+      m = scale(state, w, dtype)
+      symbols = (jnp.sign(quantize(state, w, dtype)) + 1).astype(jnp.int8)
+      out[n] = methods.CompressedLayer(assignment=symbols, w_p=m, w_n=m, latent=w)
+    return out
+
+  return methods.CompressionMethod(
+    name=name,
+    optimizer=optimizer,
+    owns=owns,
+    kernels=kernels,
+    layers=layers,
+    can_prune=False,
+    settings=LATENT_SETTINGS,
+  )
+
+
+ABSMEAN = latent_method(
+  'absmean',
+  absmean_ternary,
+  is_absmean_state,
+  _absmean_quantize_with_state,
+  lambda state, w, dtype: absmean_scale(w, dtype),
+)

@@ -1,50 +1,63 @@
-"""Reading the EC2T state: place the ternary network into params, and summarize it.
+"""Reading the compression state: place the compressed network into params, and summarize it.
 
-The functions also read the state of the absmean baseline
-(`ec2t_jax.baselines.absmean_ternary`), so the trainer, export and report treat
-both methods alike.
+The functions read the state of every registered compression method
+(`ec2t_jax.methods`: EC2T and ECP, the absmean and TWN baselines, and any method
+registered later) through the method's own state views, so the trainer,
+export and report treat all methods alike.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ec2t_jax import baselines, ternary, transforms, tree_util
+from ec2t_jax import methods, ternary, transforms, tree_util
 
 
-def compression_states(opt_state: optax.OptState) -> list[transforms.CompressionState]:
-  """All `TernaryTrainingState` / `EntropyConstrainedPruningState` inside `opt_state`."""
-  leaves = jax.tree.leaves(opt_state, is_leaf=transforms.is_compression_state)
-  return [x for x in leaves if transforms.is_compression_state(x)]
+def compression_states(opt_state: optax.OptState) -> list[Any]:
+  """All states of registered compression methods inside `opt_state`, in tree order.
+
+  `TernaryTrainingState` / `EntropyConstrainedPruningState` for EC2T, and the
+  baselines' states (see `ec2t_jax.methods.method_states` for their methods).
+  """
+  return [state for _, state in methods.method_states(opt_state)]
+
+
+def _dtype_of(params: optax.Params | None) -> methods.DtypeOf:
+  """`dtype_of(path)` for the method views: the params leaf's dtype (float32 without params).
+
+  With params, a path they lack is a ValueError.
+  """
+  if params is None:
+    return lambda name: jnp.float32
+  dtypes = tree_util.leaf_dtypes(params)
+
+  def dtype_of(name: str):
+    if name not in dtypes:
+      raise ValueError(f'opt_state holds {name!r}, which is not a leaf of params')
+    return dtypes[name]
+
+  return dtype_of
 
 
 def compressed_kernels(opt_state: optax.OptState, params: optax.Params) -> dict[str, jax.Array]:
   """`{path: kernel}` of every compressed leaf, as the state defines it, in the params' dtype.
 
-  EC2T and ECP leaves from their assignment and centroids; leaves of the absmean
-  baseline as `baselines.absmean_quantize` of their latent weights.
+  EC2T and ECP leaves from their assignment and centroids; leaves of the
+  latent-weight baselines (absmean, TWN) as their quantizer of the latent
+  weights: each method's `kernels` view (`ec2t_jax.methods`).
+
+  Raises:
+    ValueError: if `opt_state` holds a leaf that `params` lacks.
   """
-  dtypes = tree_util.leaf_dtypes(params)
+  dtype_of = _dtype_of(params)
   out = {}
-  for state in baselines.states(opt_state):
-    for name, w in tree_util.flat_dict(state.latent, skip_masked=True).items():
-      if name not in dtypes:
-        raise ValueError(f'opt_state holds {name!r}, which is not a leaf of params')
-      out[name] = baselines.absmean_quantize(w, state.quantizer_eps, dtypes[name])
-  for state in compression_states(opt_state):
-    prune = isinstance(state, transforms.EntropyConstrainedPruningState)
-    latent = tree_util.flat_dict(state.latent, skip_masked=True)
-    centroids = tree_util.flat_dict(state.centroids, skip_masked=True)
-    for name, a in tree_util.flat_dict(state.assignment, skip_masked=True).items():
-      if name not in dtypes:
-        raise ValueError(f'opt_state holds {name!r}, which is not a leaf of params')
-      if prune:
-        out[name] = ternary.pruned_kernel(a, latent[name], dtypes[name])
-      else:
-        out[name] = ternary.ternary_kernel(a, centroids[name], dtypes[name])
+  for method, state in methods.method_states(opt_state):
+    out.update(method.kernels(state, dtype_of))
   return out
 
 
@@ -57,20 +70,22 @@ def ternarize(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
   Args:
     params: the params the optimizer was initialized with.
     opt_state: the state of `ec2t_jax.ec2t` (or of any composition containing
-      `ternary_training` / `entropy_constrained_pruning`), or of
-      `ec2t_jax.baselines.absmean_ternary`.
+      `ternary_training` / `entropy_constrained_pruning`), or of another
+      registered method's optimizer (`ec2t_jax.baselines.absmean_ternary`,
+      `ec2t_jax.twn.twn_ternary`, ...).
 
   Returns:
     A new params pytree of the same structure and dtypes.
 
   Raises:
-    ValueError: if `opt_state` holds no EC2T state.
+    ValueError: if `opt_state` holds no state of a registered method.
   """
   kernels = compressed_kernels(opt_state, params)
   if not kernels:
     raise ValueError(
-      'opt_state holds no EC2T state; was it created by ec2t_jax.ec2t (or '
-      'ec2t_jax.baselines.absmean_ternary)?'
+      'opt_state holds no EC2T state (nor one of another registered method: '
+      f'{", ".join(map(repr, methods.names()))}); was it created by ec2t_jax.ec2t or a '
+      "method's optimizer (ec2t_jax.methods.get(name).optimizer)?"
     )
 
   def place(path, leaf):
@@ -82,54 +97,42 @@ def ternarize(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
 def statistics(
   opt_state: optax.OptState, params: optax.Params | None = None
 ) -> dict[str, jax.Array]:
-  """Per-layer and total EC2T statistics as arrays (usable inside `jit`).
+  """Per-layer and total statistics of the compressed leaves as arrays (usable inside `jit`).
 
   Keys: `'<path>/sparsity'` (fraction of zeros), `'/w_p'`, `'/w_n'`,
   `'/lambda'`, `'/entropy_bits'` (empirical entropy of the assignment, bits
   per weight), and totals `'total_sparsity'` (zeros over all compressed
-  weights), `'num_compressed'`, `'entropy_bits'` (weighted mean). Leaves of the
-  absmean baseline have `w_p = w_n = m` and no `'/lambda'`.
+  weights), `'num_compressed'`, `'entropy_bits'` (weighted mean). Leaves of
+  the latent-weight baselines (absmean, TWN) have `w_p = w_n = m` and no
+  `'/lambda'` (no entropy term). Each method's `layers` view gives the
+  symbols and levels (`ec2t_jax.methods`).
 
   Args:
     opt_state: the optimizer state (see `ternarize`).
-    params: the params, or None. The absmean baseline's state holds float32
-      latent weights only; its level `m` (and so its symbols) lies on the grid
-      of the params leaf's dtype, which is read from `params` (float32 without).
+    params: the params, or None. A baseline's state holds float32 latent
+      weights only; its level `m` (and so its symbols) lies on the grid of the
+      params leaf's dtype, which is read from `params` (float32 without).
       EC2T's statistics do not depend on it.
 
   Raises:
-    ValueError: if `opt_state` holds a leaf that `params` lacks.
+    ValueError: if a baseline's `opt_state` holds a leaf that `params` lacks.
   """
-  dtypes = {} if params is None else tree_util.leaf_dtypes(params)
+  dtype_of = _dtype_of(params)
   out = {}
   zeros = jnp.zeros((), jnp.float32)
   total = 0
   weighted_bits = jnp.zeros((), jnp.float32)
-  for state in baselines.states(opt_state):
-    for name, w in tree_util.flat_dict(state.latent, skip_masked=True).items():
-      if params is not None and name not in dtypes:
-        raise ValueError(f'opt_state holds {name!r}, which is not a leaf of params')
-      dtype = dtypes.get(name, jnp.float32)
-      a = baselines.absmean_assignment(w, state.quantizer_eps, dtype)
-      cnt = ternary.counts(a)
-      bits = ternary.entropy_bits(cnt / a.size)
-      out[f'{name}/sparsity'] = cnt[ternary.ZERO] / a.size
-      out[f'{name}/w_p'] = out[f'{name}/w_n'] = baselines.absmean_scale(w, dtype)
-      out[f'{name}/entropy_bits'] = bits
-      zeros = zeros + cnt[ternary.ZERO]
-      weighted_bits = weighted_bits + bits * a.size
-      total += a.size
-  for state in compression_states(opt_state):
-    centroids = tree_util.flat_dict(state.centroids, skip_masked=True)
-    lam = tree_util.flat_dict(state.lam, skip_masked=True)
-    for name, a in tree_util.flat_dict(state.assignment, skip_masked=True).items():
+  for method, state in methods.method_states(opt_state):
+    for name, layer in method.layers(state, dtype_of).items():
+      a = layer.assignment
       cnt = ternary.counts(a)
       pmf = cnt / a.size
       bits = ternary.entropy_bits(pmf)
       out[f'{name}/sparsity'] = pmf[ternary.ZERO]
-      out[f'{name}/w_p'] = centroids[name][0]
-      out[f'{name}/w_n'] = centroids[name][1]
-      out[f'{name}/lambda'] = lam[name]
+      out[f'{name}/w_p'] = layer.w_p
+      out[f'{name}/w_n'] = layer.w_n
+      if layer.lam is not None:
+        out[f'{name}/lambda'] = layer.lam
       out[f'{name}/entropy_bits'] = bits
       zeros = zeros + cnt[ternary.ZERO]
       weighted_bits = weighted_bits + bits * a.size
@@ -143,8 +146,8 @@ def statistics(
 def summarize(opt_state: optax.OptState, params: optax.Params | None = None) -> dict[str, float]:
   """`statistics(opt_state, params)` as Python floats, for logging and reports.
 
-  Pass `params` for the absmean baseline's levels in a non-float32 network
-  (see `statistics`).
+  Pass `params` for a baseline's levels (absmean, TWN) in a non-float32
+  network (see `statistics`).
 
   Example:
     >>> summary = summarize(opt_state)  # doctest: +SKIP

@@ -34,6 +34,7 @@ from typing import Any
 
 import ml_collections
 
+import ec2t_jax
 from ec2t_jax import main as main_lib
 
 __all__ = [
@@ -66,11 +67,10 @@ def _explicit(config: ml_collections.ConfigDict) -> bool:
 
 
 def _stage_order(config: ml_collections.ConfigDict) -> list[str]:
-  """The stage names of `config.stage_order` (the order of `config.stages` if it is empty)."""
-  order = config.get('stage_order') or ''
-  if isinstance(order, str):
-    order = [name.strip() for name in order.split(',') if name.strip()]
-  return [str(name) for name in order] or list(config.stages.keys())
+  """The stage names in the order they run, as the trainer reads them (`spec.stage_specs`)."""
+  from ec2t_jax.training import parse as parse_lib  # Local: the trainer's imports are heavy.
+
+  return [stage.name for stage in parse_lib.stage_specs(config)]
 
 
 def _leading_fp(config: ml_collections.ConfigDict) -> list[str]:
@@ -232,9 +232,9 @@ def point_config(
     >>> c.ec2t.gamma, c.ec2t.init_scale, c.fp.num_epochs, c.init_from
     (0.3, 0.5, 0, '/sweep/fp/fp_variables')
   """
-  from ec2t_jax.training import state as state_lib  # Local: the trainer's imports are heavy.
+  from ec2t_jax.training import parse as parse_lib  # Local: the trainer's imports are heavy.
 
-  if state_lib.check_method(config) != state_lib.EC2T_METHOD:
+  if 'gamma' not in ec2t_jax.methods.get(parse_lib.method_name(config)).settings:
     raise ValueError(
       f'config.method={config.method!r} has no γ or s to sweep; the sweep varies EC2T '
       "(config.method='ec2t'); train the baseline once with main.py instead"
@@ -404,6 +404,10 @@ def run_sweep(
       'config.overwrite=True would start points over on every rerun of the sweep; drop it, '
       'and delete a point directory (e.g. DIR/g0.15_s0.3) to train that point again'
     )
+  from ec2t_jax.training import parse as parse_lib
+
+  # The base config as the trainer reads it: every problem of it in one error, up front.
+  parse_lib.parse(config, check_data=False, check_init_from=False)
   shared = fp_part(config)
   fp_dir = os.path.join(workdir, FP_DIR)
   init_from = os.path.join(os.path.abspath(fp_dir), 'fp_variables') if shared else None

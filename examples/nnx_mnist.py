@@ -1,6 +1,6 @@
 """Trains a Flax NNX network on the embedded MNIST into a sparse ternary one with EC2T.
 
-    python examples/nnx_mnist.py              # the numbers in the README
+    python examples/nnx_mnist.py              # the numbers in docs/training.md §7
     python examples/nnx_mnist.py --smoke      # a few steps, for the tests
 
 The whole recipe in an ordinary NNX loop: train in full precision with Adam,

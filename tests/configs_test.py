@@ -84,14 +84,14 @@ def test_config_flags_are_resolved_in_every_spelling(tmp_path, monkeypatch):
   'name, variant', [(n, v) for n, variants in VARIANTS.items() for v in variants]
 )
 def test_every_recipe_validates_with_its_stages(name, variant):
-  from ec2t_jax.training import schedule as schedule_lib
+  from ec2t_jax.training import parse as parse_lib
   from ec2t_jax.training import train
 
   config = importlib.import_module(f'ec2t_jax.configs.{name}').get_config(*variant)
   if config.needs_init_from:
     config.init_from = '/weights/pretrained.pth'  # Not read by the validation.
   train.validate_config(config)
-  specs = schedule_lib.stage_specs(config)
+  specs = parse_lib.stage_specs(config)
   # A frozen stage starts from the best EC2T checkpoint in the published recipes.
   if name in ('cifar10', 'cifar100', 'imagenet') and variant != ('smoke',):
     assert all(s.start_from == 'best' for s in specs if s.kind == 'frozen' and s.num_epochs)

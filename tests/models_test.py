@@ -119,7 +119,7 @@ def test_register_adds_a_model(monkeypatch):
   assert logits.shape == (1, 3)
   with pytest.raises(ValueError, match="'resnet8' is already registered"):
     models.register('resnet8', models.CifarResNet)
-  models.register('resnet8', models.CifarResNet, overwrite=True)
+  models.register('resnet8', models.CifarResNet, replace=True)
   assert models.create('resnet8', num_classes=10).depth == 20
   with pytest.raises(ValueError, match='without an input shape'):
     models.input_shape('resnet8')

@@ -12,6 +12,8 @@ from ec2t_jax import models
 from ec2t_jax.configs import default
 from ec2t_jax.models import grow as grow_lib
 from ec2t_jax.training import checkpoint, pretrained, state
+from ec2t_jax.training import parse as parse_lib
+from ec2t_jax.training import variables as variables_lib
 
 IMAGE_SHAPE = (32, 32, 3)
 # Base: 1 block per stage, widths 8/16/32; target: 2 blocks per stage, widths 16/24/48.
@@ -73,18 +75,31 @@ def _logits(model, variables, seed=5):
 
 
 def _grow(config):
-  model = state.create_model(config, 10)
+  spec = parse_lib.model_spec(config)
+  model = variables_lib.create_model(spec, 10)
   template = state.initial_variables(model, IMAGE_SHAPE, config.seed)
   grown = pretrained.grow_from_pretrained(
-    config, model=model, variables=template, image_shape=IMAGE_SHAPE, num_classes=10
+    spec,
+    seed=config.seed,
+    network=model,
+    variables=template,
+    image_shape=IMAGE_SHAPE,
+    num_classes=10,
   )
   return model, template, grown
+
+
+def _validate(config):
+  """`validate_grow` as `spec.parse` calls it."""
+  pretrained.validate_grow(
+    parse_lib.model_spec(config), num_classes=config.get('num_classes') or 10, seed=config.seed
+  )
 
 
 def test_grown_network_computes_the_base_function(base, caplog):
   base_model, base_vars, path = base
   config = _config(init_from=path)
-  pretrained.validate_grow_config(config)
+  _validate(config)
   with caplog.at_level('INFO'):
     model, template, grown = _grow(config)
   assert (model.blocks_per_stage, model.widths) == (2, (16, 24, 48))
@@ -163,7 +178,7 @@ def test_init_from_of_another_base_names_the_base(base):
 def test_validate_errors(overrides, match):
   config = _config(**overrides)
   with pytest.raises(ValueError, match=match) as e:
-    pretrained.validate_grow_config(config)
+    _validate(config)
   assert '\n' not in str(e.value)
 
 
@@ -174,19 +189,19 @@ def test_validate_names_both_models_when_the_target_is_shallower():
     match=r"base_model='micronet' .*\(3 blocks per stage.*config.model='micronet' .*\(1 blocks "
     r'per stage.*: stage 1: the big model has 1 blocks, fewer than the small model \(3\)',
   ):
-    pretrained.validate_grow_config(config)
+    _validate(config)
 
 
 def test_validate_accepts_growable_configs_and_no_growth():
-  pretrained.validate_grow_config(_config())
-  pretrained.validate_grow_config(_config(**{'grow.base_model': ''}))
+  _validate(_config())
+  _validate(_config(**{'grow.base_model': ''}))
   config = _config(model='resnet32', model_kwargs=ml_collections.ConfigDict())
   config.grow.base_model = 'resnet20'
   config.grow.base_model_kwargs = ml_collections.ConfigDict()
-  pretrained.validate_grow_config(config)
+  _validate(config)
   config = _config(model='micronet_c100', model_kwargs=ml_collections.ConfigDict())
   config.grow.base_model_kwargs = ml_collections.ConfigDict()  # The paper's d = w = 1 base.
-  pretrained.validate_grow_config(config)
+  _validate(config)
 
 
 def test_compound_kwargs():
@@ -200,3 +215,27 @@ def test_compound_kwargs():
   }
   with pytest.raises(ValueError, match=r'd >= 1, w >= 1 and phi >= 0 .*got d=0.9, w=1.2, phi=1'):
     pretrained.compound_kwargs(0.9, 1.2, 1)
+
+
+@pytest.mark.parametrize('grow_seed, seed, want', [(0, 7, 7), (3, 7, 3)])
+def test_grow_seed_zero_is_the_run_seed(monkeypatch, grow_seed, seed, want):
+  real_grow, rngs = grow_lib.grow, []
+
+  def recording_grow(*args, **kwargs):
+    rngs.append((kwargs['rng'], kwargs['split']))
+    return real_grow(*args, **kwargs)
+
+  monkeypatch.setattr(grow_lib, 'grow', recording_grow)
+  config = _config(seed=seed, **{'grow.seed': grow_seed, 'grow.split': 'random'})
+  _validate(config)
+  assert rngs == [(want, 'random')]
+
+
+def test_no_growth_needs_no_base():
+  spec = parse_lib.model_spec(_config(**{'grow.base_model': ''}))
+  assert spec.grow_base_model == ''
+  pretrained.validate_grow(spec, num_classes=10, seed=0)
+  with pytest.raises(ValueError, match=r"needs config.grow.base_model, got ''"):
+    pretrained.grow_from_pretrained(
+      spec, seed=0, network=None, variables={}, image_shape=IMAGE_SHAPE, num_classes=10
+    )

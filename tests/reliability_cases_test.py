@@ -45,6 +45,8 @@ from ec2t_jax import export, models, report, scoring, transforms
 from ec2t_jax.scoring import __main__ as scoring_cli
 from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import datasets, metric_writers, train
+from ec2t_jax.training import lock as lock_lib
+from ec2t_jax.training import parse as parse_lib
 from ec2t_jax.training import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -271,7 +273,7 @@ def check_c02(tmp_path, tiny_mnist, trained_workdir):
 )
 def check_c03(tmp_path, tiny_mnist):
   workdir = str(tmp_path / 'run')
-  workdir_lib.claim_workdir(tiny_mnist(), workdir).release()
+  _claim(tiny_mnist(), workdir).release()
   lock = _hold_lock(workdir)
   try:
     with pytest.raises(workdir_lib.WorkdirBusyError):
@@ -397,7 +399,7 @@ def check_c08(tmp_path, tiny_mnist, trained_workdir, monkeypatch):
 )
 def check_c09(tmp_path, tiny_mnist):
   workdir = str(tmp_path / 'run')
-  workdir_lib.claim_workdir(tiny_mnist(), workdir).release()
+  _claim(tiny_mnist(), workdir).release()
   before = _snapshot(workdir)
   for change, shown in (
     ({'ec2t.gamma': 0.3}, 'ec2t.gamma: 0.15 -> 0.3'),
@@ -1024,7 +1026,7 @@ def check_c32(tmp_path, tiny_mnist, capsys):
   empty = tmp_path / 'empty'
   empty.mkdir()
   config_only = str(tmp_path / 'config_only')
-  workdir_lib.claim_workdir(tiny_mnist(), config_only).release()
+  _claim(tiny_mnist(), config_only).release()
   out = str(tmp_path / 'out.x')
   for workdir, message in (
     (str(tmp_path / 'missing'), 'holds no config.json'),
@@ -1420,7 +1422,7 @@ def check_b11(tmp_path, tiny_mnist):
 )
 def check_b12(tmp_path, tiny_mnist):
   workdir = str(tmp_path / 'work')
-  workdir_lib.claim_workdir(tiny_mnist(**{'ec2t.gamma': 0.5}), workdir).release()
+  _claim(tiny_mnist(**{'ec2t.gamma': 0.5}), workdir).release()
   before = open(os.path.join(workdir, 'config.json')).read()
   with pytest.raises(ValueError, match=r'different config \(ec2t.gamma: 0.5 -> 0.15\)'):
     train.train_and_evaluate(tiny_mnist(), workdir)
@@ -1437,18 +1439,14 @@ def check_b12(tmp_path, tiny_mnist):
 def check_b13(tmp_path, tiny_mnist):
   workdir = str(tmp_path / 'work')
   first = {'process_id': 0, 'coordinator_address': '127.0.0.1:1234', 'worker_count': 0}
-  workdir_lib.claim_workdir(
-    tiny_mnist(distributed=True, num_processes=2, **first), workdir
-  ).release()
+  _claim(tiny_mnist(distributed=True, num_processes=2, **first), workdir).release()
   other = {'process_id': 1, 'coordinator_address': '127.0.0.1:5678', 'worker_count': 2}
-  workdir_lib.claim_workdir(
-    tiny_mnist(distributed=True, num_processes=2, **other), workdir
-  ).release()
+  _claim(tiny_mnist(distributed=True, num_processes=2, **other), workdir).release()
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['coordinator_address'] == '127.0.0.1:5678'
   assert not os.path.exists(os.path.join(workdir, 'config.json.tmp'))
   with pytest.raises(ValueError, match='num_processes: 2 -> 1'):
-    workdir_lib.claim_workdir(tiny_mnist(distributed=True, num_processes=1, **other), workdir)
+    _claim(tiny_mnist(distributed=True, num_processes=1, **other), workdir)
 
 
 @case(
@@ -1461,7 +1459,7 @@ def check_b13(tmp_path, tiny_mnist):
 )
 def check_b14(tmp_path, tiny_mnist):
   workdir = str(tmp_path / 'work')
-  workdir_lib.claim_workdir(tiny_mnist(), workdir).release()
+  _claim(tiny_mnist(), workdir).release()
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=2)
   ckpt.save(2, {'w': jnp.ones(3)}, {'phase': 'ec2t'})
   ckpt.close()
@@ -1482,8 +1480,8 @@ def check_b15(tmp_path, tiny_mnist, trained_workdir):
   workdir = _copy(trained_workdir, tmp_path)
   os.remove(os.path.join(workdir, 'config.json'))
   with pytest.raises(ValueError, match='but no config.json'):
-    workdir_lib.claim_workdir(tiny_mnist(), workdir)
-  workdir_lib.claim_workdir(tiny_mnist(overwrite=True), workdir).release()
+    _claim(tiny_mnist(), workdir)
+  _claim(tiny_mnist(overwrite=True), workdir).release()
   assert sorted(n for n in os.listdir(workdir) if not n.startswith('overwritten-')) == [
     'config.json'
   ]
@@ -1578,6 +1576,11 @@ if __name__ == '__main__':
 # --- the workdir lock in detail ----------------------------------------------------------------
 
 
+def _claim(config, workdir):
+  """`workdir_lib.claim_workdir` of a config, as the trainer calls it (after parsing)."""
+  return workdir_lib.claim_workdir(parse_lib.parse(config, check_data=False), workdir)
+
+
 def _plant_lock(workdir, **holder):
   """A lock file as a process that ended without releasing it leaves it."""
   os.makedirs(workdir, exist_ok=True)
@@ -1605,7 +1608,7 @@ def test_lock_of_a_live_process_elsewhere_is_refused_until_stale(tmp_path, monke
   path = _plant_lock(str(tmp_path), pid=1, host='another-host', started='now', command='main.py')
   with pytest.raises(workdir_lib.WorkdirBusyError, match=r"pid 1 on host 'another-host'.*delete"):
     workdir_lib.WorkdirLock(str(tmp_path)).acquire()
-  old = os.stat(path).st_mtime - workdir_lib.STALE_LOCK_SECONDS - 1
+  old = os.stat(path).st_mtime - lock_lib.STALE_LOCK_SECONDS - 1
   os.utime(path, (old, old))  # Its holder stopped refreshing it long ago.
   workdir_lib.WorkdirLock(str(tmp_path)).acquire().release()
 
@@ -1618,7 +1621,7 @@ def test_lock_file_of_a_live_process_here_is_refused_without_flock(tmp_path):
 
 
 def test_lock_heartbeat_refreshes_the_file(tmp_path, monkeypatch):
-  monkeypatch.setattr(workdir_lib, 'HEARTBEAT_SECONDS', 0.05)
+  monkeypatch.setattr(lock_lib, 'HEARTBEAT_SECONDS', 0.05)
   lock = workdir_lib.WorkdirLock(str(tmp_path)).acquire()
   try:
     os.utime(lock.path, (0, 0))
@@ -1633,16 +1636,16 @@ def test_lock_heartbeat_refreshes_the_file(tmp_path, monkeypatch):
 def test_other_processes_of_one_run_take_no_lock(tmp_path, tiny_mnist, monkeypatch):
   """Process 0 holds the lock; process 1 of the same run claims the workdir alongside it."""
   workdir = str(tmp_path / 'run')
-  held = workdir_lib.claim_workdir(tiny_mnist(), workdir)  # Process 0.
+  held = _claim(tiny_mnist(), workdir)  # Process 0.
   try:
     monkeypatch.setattr(jax, 'process_index', lambda: 1)
     monkeypatch.setattr(jax, 'process_count', lambda: 2)
     monkeypatch.setattr(workdir_lib.multihost_utils, 'process_allgather', lambda x: np.zeros(2))
     monkeypatch.setattr(workdir_lib.multihost_utils, 'sync_global_devices', lambda name: None)
-    assert workdir_lib.claim_workdir(tiny_mnist(), workdir) is None
+    assert _claim(tiny_mnist(), workdir) is None
     monkeypatch.setattr(workdir_lib.multihost_utils, 'process_allgather', lambda x: np.ones(2))
     with pytest.raises(ValueError, match='another process of this run could not claim'):
-      workdir_lib.claim_workdir(tiny_mnist(), workdir)
+      _claim(tiny_mnist(), workdir)
   finally:
     held.release()
 

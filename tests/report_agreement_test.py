@@ -12,6 +12,7 @@ import re
 import pytest
 
 from ec2t_jax import export, report
+from ec2t_jax.report import markdown as report_markdown
 from ec2t_jax.scoring import __main__ as scoring_cli
 
 
@@ -30,7 +31,7 @@ def test_sparsity_of_summary_scoring_and_report_agree(trained_workdir, run_data,
   assert per_layer
   # report.md's layer table.
   assert {layer.name: layer.sparsity for layer in run_data.layers} == per_layer
-  text = report._markdown([run_data], {run_data.label: []})
+  text = report_markdown._markdown([run_data], {run_data.label: []})
   for name, value in per_layer.items():
     assert re.search(rf'\| {re.escape(name)} \| [\d,]+ \| {value:.1%} \|', text), name
   # The scoring table's `sparsity` column (both modes), and its JSON.
@@ -50,7 +51,7 @@ def test_sparsity_of_summary_scoring_and_report_agree(trained_workdir, run_data,
 def test_export_sizes_and_report_sizes_are_of_the_same_files(
   trained_workdir, run_data, tmp_path, capsys
 ):
-  text = report._markdown([run_data], {run_data.label: []})
+  text = report_markdown._markdown([run_data], {run_data.label: []})
   row = next(  # The storage table's row.
     line
     for line in text.splitlines()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ec2t_jax import report, ternary
+from ec2t_jax.training import parse as parse_lib
 from ec2t_jax.training import schedule as schedule_lib
 
 
@@ -29,10 +30,10 @@ def test_thresholds_reproduce_the_assignment(seed, gamma):
 
 def test_phase_boundaries_come_from_the_schedule():
   config = {'fp': {'num_epochs': 8}, 'ec2t': {'num_epochs': 10, 'frozen_epochs': 5}}
-  schedule = schedule_lib.create_schedule(config, steps_per_epoch=215)
+  schedule = schedule_lib.create_schedule(parse_lib.stage_specs(config), steps_per_epoch=215)
   assert report.phase_boundaries(schedule) == {'ec2t': 1720, 'frozen': 3870}
   config = {'fp': {'num_epochs': 0}, 'ec2t': {'num_epochs': 2, 'frozen_epochs': 0}}
-  schedule = schedule_lib.create_schedule(config, steps_per_epoch=5)
+  schedule = schedule_lib.create_schedule(parse_lib.stage_specs(config), steps_per_epoch=5)
   assert report.phase_boundaries(schedule) == {}  # One stage with steps: nothing to mark.
 
 

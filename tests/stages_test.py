@@ -13,6 +13,7 @@ import ec2t_jax
 from ec2t_jax import models, ternary, transforms, tree_util
 from ec2t_jax.configs import default, imagenet
 from ec2t_jax.training import checkpoint as checkpoint_lib
+from ec2t_jax.training import parse as parse_lib
 from ec2t_jax.training import schedule as schedule_lib
 from ec2t_jax.training import state as state_lib
 from ec2t_jax.training import train
@@ -45,7 +46,7 @@ def _three_passes(config):
 def test_default_sequence_is_fp_ec2t_frozen_in_two_passes():
   config = default.get_config()
   config.fp.num_epochs = 2
-  schedule = schedule_lib.create_schedule(config, steps_per_epoch=5)
+  schedule = schedule_lib.create_schedule(parse_lib.stage_specs(config), steps_per_epoch=5)
   assert [(s.name, s.kind, s.start, s.end, s.group, s.start_from) for s in schedule.stages] == [
     ('fp', 'fp', 0, 10, 0, 'last'),
     ('ec2t', 'ec2t', 10, 110, 1, 'last'),
@@ -74,7 +75,9 @@ def test_schedule_written_before_stages_had_names_reads_back():
 
 
 def test_three_passes_schedule(tiny_mnist):
-  schedule = schedule_lib.create_schedule(_three_passes(tiny_mnist()), steps_per_epoch=3)
+  schedule = schedule_lib.create_schedule(
+    parse_lib.stage_specs(_three_passes(tiny_mnist())), steps_per_epoch=3
+  )
   assert [(s.name, s.start, s.group) for s in schedule.stages] == [
     ('fp', 0, 0),
     ('ternarize', 3, 1),
@@ -137,7 +140,7 @@ def test_three_passes_schedule(tiny_mnist):
 def test_bad_stage_configs_are_refused_in_one_line(stages, order, message):
   config = _stages(default.get_config(), order, **stages)
   with pytest.raises(ValueError, match=None) as e:
-    schedule_lib.stage_specs(config)
+    parse_lib.stage_specs(config)
   assert message in str(e.value) and '\n' not in str(e.value)
 
 
@@ -145,8 +148,10 @@ def test_bad_stage_configs_are_refused_in_one_line(stages, order, message):
 
 
 def _setup(config):
-  schedule = schedule_lib.create_schedule(config, steps_per_epoch=3)
-  return state_lib.create_setup(config, schedule, num_classes=10, image_shape=(28, 28, 1))
+  schedule = schedule_lib.create_schedule(parse_lib.stage_specs(config), steps_per_epoch=3)
+  return state_lib.create_setup(
+    parse_lib.parse(config, check_data=False), schedule, num_classes=10, image_shape=(28, 28, 1)
+  )
 
 
 def _names(mask):
@@ -275,8 +280,9 @@ def test_ecp_delta_uses_the_largest_layer_of_its_own_pass():
   config = imagenet.get_config('efficientnet_b1')
   config.stage_order = 'ternarize,frozen,prune'
   config.stages.prune.prune_pattern = r'(se_reduce|se_expand)/kernel$'  # SE pruned alone.
-  schedule = schedule_lib.create_schedule(config, steps_per_epoch=1)
-  passes = state_lib._create_passes(config, schedule, model, params, (32, 32, 3))
+  schedule = schedule_lib.create_schedule(parse_lib.stage_specs(config), steps_per_epoch=1)
+  run = parse_lib.parse(config, check_data=False, check_init_from=False)
+  passes = state_lib._create_passes(run, schedule, model, params, (32, 32, 3))
   layout = _ecp_layout(passes[1], params)
   assert layout.max_size == max(se.values())
   name = max(se, key=se.get)  # The largest SE layer: δ = 1 when SE is pruned alone.
@@ -290,7 +296,8 @@ def test_ecp_delta_uses_the_largest_layer_of_its_own_pass():
 
   # The recipe's pass prunes SE and the classifier together: N_max is the classifier's.
   config = imagenet.get_config('efficientnet_b1')
-  passes = state_lib._create_passes(config, schedule, model, params, (32, 32, 3))
+  run = parse_lib.parse(config, check_data=False, check_init_from=False)
+  passes = state_lib._create_passes(run, schedule, model, params, (32, 32, 3))
   assert _ecp_layout(passes[1], params).max_size == sizes['fc/kernel']
   assert _names(passes[1].fixed_mask) == _names(passes[0].ternary_mask)  # Pass 1 held fixed.
 

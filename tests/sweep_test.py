@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY_OVERRIDES
 
 from ec2t_jax import sweep
-from ec2t_jax.training import schedule as schedule_lib
+from ec2t_jax.training import parse as parse_lib
 from ec2t_jax.training import workdir as workdir_lib
 
 
@@ -40,9 +40,8 @@ def _explicit_config(order='pre,warm,ternarize,freeze,prune'):
 
 
 def _valid(config):
-  """The trainer's own check of the stages, where this version of the trainer has it."""
-  if hasattr(schedule_lib, 'stage_specs'):
-    schedule_lib.stage_specs(config.to_dict())
+  """The trainer's own check of the stages."""
+  parse_lib.stage_specs(config.to_dict())
 
 
 def test_default_form_fp_part_and_point():
@@ -110,15 +109,23 @@ def test_nothing_after_full_precision_is_refused():
     config.ec2t.num_epochs = config.ec2t.frozen_epochs = 0
   with pytest.raises(ValueError, match='ec2t.num_epochs and .* are 0, so γ and s change nothing'):
     sweep.point_config(config, 0.1, 0.3, '/x')
-  with pytest.raises(ValueError, match="'pre,warm' has no non-fp stage with epochs"):
+  config = _explicit_config()
+  with config.unlocked():
+    for name in ('ternarize', 'freeze', 'prune'):
+      config.stages[name].num_epochs = 0
+  with pytest.raises(ValueError, match="'pre,warm,ternarize,freeze,prune' has no non-fp stage"):
+    sweep.point_config(config, 0.1, 0.3)
+  # Stages the order does not run: the trainer's own refusal, word for word.
+  with pytest.raises(ValueError, match=r"config.stage_order='pre,warm' does not run them"):
     sweep.point_config(_explicit_config('pre,warm'), 0.1, 0.3)
 
 
-def test_a_baseline_method_is_refused():
+@pytest.mark.parametrize('method', ['absmean', 'twn'])
+def test_a_baseline_method_is_refused(method):
   config = _default_config()
   with config.unlocked():
-    config.method = 'absmean'
-  with pytest.raises(ValueError, match="config.method='absmean' has no γ or s to sweep"):
+    config.method = method
+  with pytest.raises(ValueError, match=f"config.method='{method}' has no γ or s to sweep"):
     sweep.point_config(config, 0.1, 0.3, '/x')
 
 

@@ -6,11 +6,12 @@ import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as reference
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ec2t_jax import reference, ternary
+from ec2t_jax import ternary
 
 GOLDEN_W = np.array(
   [-0.9, -0.5, -0.31, -0.2, -0.05, 0.0, 0.02, 0.1, 0.18, 0.3, 0.45, 1.2], np.float32

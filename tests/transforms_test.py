@@ -5,13 +5,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as reference
 import optax
 import pytest
 from conftest import counting_jit
 from flax import linen as nn
 
 import ec2t_jax
-from ec2t_jax import reference, ternary, transforms, tree_util
+from ec2t_jax import ternary, transforms, tree_util
 
 SHAPES = {'conv': (3, 3, 4, 8), 'dense': (32, 10), 'small': (5, 3)}
 

@@ -15,10 +15,16 @@ import pytest
 import tensorflow_datasets as tfds
 
 from ec2t_jax.training import datasets, input_pipeline, train
+from ec2t_jax.training import parse as parse_lib
 from ec2t_jax.training.datasets import registry
 
 MOCK = tfds.testing.MockPolicy.USE_CODE
 CLASSES = ('circle', 'square', 'stripe')
+
+
+def _data_run(config):
+  """The parsed run of a config whose data alone is tested (no model, any batch size)."""
+  return parse_lib.parse(config, check_model=False, check_devices=False)
 
 
 def make_images(n, size=28, channels=1, seed=0, num_classes=3):
@@ -91,12 +97,12 @@ def test_folder_trains_end_to_end(tmp_path, tiny_mnist):
 
 def test_open_data_of_a_folder(tmp_path, tiny_mnist):
   root = write_folder(tmp_path / 'images', per_class=20)
-  data = train.open_data(tiny(tiny_mnist, f'folder:{root}'))
+  data = train.open_data(_data_run(tiny(tiny_mnist, f'folder:{root}')))
   assert data.image_shape == (28, 28, 3) and data.num_classes == 3
   # 16 training images per class (every 5th is held out for the test), 10 % for validation.
   assert len(data.train_source) == 48 and len(data.test_source) == 12
   assert len(data.val_indices) == 4 and len(data.train_indices) == 44
-  batch = next(train.create_input_iter(tiny(tiny_mnist, f'folder:{root}'), data))
+  batch = next(train.create_input_iter(_data_run(tiny(tiny_mnist, f'folder:{root}')), data))
   assert batch['image'].shape == (32, 28, 28, 3) and batch['image'].dtype == np.float32
   assert set(batch['label'].tolist()) <= {0, 1, 2}
 
@@ -285,19 +291,19 @@ def test_normalization_comes_from_the_training_records_only(tmp_path, tiny_mnist
     y_test=y_train[:20],
   )
   config = tiny(tiny_mnist, f'npz:{path}', batch_size=8)
-  data = train.open_data(config)
+  data = train.open_data(_data_run(config))
   assert len(data.val_indices) == 10
   x = x_train[:90] / 255.0
   mean, std = data.normalization
   np.testing.assert_allclose(mean, x.mean((0, 1, 2)), rtol=1e-10)
   np.testing.assert_allclose(std, x.std((0, 1, 2)), rtol=1e-10)
   # The pipelines use it: the test images come out as (x - mean) / std.
-  batch = next(iter(train.eval_batches(config, data, 'test')))
+  batch = next(iter(train.eval_batches(_data_run(config), data, 'test')))
   expected = (x_train[:20] / 255.0 - np.array(mean)) / np.array(std)
   np.testing.assert_allclose(batch['image'][:20], expected, atol=1e-5)
   # A config's normalization wins, given as text (a command-line flag) or as numbers.
   config.normalization = '((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))'
-  assert train.open_data(config).normalization == ((0.5,) * 3, (0.25,) * 3)
+  assert train.open_data(_data_run(config)).normalization == ((0.5,) * 3, (0.25,) * 3)
 
 
 def test_compute_and_parse_normalization():
@@ -322,7 +328,7 @@ def test_compute_and_parse_normalization():
 
 
 def test_builtin_normalization_is_unchanged(tiny_mnist):
-  assert train.open_data(tiny_mnist()).normalization == ((0.1307,), (0.3081,))
+  assert train.open_data(_data_run(tiny_mnist())).normalization == ((0.1307,), (0.3081,))
   assert input_pipeline.NORMALIZATION['mnist'] == ((0.1307,), (0.3081,))
   assert datasets.get_spec('cifar10').normalization == input_pipeline.NORMALIZATION['cifar10']
   assert [
@@ -383,8 +389,13 @@ def test_folder_of_mixed_sizes_with_image_size(tmp_path, tiny_mnist):
   assert spec.image_shape == (20, 20, 3)
   config = tiny(tiny_mnist, f'folder:{root}', image_size=20, batch_size=4)
   assert datasets.classes_and_shape(config) == (3, (20, 20, 3))
-  data = train.open_data(config)
-  assert next(train.create_input_iter(config, data))['image'].shape == (4, 20, 20, 3)
+  data = train.open_data(_data_run(config))
+  assert next(train.create_input_iter(_data_run(config), data))['image'].shape == (
+    4,
+    20,
+    20,
+    3,
+  )
 
 
 @pytest.mark.parametrize('name', ['tfds:fashion_mnist', 'tfds:mnist'])
@@ -394,10 +405,10 @@ def test_tfds_dataset_under_mock_data(tmp_path, tiny_mnist, name):
     spec = datasets.spec_for_config(config)
     assert (spec.num_classes, spec.image_shape, spec.test_split) == (10, (28, 28, 1), 'test')
     assert spec.split_sizes == {'train': 40, 'test': 40} and spec.validation_size == 4
-    data = train.open_data(config)
+    data = train.open_data(_data_run(config))
     assert len(data.train_indices) == 36 and isinstance(data.train_source, datasets.InMemorySource)
-    batch = next(train.create_input_iter(config, data))
-    evals = list(train.eval_batches(config, data, 'val'))
+    batch = next(train.create_input_iter(_data_run(config), data))
+    evals = list(train.eval_batches(_data_run(config), data, 'val'))
   assert batch['image'].shape == (8, 28, 28, 1)
   assert sum(int(b['mask'].sum()) for b in evals) == 4
   x = data.train_source.images[:36] / 255.0
@@ -410,10 +421,10 @@ def test_tfds_dataset_of_varying_size_under_mock_data(tmp_path, tiny_mnist):
     with pytest.raises(ValueError, match=r'varying size \(None, None, 3\); set --config.image_'):
       datasets.spec_for_config(config)
     config.image_size = 24
-    data = train.open_data(config)
+    data = train.open_data(_data_run(config))
     assert data.image_shape == (24, 24, 3) and data.spec.recipe == 'resize'
     assert not isinstance(data.train_source, datasets.InMemorySource)
-    batch = next(train.create_input_iter(config, data))
+    batch = next(train.create_input_iter(_data_run(config), data))
   assert batch['image'].shape == (4, 24, 24, 3)
 
 

@@ -71,13 +71,17 @@ def get_config():
   config.fp.weight_decay = 0.0  # Coupled L2 added to the gradient.
 
   # --- compression method ---------------------------------------------------------------
-  # 'ec2t' (EC2T, docs/algorithm.md) or 'absmean': the BitNet b1.58 baseline (Ma et al.
-  # 2024; docs/baselines.md) on the same ternary leaves: levels ±mean|W| per layer, no
-  # entropy term, gradients to the latent weights straight through (Adam with
-  # config.ec2t.latent_learning_rate; other params as EC2T's, config.ec2t.learning_rate and
-  # weight_decay). With 'absmean' a frozen stage continues absmean training (there is no
-  # assignment to freeze), EC2T's gamma, init_scale, sustain, p0_min, centroid settings are
-  # unused, and ecp stages or prune_pattern are refused.
+  # One of ec2t_jax.methods.names(); built in: 'ec2t', 'absmean', 'twn' (docs/baselines.md).
+  # 'ec2t': EC2T (docs/algorithm.md).
+  # 'absmean': the BitNet b1.58 baseline (Ma et al. 2024): levels ±mean|W| per layer.
+  # 'twn': Ternary Weight Networks (Li & Liu 2016): threshold 0.7·mean|W| per layer, level
+  #   ± the mean of the |W| above it.
+  # The baselines ternarize the same leaves as EC2T with no entropy term, gradients to the
+  # latent weights straight through (Adam with config.ec2t.latent_learning_rate; other
+  # params as EC2T's, config.ec2t.learning_rate and weight_decay). With a baseline a frozen
+  # stage continues its training (there is no assignment to freeze), EC2T's gamma,
+  # init_scale, sustain, p0_min, centroid settings are unused, ecp stages or prune_pattern
+  # are refused, and the (γ, s) sweep refuses it.
   config.method = 'ec2t'
 
   # --- phases 1 and 2: EC2T, then frozen assignment (docs/algorithm.md §3–5) -------------

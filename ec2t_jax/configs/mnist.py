@@ -26,7 +26,7 @@ def get_config(variant: str = ''):
   config.fp.weight_decay = 1e-4
 
   # conv1, conv2, fc1, fc2 ternary; fc3 and biases full precision (the original's MNIST
-  # run). Recipe chosen with bench/mnist_sweep.py (docs/gpu_2026-11-27/round3.jsonl):
+  # run). Recipe chosen with bench/mnist_sweep.py (bench/results/gpu_2026-11-27/round3.jsonl):
   # larger initial centroids (s=0.6) for >90% sparsity at γ=0.15, and 3x the original's
   # learning rates so that 8 + 4 epochs fit the 10-minute CPU budget.
   config.ec2t.num_epochs = 8

@@ -82,7 +82,7 @@ def register(
   factory: Callable[..., nn.Module],
   *,
   input_shape: Sequence[int] | None = None,
-  overwrite: bool = False,
+  replace: bool = False,
 ) -> None:
   """Adds a model to the registry read by `create`, `input_shape` and `names`.
 
@@ -97,10 +97,11 @@ def register(
       ``model.apply(variables, x, train=...)`` to NHWC images.
     input_shape: the default input ``(height, width, channels)``; None if the
       model has none, and then `input_shape` refuses the name.
-    overwrite: replace a model already registered under ``name``.
+    replace: replace a model already registered under ``name`` (the keyword of
+      every registry of this package: models, datasets, compression methods).
 
   Raises:
-    ValueError: if ``name`` is already registered (and ``overwrite`` is False),
+    ValueError: if ``name`` is already registered (and ``replace`` is False),
       or ``input_shape`` is not three positive integers.
     TypeError: if ``factory`` is not callable or ``input_shape`` holds a non-integer.
 
@@ -115,8 +116,8 @@ def register(
     >>> model.apply(model.init(jax.random.key(0), x), x).shape
     (1, 10)
   """
-  if name in _registry and not overwrite:
-    raise ValueError(f"model '{name}' is already registered; pass overwrite=True to replace it")
+  if name in _registry and not replace:
+    raise ValueError(f"model '{name}' is already registered; pass replace=True to replace it")
   if not callable(factory):
     raise TypeError(f'factory must be callable, got {type(factory).__name__}')
   shape = None

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
-import ml_collections
 import numpy as np
 
 from ec2t_jax.training import datasets, input_pipeline
+from ec2t_jax.training import spec as spec_lib
 from ec2t_jax.training.runtime import Prefetch
 
 __all__ = ['Data', 'create_input_iter', 'eval_batches', 'open_data']
@@ -54,57 +54,60 @@ class Data(NamedTuple):
   normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
-def open_data(config: ml_collections.ConfigDict) -> Data:
-  """Opens the config's dataset, splits off the validation records, fixes the normalization.
+def open_data(run: spec_lib.RunSpec) -> Data:
+  """Opens the run's dataset, splits off the validation records, fixes the normalization.
 
   The user's data (`tfds:`, `npz:`, `folder:`) hold out 10 % of the training
   records (at most 5,000) unless `config.validation_size` says otherwise, and
   are normalized with the mean and std of the remaining training records
   unless `config.normalization` gives them.
 
+  Args:
+    run: the parsed run (`ec2t_jax.training.spec.parse`).
+
   Raises:
     datasets.DatasetNotPreparedError: for a tfds dataset not prepared yet.
     ValueError: for bad data, or a validation size, batch size or
       normalization the data cannot satisfy.
   """
-  spec = datasets.spec_for_config(config)
+  d = run.data
+  spec = d.source
   # Images of varying size (ImageNet, some tfds data) cannot be held in memory.
-  in_memory = config.get('in_memory', True) and spec.image_shape is not None
+  in_memory = d.in_memory and spec.image_shape is not None
   open_split = functools.partial(
-    datasets.get_data_source, spec, data_dir=config.data_dir or None, in_memory=in_memory
+    datasets.get_data_source, spec, data_dir=d.data_dir or None, in_memory=in_memory
   )
   train_source, test_source = open_split('train'), open_split(spec.test_split)
-  num_train = config.get('num_train_examples') or len(train_source)
-  val_size = config.validation_size
-  val_size = spec.validation_size if val_size is None or val_size < 0 else val_size
+  num_train = d.num_train_examples or len(train_source)
+  val_size = spec.validation_size if d.validation_size < 0 else d.validation_size
   if not 0 <= val_size < num_train:
     raise ValueError(f'config.validation_size must be in [0, {num_train}), got {val_size}')
   train_indices, val_indices = input_pipeline.split_indices(num_train, val_size)
-  batch_size = config.batch_size // jax.process_count()
+  batch_size = d.batch_size // jax.process_count()
   steps_per_epoch = input_pipeline.num_batches(
     len(train_indices), batch_size=batch_size, train=True
   )
-  if config.get('steps_per_epoch'):
-    steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
+  if d.steps_per_epoch:
+    steps_per_epoch = min(steps_per_epoch, d.steps_per_epoch)
   if steps_per_epoch <= 0:
     raise ValueError(
-      f'{len(train_indices)} training examples make no batch of {config.batch_size}; '
+      f'{len(train_indices)} training examples make no batch of {d.batch_size}; '
       'lower config.batch_size'
     )
-  num_classes, image_shape = datasets.classes_and_shape(config)
+  num_classes, image_shape = d.num_classes, d.image_shape
   try:  # Refuses bad evaluation options now, not after the first epoch.
     input_pipeline.preprocess_ops(
       spec,
       train=False,
-      image_size=config.get('eval_image_size') or image_shape[0],
-      **_eval_options(config),
+      image_size=d.eval_image_size or image_shape[0],
+      **_eval_options(d),
     )
   except ValueError as e:
     raise ValueError(
       f'config.eval_image_size / eval_crop_fraction / eval_resize_method: {e}'
     ) from e
   normalization = input_pipeline.parse_normalization(
-    config.get('normalization'), channels=image_shape[-1]
+    d.normalization or None, channels=image_shape[-1]
   )
   if normalization is None:
     normalization = spec.normalization
@@ -135,47 +138,47 @@ def open_data(config: ml_collections.ConfigDict) -> Data:
     num_classes=num_classes,
     image_shape=image_shape,
     batch_size=batch_size,
-    eval_batch_size=(config.eval_batch_size or config.batch_size) // jax.process_count(),
+    eval_batch_size=d.eval_batch_size // jax.process_count(),
     spec=spec,
     normalization=normalization,
   )
 
 
-def create_input_iter(config: ml_collections.ConfigDict, data: Data) -> Prefetch:
+def create_input_iter(run: spec_lib.RunSpec, data: Data) -> Prefetch:
   """The endless, checkpointable iterator of training batches, prefetched in a thread."""
   return Prefetch(
     _create_split(
-      config,
+      run,
       data,
       data.train_source,
       data.train_indices,
       batch_size=data.batch_size,
       train=True,
-      worker_count=config.get('worker_count', 0),
+      worker_count=run.data.worker_count,
     )
   )
 
 
-def _eval_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The evaluation transform's options the config sets (`crop_fraction`, `resize_method`)."""
+def _eval_options(d: spec_lib.DataSpec) -> dict[str, Any]:
+  """The evaluation transform's options the run sets (`crop_fraction`, `resize_method`)."""
   options = {}
-  if config.get('eval_crop_fraction'):
-    options['crop_fraction'] = config.eval_crop_fraction
-  if config.get('eval_resize_method'):
-    options['resize_method'] = config.eval_resize_method
+  if d.eval_crop_fraction:
+    options['crop_fraction'] = d.eval_crop_fraction
+  if d.eval_resize_method:
+    options['resize_method'] = d.eval_resize_method
   return options
 
 
-def _create_split(config, data, source, indices, **kwargs):
+def _create_split(run, data, source, indices, **kwargs):
   """`input_pipeline.create_split` of `source` with the run's recipe and normalization."""
   image_size = data.image_shape[0]
   if not kwargs.get('train', True):
-    kwargs.update(_eval_options(config))
-    image_size = config.get('eval_image_size') or image_size
+    kwargs.update(_eval_options(run.data))
+    image_size = run.data.eval_image_size or image_size
   return input_pipeline.create_split(
     source,
-    seed=config.seed,
-    dataset=data.spec or config.dataset,
+    seed=run.runtime.seed,
+    dataset=data.spec or run.data.name,
     image_size=image_size,
     normalization=data.normalization,
     indices=indices,
@@ -183,9 +186,7 @@ def _create_split(config, data, source, indices, **kwargs):
   )
 
 
-def eval_batches(
-  config: ml_collections.ConfigDict, data: Data, split: str
-) -> Iterator[dict[str, Any]]:
+def eval_batches(run: spec_lib.RunSpec, data: Data, split: str) -> Iterator[dict[str, Any]]:
   """One pass over the `'val'` or `'test'` split (at most `config.num_eval_examples`)."""
   if split == 'val':
     source, indices = data.train_source, data.val_indices
@@ -193,9 +194,9 @@ def eval_batches(
       return iter(())
   else:
     source, indices = data.test_source, None
-  limit = config.get('num_eval_examples')
+  limit = run.data.num_eval_examples
   if limit:
     indices = np.arange(min(limit, len(source))) if indices is None else indices[:limit]
   return _create_split(
-    config, data, source, indices, batch_size=data.eval_batch_size, train=False, num_epochs=1
+    run, data, source, indices, batch_size=data.eval_batch_size, train=False, num_epochs=1
   )

@@ -8,9 +8,9 @@ depth by ``d**φ`` and in width by ``w**φ`` (and in resolution by ``r**φ``). W
 (Net2Net-style, function-preserving) instead of reading ``init_from`` as the
 variables of ``config.model`` itself. `grow_from_pretrained` checks that the
 grown network's eval-mode logits equal the base's before any training step;
-`validate_grow_config` checks the config without compiling anything.
-
-Config fields::
+`validate_grow` checks the growth without compiling anything. Both read the
+run's `ec2t_jax.training.spec.ModelSpec` (``spec.parse(config).model``), not the
+config; its ``grow_*`` fields are these config fields::
 
     config.grow.base_model         # the base's model name as config.model takes it; '' = no growth
     config.grow.base_model_kwargs  # the base's attributes (as config.model_kwargs)
@@ -43,13 +43,12 @@ Example (small multipliers; a random base stands in for a trained one):
   >>> import ml_collections
   >>> from ec2t_jax import models
   >>> from ec2t_jax.configs import default
-  >>> from ec2t_jax.training import checkpoint, pretrained, state
+  >>> from ec2t_jax.training import checkpoint, pretrained, spec, variables
   >>> base_kwargs = dict(depth_mult=0.15, width_mult=0.5)
   >>> base = models.create('micronet', num_classes=10, **base_kwargs)
   >>> base.blocks_per_stage, base.widths
   (2, (8, 16, 32))
   >>> config = default.get_config()
-  >>> config.num_classes = 10
   >>> config.init_from = os.path.join(tempfile.mkdtemp(), 'base')
   >>> checkpoint.save_variables(config.init_from, variables.initial_variables(base, (32, 32, 3), 0))
   >>> config.grow.base_model = 'micronet'
@@ -58,23 +57,26 @@ Example (small multipliers; a random base stands in for a trained one):
   >>> config.model_kwargs = ml_collections.ConfigDict(
   ...   pretrained.compound_kwargs(1.4, 1.2, 2.0, **base_kwargs)
   ... )
-  >>> pretrained.validate_grow_config(config)
-  >>> model = variables.create_model(config, num_classes=10)
-  >>> model.blocks_per_stage, model.widths
+  >>> model = spec.model_spec(config)  # What `spec.parse(config).model` holds.
+  >>> pretrained.validate_grow(model, num_classes=10, seed=0)
+  >>> network = variables.create_model(model, num_classes=10)
+  >>> network.blocks_per_stage, network.widths
   (3, (16, 24, 48))
-  >>> variables = pretrained.grow_from_pretrained(
-  ...   config,
-  ...   model=model,
-  ...   variables=variables.initial_variables(model, (32, 32, 3), config.seed),
+  >>> grown = pretrained.grow_from_pretrained(
+  ...   model,
+  ...   seed=0,
+  ...   network=network,
+  ...   variables=variables.initial_variables(network, (32, 32, 3), 0),
   ...   image_shape=(32, 32, 3),
   ...   num_classes=10,
   ... )
-  >>> variables['params']['layer3_2']['conv2']['kernel'].shape
+  >>> grown['params']['layer3_2']['conv2']['kernel'].shape
   (3, 3, 48, 48)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -82,18 +84,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from ec2t_jax import models, tree_util
 from ec2t_jax.models import grow as grow_lib
 from ec2t_jax.training import variables as variables_lib
+from ec2t_jax.training.spec import ModelSpec
 
 __all__ = [
   'NUM_CHECK_IMAGES',
   'compound_kwargs',
   'grow_from_pretrained',
-  'validate_grow_config',
+  'validate_grow',
 ]
 
 # Images of the logits check: standard-normal, from a fixed numpy seed.
@@ -153,120 +155,132 @@ def compound_kwargs(
   return {'depth_mult': depth_mult * d**phi, 'width_mult': width_mult * w**phi}
 
 
-def validate_grow_config(config: ml_collections.ConfigDict) -> None:
-  """Checks ``config.grow`` against ``config.model`` and ``config.init_from``, without compiling.
+def validate_grow(model: ModelSpec, *, num_classes: int, seed: int) -> None:
+  """Checks the growth of ``model`` (its ``grow_*`` fields) without compiling anything.
 
-  Nothing to check when ``config.grow.base_model`` is empty (or ``config.grow``
-  is missing). Otherwise it builds both modules, traces the base's shapes
+  Nothing to check when ``model.grow_base_model`` is empty. Otherwise it builds
+  the base's and ``model``'s modules, traces the base's shapes
   (``jax.eval_shape``) and runs `grow` on zeros of those shapes, so every error
   growth would raise comes now, naming both models. The files of
-  ``config.init_from`` are not read.
+  ``model.init_from`` are not read.
 
   Args:
-    config: a run's config.
+    model: the run's network (``spec.parse(config).model``, or
+      ``spec.model_spec(config)``).
+    num_classes: classifier outputs of both modules (only shapes are traced).
+    seed: the run's seed (``config.seed``): the growth's rng when
+      ``model.grow_seed`` (``config.grow.seed``) is 0.
 
   Raises:
-    ValueError: one line, for a base model without ``config.init_from``, an
-      unknown base model name, an unknown ``config.grow.split``, a target (or
-      base) of a family `grow` does not support or of another family than the
-      base, or a target with fewer blocks or channels than the base.
+    ValueError: one line naming the ``config.grow.*`` field, for a base model
+      without ``config.init_from``, an unknown base model name, an unknown
+      ``config.grow.split``, a target (or base) of a family `grow` does not
+      support or of another family than the base, or a target with fewer
+      blocks or channels than the base.
 
   Example:
     >>> from ec2t_jax.configs import default
+    >>> from ec2t_jax.training import spec
     >>> config = default.get_config()
     >>> config.model = 'resnet56'
     >>> config.grow.base_model = 'resnet20'
     >>> config.init_from = '/path/to/trained_resnet20'
-    >>> validate_grow_config(config)
+    >>> validate_grow(spec.model_spec(config), num_classes=10, seed=0)
   """
-  grow_cfg = config.get('grow')
-  if not grow_cfg or not grow_cfg.get('base_model'):
+  if not model.grow_base_model:
     return
-  _check_fields(config)
-  num_classes = config.get('num_classes') or 10  # Both models get the same; shapes only.
-  base = variables_lib.create_model(_base_config(config, num_classes), num_classes)
-  target = variables_lib.create_model(config, num_classes)
-  _check_families(config, base, target)
+  _check_fields(model)
+  base_model = _base_model(model)
+  base = variables_lib.create_model(base_model, num_classes)
+  target = variables_lib.create_model(model, num_classes)
+  _check_families(model, base, target)
   zeros = jax.tree.map(
     lambda s: np.zeros(s.shape, s.dtype), _abstract_variables(base, _SHAPE_PROBE)
   )
-  _grow(config, zeros, base, target)
+  _grow(model, seed, zeros, base, target)
 
 
 def grow_from_pretrained(
-  config: ml_collections.ConfigDict,
+  model: ModelSpec,
   *,
-  model: Any,
+  seed: int,
+  network: Any,
   variables: Mapping[str, Any],
   image_shape: tuple[int, ...],
   num_classes: int,
 ) -> dict[str, Any]:
-  """The trained base network of ``config.grow`` grown into ``model``, checked by its logits.
+  """The trained base network of ``model``'s growth grown into ``network``, checked by its logits.
 
-  Builds ``config.grow.base_model`` (with ``config.grow.base_model_kwargs``,
-  ``num_classes``, and bfloat16 compute if ``config.half_precision``, as
-  `ec2t_jax.training.variables.create_model` builds ``config.model``), reads
-  ``config.init_from`` as its variables (`ec2t_jax.training.variables.load_init_from`),
-  grows them into ``model`` (`ec2t_jax.models.grow.grow`, rng ``config.grow.seed``
-  or else ``config.seed``, split ``config.grow.split`` or else ``'equal'``), and
+  Builds ``model.grow_base_model`` (with ``model.grow_base_model_kwargs``,
+  ``num_classes``, and bfloat16 compute if ``model.half_precision``, as
+  `ec2t_jax.training.variables.create_model` builds ``model``), reads
+  ``model.init_from`` as its variables (`ec2t_jax.training.variables.load_init_from`),
+  grows them into ``network`` (`ec2t_jax.models.grow.grow`, rng
+  ``model.grow_seed`` or else ``seed``, split ``model.grow_split``), and
   compares both networks' eval-mode logits in float32 on `NUM_CHECK_IMAGES`
   fixed standard-normal images of ``image_shape``.
 
   Args:
-    config: a run's config with ``config.grow.base_model`` set.
-    model: the run's super-network, the module of ``config.model``.
+    model: the run's network with ``grow_base_model`` set
+      (``spec.parse(config).model``; its fields are ``config.model``,
+      ``config.init_from``, ``config.grow.*``, ...).
+    seed: the run's seed (``config.seed``): the growth's rng when
+      ``model.grow_seed`` (``config.grow.seed``) is 0.
+    network: the run's super-network, the linen module of ``model``.
     variables: its fresh ``{'params', 'batch_stats'}``, the template of the
       result's structure, shapes and dtypes.
     image_shape: one input image, ``(height, width, channels)``.
     num_classes: classifier outputs of both networks.
 
   Returns:
-    ``{'params': ..., 'batch_stats': ...}`` of ``model``, with the dtypes of
+    ``{'params': ..., 'batch_stats': ...}`` of ``network``, with the dtypes of
     ``variables``.
 
   Raises:
-    ValueError: one line, for the config errors of `validate_grow_config`, an
-      ``init_from`` that does not fit the base model, or grown logits that
-      differ from the base's by more than ``1e-4·max|base logit| + 1e-5``
-      (naming the largest difference).
-    FileNotFoundError: if ``config.init_from`` does not exist.
+    ValueError: one line, for the errors of `validate_grow`, an ``init_from``
+      that does not fit the base model, or grown logits that differ from the
+      base's by more than ``1e-4·max|base logit| + 1e-5`` (naming the largest
+      difference).
+    FileNotFoundError: if ``model.init_from`` does not exist.
 
   Example:
-    >>> model = variables_lib.create_model(config, num_classes=10)
+    >>> network = variables_lib.create_model(model, num_classes=10)
     >>> variables = grow_from_pretrained(
-    ...   config,
-    ...   model=model,
-    ...   variables=variables_lib.initial_variables(model, (32, 32, 3), config.seed),
+    ...   model,
+    ...   seed=0,
+    ...   network=network,
+    ...   variables=variables_lib.initial_variables(network, (32, 32, 3), 0),
     ...   image_shape=(32, 32, 3),
     ...   num_classes=10,
     ... )
   """
-  grow_cfg = config.get('grow') or {}
-  if not grow_cfg.get('base_model'):
+  if not model.grow_base_model:
     raise ValueError(
-      f'grow_from_pretrained needs config.grow.base_model, got {grow_cfg.get("base_model")!r}; '
+      f'grow_from_pretrained needs config.grow.base_model, got {model.grow_base_model!r}; '
       "set it to the pretrained base's model name (e.g. 'micronet'), or read config.init_from "
       'with variables.load_init_from'
     )
-  _check_fields(config)
-  base_config = _base_config(config, num_classes)
-  base = variables_lib.create_model(base_config, num_classes)
-  _check_families(config, base, model)
+  _check_fields(model)
+  base_model = _base_model(model)
+  base = variables_lib.create_model(base_model, num_classes)
+  _check_families(model, base, network)
   try:
     base_variables = variables_lib.load_init_from(
-      base_config, _abstract_variables(base, tuple(image_shape)), num_classes=num_classes
+      base_model,
+      _abstract_variables(base, tuple(image_shape)),
+      num_classes=num_classes,
     )
   except ValueError as e:
-    raise ValueError(f'{e} (read as the base network {_label(config, base, base=True)})') from e
-  grown = _grow(config, base_variables, base, model)
+    raise ValueError(f'{e} (read as the base network {_label(model, base, base=True)})') from e
+  grown = _grow(model, seed, base_variables, base, network)
 
-  diff, tol = _logit_difference(base, base_variables, model, grown, tuple(image_shape))
+  diff, tol = _logit_difference(base, base_variables, network, grown, tuple(image_shape))
   logging.info(
     'config.grow: base %s, %d params; target %s, %d params; max |logit difference| %.3g '
     '(tolerance %.3g) on %d images',
-    _label(config, base, base=True),
+    _label(model, base, base=True),
     _num_params(base_variables),
-    _label(config, model, base=False),
+    _label(model, network, base=False),
     _num_params(grown),
     diff,
     tol,
@@ -274,21 +288,20 @@ def grow_from_pretrained(
   )
   if not diff <= tol:  # Also catches NaN.
     raise ValueError(
-      f'the grown {_label(config, model, base=False)} does not compute the function of the base '
-      f'{_label(config, base, base=True)}: max |logit difference| {diff:.3g} on '
+      f'the grown {_label(model, network, base=False)} does not compute the function of the base '
+      f'{_label(model, base, base=True)}: max |logit difference| {diff:.3g} on '
       f'{NUM_CHECK_IMAGES} fixed images, valid is <= {tol:.3g} '
       f'({_ATOL_REL:g}·max|base logit| + {_ATOL_ABS:g})'
     )
   return _like(grown, variables)
 
 
-def _check_fields(config: ml_collections.ConfigDict) -> None:
-  """The checks of ``config.grow`` that need no model."""
-  grow_cfg = config.grow
-  base = grow_cfg.base_model
+def _check_fields(model: ModelSpec) -> None:
+  """The checks of the ``grow_*`` fields (``config.grow``) that need no module."""
+  base = model.grow_base_model
   if not isinstance(base, str):
     raise ValueError(f'config.grow.base_model must be a model name (str), got {base!r}')
-  if not config.get('init_from'):
+  if not model.init_from:
     raise ValueError(
       f'config.grow.base_model={base!r} grows a pretrained network but config.init_from is '
       "empty: set it to the base's trained variables (an orbax directory written by "
@@ -298,31 +311,38 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
     models.check_name(base)
   except ValueError as e:
     raise ValueError(f'config.grow.base_model={base!r}: {e}') from e
-  kwargs = grow_cfg.get('base_model_kwargs')
-  if kwargs is not None and not isinstance(kwargs, Mapping | ml_collections.ConfigDict):
+  kwargs = model.grow_base_model_kwargs
+  if kwargs is not None and not (isinstance(kwargs, Mapping) or hasattr(kwargs, 'to_dict')):
     raise ValueError(
       f'config.grow.base_model_kwargs must be a dict of the base model attributes, got {kwargs!r}'
     )
-  split = grow_cfg.get('split') or 'equal'
+  split = model.grow_split or 'equal'
   if split not in _SPLITS:
     raise ValueError(
       f'config.grow.split={split!r} is not a split; valid: {", ".join(map(repr, _SPLITS))}'
     )
 
 
-def _base_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  kwargs = config.grow.get('base_model_kwargs') or {}
-  return kwargs.to_dict() if isinstance(kwargs, ml_collections.ConfigDict) else dict(kwargs)
+def _base_kwargs(model: ModelSpec) -> dict[str, Any]:
+  """The base's attributes as plain dicts (a ConfigDict's ``to_dict``)."""
+  kwargs = model.grow_base_model_kwargs or {}
+  if hasattr(kwargs, 'to_dict'):  # An ml_collections.ConfigDict.
+    return kwargs.to_dict()
+  return {k: (v.to_dict() if hasattr(v, 'to_dict') else v) for k, v in kwargs.items()}
 
 
-def _base_config(config: ml_collections.ConfigDict, num_classes: int) -> ml_collections.ConfigDict:
-  """A copy of ``config`` whose model is the base: what ``state`` builds and loads it from."""
-  base_config = config.copy_and_resolve_references()
-  with base_config.unlocked():
-    base_config.model = config.grow.base_model
-    base_config.model_kwargs = ml_collections.ConfigDict(_base_kwargs(config))
-    base_config.num_classes = num_classes
-  return base_config
+def _base_model(model: ModelSpec) -> ModelSpec:
+  """The base network's spec: ``model`` with the base's name and attributes, not grown itself.
+
+  It keeps ``half_precision`` and ``init_from`` (the base's trained variables).
+  """
+  return dataclasses.replace(
+    model,
+    name=model.grow_base_model,
+    kwargs=dict(model.grow_base_model_kwargs or {}),
+    grow_base_model='',
+    grow_base_model_kwargs={},
+  )
 
 
 def _describe(module: Any) -> str:
@@ -335,13 +355,12 @@ def _describe(module: Any) -> str:
   return type(module).__name__
 
 
-def _label(config: ml_collections.ConfigDict, module: Any, *, base: bool) -> str:
+def _label(model: ModelSpec, module: Any, *, base: bool) -> str:
   """``config.model='micronet' {'depth_mult': 2.0} (14 blocks per stage, ...)``."""
   if base:
-    field, name, kwargs = 'config.grow.base_model', config.grow.base_model, _base_kwargs(config)
+    field, name, kwargs = 'config.grow.base_model', model.grow_base_model, _base_kwargs(model)
   else:
-    field, name = 'config.model', config.model
-    kwargs = dict(config.get('model_kwargs') or {})
+    field, name, kwargs = 'config.model', model.name, dict(model.kwargs or {})
   kwargs_text = f' {kwargs}' if kwargs else ''
   return f'{field}={name!r}{kwargs_text} ({_describe(module)})'
 
@@ -359,18 +378,18 @@ def _growable_names() -> list[str]:
   return names
 
 
-def _check_families(config: ml_collections.ConfigDict, base: Any, target: Any) -> None:
+def _check_families(model: ModelSpec, base: Any, target: Any) -> None:
   families = ', '.join(c.__name__ for c in grow_lib.SUPPORTED)
   if type(target) not in grow_lib.SUPPORTED:
     raise ValueError(
-      f'config.model={config.model!r} builds {type(target).__name__}, which config.grow cannot '
+      f'config.model={model.name!r} builds {type(target).__name__}, which config.grow cannot '
       f'grow into; valid: a model of {families}, e.g. {", ".join(_growable_names())}'
     )
   if type(base) is not type(target):
     same = [n for n in _growable_names() if type(models.create(n, num_classes=10)) is type(target)]
     raise ValueError(
-      f'config.grow.base_model={config.grow.base_model!r} builds {type(base).__name__} but '
-      f'config.model={config.model!r} builds {type(target).__name__}: grow needs one family; '
+      f'config.grow.base_model={model.grow_base_model!r} builds {type(base).__name__} but '
+      f'config.model={model.name!r} builds {type(target).__name__}: grow needs one family; '
       f'valid base models: {", ".join(same)}'
     )
 
@@ -386,21 +405,20 @@ def _abstract_variables(module: Any, image_shape: tuple[int, ...]) -> dict[str, 
   return {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
 
 
-def _grow(config: ml_collections.ConfigDict, base_variables, base, target) -> dict[str, Any]:
-  """`grow_lib.grow` with the config's rng and split; its errors name both models."""
-  grow_cfg = config.grow
+def _grow(model: ModelSpec, seed: int, base_variables, base, target) -> dict[str, Any]:
+  """`grow_lib.grow` with rng ``model.grow_seed`` or else ``seed``; its errors name both models."""
   try:
     return grow_lib.grow(
       base_variables,
       base,
       target,
-      rng=grow_cfg.get('seed') or config.seed,
-      split=grow_cfg.get('split') or 'equal',
+      rng=model.grow_seed or seed,
+      split=model.grow_split or 'equal',
     )
   except ValueError as e:
     raise ValueError(
-      f'cannot grow {_label(config, base, base=True)} into '
-      f"{_label(config, target, base=False)}: {e}; the target needs at least the base's "
+      f'cannot grow {_label(model, base, base=True)} into '
+      f"{_label(model, target, base=False)}: {e}; the target needs at least the base's "
       'blocks per stage and channels, and the same other attributes'
     ) from e
 

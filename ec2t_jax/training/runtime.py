@@ -18,7 +18,6 @@ import threading
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -83,15 +82,19 @@ def enable_compilation_cache(path: str) -> str | None:
   return path
 
 
-def initialize_distributed(config: ml_collections.ConfigDict) -> None:
-  """`jax.distributed.initialize` for `config.distributed` runs (multi-host), once."""
-  if not config.get('distributed') or jax.distributed.is_initialized():
+def initialize_distributed(runtime) -> None:
+  """`jax.distributed.initialize` for multi-host runs (`runtime.distributed`), once.
+
+  Args:
+    runtime: the run's `ec2t_jax.training.spec.RuntimeSpec`.
+  """
+  if not runtime.distributed or jax.distributed.is_initialized():
     return
   # On TPU pods and SLURM everything is detected; elsewhere name the coordinator.
   jax.distributed.initialize(
-    coordinator_address=config.get('coordinator_address') or None,
-    num_processes=config.get('num_processes') or None,
-    process_id=config.process_id if config.get('process_id', -1) >= 0 else None,
+    coordinator_address=runtime.coordinator_address or None,
+    num_processes=runtime.num_processes or None,
+    process_id=runtime.process_id if runtime.process_id >= 0 else None,
   )
   if jax.process_count() > 1:
     # Set up the collectives now, while all processes are in step: the first
@@ -100,15 +103,15 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     multihost_utils.sync_global_devices('ec2t_jax:start')
 
 
-def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """A one-axis (`'data'`) mesh over every device, or the first `config.num_devices`."""
+def create_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
+  """A one-axis (`'data'`) mesh over every device, or the first `num_devices` (one host)."""
   devices = jax.devices()
-  if config.get('num_devices'):
-    if jax.process_count() > 1 or not 0 < config.num_devices <= len(devices):
+  if num_devices:
+    if jax.process_count() > 1 or not 0 < num_devices <= len(devices):
       raise ValueError(
-        f'config.num_devices must be in [1, {len(devices)}] on one host, got {config.num_devices}'
+        f'config.num_devices must be in [1, {len(devices)}] on one host, got {num_devices}'
       )
-    devices = devices[: config.num_devices]
+    devices = devices[:num_devices]
   return jax.sharding.Mesh(np.array(devices), ('data',))
 
 

@@ -31,11 +31,12 @@ A stage may set any field of `config.ec2t` (an `ec2t`/`ecp` stage: `gamma`,
 `config.fp` (an `fp` stage), plus `fixed_pattern` (a regex of leaves held
 fixed); what it does not set comes from `config.ec2t` / `config.fp`.
 
+The stages are read from the config by `ec2t_jax.training.spec.parse`
+(`RunSpec.stages`); this module turns them into steps.
+
 Example:
-  >>> import ml_collections
-  >>> config = ml_collections.ConfigDict(
-  ...   {'fp': {'num_epochs': 1}, 'ec2t': {'num_epochs': 2, 'frozen_epochs': 1}})
-  >>> schedule = create_schedule(config, steps_per_epoch=10)
+  >>> stages = (StageSpec('fp', FP, 1), StageSpec('ec2t', EC2T, 2), StageSpec('frozen', FROZEN, 1))
+  >>> schedule = create_schedule(stages, steps_per_epoch=10)
   >>> [(s.kind, s.start, s.end, s.group) for s in schedule.stages]
   [('fp', 0, 10, 0), ('ec2t', 10, 30, 1), ('frozen', 30, 40, 1)]
   >>> schedule.stage_at(29).kind, schedule.total_steps
@@ -59,8 +60,6 @@ __all__ = [
   'Stage',
   'StageSpec',
   'create_schedule',
-  'stage_settings',
-  'stage_specs',
 ]
 
 # Stage kinds. A FROZEN stage continues the optimizer of the EC2T or ECP stage before
@@ -70,12 +69,6 @@ STAGE_KINDS = (FP, EC2T, FROZEN, ECP)
 # Where a stage starts from.
 LAST, BEST = 'last', 'best'
 START_FROM = (LAST, BEST)
-
-# Stage fields besides the settings of `config.fp` / `config.ec2t`.
-_STAGE_FIELDS = ('kind', 'num_epochs', 'start_from')
-_EXTRA_SETTINGS = ('fixed_pattern',)
-# `config.ec2t` fields that are not per-stage settings (the default sequence's epochs).
-_EC2T_NOT_SETTINGS = ('num_epochs', 'frozen_epochs', 'frozen_start_from')
 
 
 class Stage(NamedTuple):
@@ -226,14 +219,16 @@ class StageSpec(NamedTuple):
     kind: one of `STAGE_KINDS`.
     num_epochs: how many epochs it lasts.
     start_from: `'last'` or `'best'`.
-    settings: the `config.fp` / `config.ec2t` fields (and `fixed_pattern`) it overrides.
+    settings: what the stage trains with: `config.fp` or `config.ec2t` updated by
+      the stage's own fields (`spec.FpSettings` / `spec.CompressionSettings`);
+      None for a frozen stage, which continues the pass before it.
   """
 
   name: str
   kind: str
   num_epochs: int
   start_from: str = LAST
-  settings: Mapping[str, Any] = {}
+  settings: Any = None
 
 
 def _groups(kinds: Sequence[str]) -> list[int]:
@@ -246,169 +241,26 @@ def _groups(kinds: Sequence[str]) -> list[int]:
   return groups
 
 
-def _stage_order(config: Mapping[str, Any], names: Sequence[str]) -> list[str]:
-  """The names of `config.stage_order` (a comma-separated string or a sequence), checked."""
-  order = config.get('stage_order') or ''
-  if isinstance(order, str):
-    order = [n.strip() for n in order.split(',') if n.strip()]
-  order = [str(n) for n in order]
-  if not order:
-    raise ValueError(
-      f'config.stages defines {sorted(names)} but config.stage_order is empty; set it to the '
-      f"stage names in the order they run, e.g. '{','.join(sorted(names))}'"
-    )
-  unknown = [n for n in order if n not in names]
-  if unknown:
-    raise ValueError(
-      f'config.stage_order names {unknown} that config.stages does not define; defined: '
-      f'{sorted(names)}'
-    )
-  unused = [n for n in names if n not in order]
-  if unused:
-    raise ValueError(
-      f'config.stages defines {unused} but config.stage_order={",".join(order)!r} does not '
-      'run them; add them to config.stage_order or remove them'
-    )
-  if len(set(order)) != len(order):
-    raise ValueError(f'config.stage_order={",".join(order)!r} names a stage twice')
-  return order
-
-
-def _valid_settings(config: Mapping[str, Any], kind: str) -> list[str]:
-  """The setting names a stage of `kind` may override."""
-  if kind == FROZEN:
-    return []
-  if kind == FP:
-    base = list((config.get('fp') or {}).keys())
-  else:
-    base = [k for k in (config.get('ec2t') or {}) if k not in _EC2T_NOT_SETTINGS]
-  return sorted([*base, *_EXTRA_SETTINGS])
-
-
-def stage_specs(config: Mapping[str, Any]) -> tuple[StageSpec, ...]:
-  """The configured stages of `config`, validated (no model or data needed).
+def create_schedule(stages: Sequence[StageSpec], steps_per_epoch: int) -> Schedule:
+  """The schedule of a run's stages (see the module docstring) over one step counter.
 
   Args:
-    config: the run's config; `config.stages` + `config.stage_order`, or
-      without them the default sequence of `config.fp` and `config.ec2t`.
-
-  Returns:
-    One `StageSpec` per stage, in order.
-
-  Raises:
-    ValueError: one line naming the bad value: an unknown stage kind or
-      setting, a negative number of epochs, a bad `start_from`, a frozen
-      stage that does not follow an EC2T or ECP stage, or a `stage_order`
-      that does not match `config.stages`.
-  """
-  stages = config.get('stages') or {}
-  if not stages:
-    fp, ec2t = config['fp'], config['ec2t']
-    specs = (
-      StageSpec(FP, FP, fp.get('num_epochs') or 0),
-      StageSpec(EC2T, EC2T, ec2t.get('num_epochs') or 0),
-      StageSpec(
-        FROZEN, FROZEN, ec2t.get('frozen_epochs') or 0, ec2t.get('frozen_start_from') or LAST
-      ),
-    )
-    for spec in specs:
-      if spec.num_epochs < 0:
-        raise ValueError(f'the {spec.kind} stage must last >= 0 epochs, got {spec.num_epochs}')
-    if specs[2].start_from not in START_FROM:
-      raise ValueError(
-        f'config.ec2t.frozen_start_from={specs[2].start_from!r}; valid: '
-        f'{", ".join(repr(s) for s in START_FROM)}'
-      )
-    _check_sequence(specs)
-    return specs
-  specs = []
-  for name in _stage_order(config, list(stages.keys())):
-    stage = stages[name]
-    where = f'config.stages.{name}'
-    if not (hasattr(stage, 'get') and hasattr(stage, 'items')):  # A dict or a ConfigDict.
-      raise ValueError(f'{where} must be a ConfigDict of stage fields, got {stage!r}')
-    kind = stage.get('kind')
-    if kind not in STAGE_KINDS:
-      raise ValueError(
-        f'{where}.kind={kind!r} is not a stage kind; valid: {", ".join(STAGE_KINDS)}'
-      )
-    epochs = stage.get('num_epochs')
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-      raise ValueError(f'{where}.num_epochs must be an integer >= 0, got {epochs!r}')
-    start_from = stage.get('start_from') or LAST
-    if start_from not in START_FROM:
-      raise ValueError(
-        f'{where}.start_from={start_from!r}; valid: {", ".join(repr(s) for s in START_FROM)}'
-      )
-    valid = _valid_settings(config, kind)
-    settings = {k: v for k, v in stage.items() if k not in _STAGE_FIELDS}
-    unknown = sorted(set(settings) - set(valid))
-    if unknown:
-      raise ValueError(
-        f'{where} sets {unknown}, which a {kind!r} stage does not have; valid: '
-        f'{", ".join([*_STAGE_FIELDS, *valid])}'
-      )
-    specs.append(StageSpec(str(name), kind, epochs, start_from, settings))
-  _check_sequence(specs)
-  return tuple(specs)
-
-
-def _check_sequence(specs: Sequence[StageSpec]) -> None:
-  """Refuses frozen stages without an EC2T/ECP stage before them and bad `start_from`s."""
-  for i, spec in enumerate(specs):
-    before = specs[i - 1] if i else None
-    if spec.kind == FROZEN and (before is None or before.kind not in (EC2T, ECP)):
-      raise ValueError(
-        f'config.stages.{spec.name} is a frozen stage, which holds the assignment of the EC2T '
-        f'or ECP stage right before it; it follows {before.name if before else "nothing"!r}'
-      )
-    if spec.start_from == BEST and spec.num_epochs:
-      if before is None:
-        raise ValueError(
-          f"config.stages.{spec.name}.start_from='best' but it is the first stage; nothing "
-          "before it can be best: use 'last'"
-        )
-      compressed = [s for s in specs[:i] if s.kind != FP and s.num_epochs]
-      if not compressed:
-        raise ValueError(
-          f"stage {spec.name!r} has start_from='best' but no EC2T/ECP stage with epochs runs "
-          'before it (best checkpoints are kept from the first compression stage on); use '
-          "'last'"
-        )
-
-
-def stage_settings(config: Mapping[str, Any], spec: StageSpec) -> dict[str, Any]:
-  """The settings a stage trains with: `config.fp` or `config.ec2t`, updated by the stage's.
-
-  A frozen stage has none of its own (it continues the pass before it).
-  """
-  base = config['fp'] if spec.kind == FP else config['ec2t']
-  merged = dict(base.items()) if hasattr(base, 'items') else dict(base)
-  merged.setdefault('fixed_pattern', '')
-  merged.update(spec.settings)
-  return merged
-
-
-def create_schedule(config: Mapping[str, Any], steps_per_epoch: int) -> Schedule:
-  """The schedule of `config`: its stages (see the module docstring) over one step counter.
-
-  Args:
-    config: the run's config.
+    stages: the run's configured stages in order (`RunSpec.stages`, from
+      `ec2t_jax.training.spec.parse`).
     steps_per_epoch: steps per epoch, > 0.
 
   Returns:
-    The `Schedule`; without `config.stages` one stage of each kind fp, ec2t, frozen.
+    The `Schedule`.
 
   Raises:
-    ValueError: for steps_per_epoch <= 0 or a bad stage configuration (`stage_specs`).
+    ValueError: for steps_per_epoch <= 0.
   """
   if steps_per_epoch <= 0:
     raise ValueError(f'steps_per_epoch must be > 0, got {steps_per_epoch}')
-  specs = stage_specs(config)
-  groups = _groups([s.kind for s in specs])
-  stages, start = [], 0
-  for spec, group in zip(specs, groups, strict=True):
+  groups = _groups([s.kind for s in stages])
+  out, start = [], 0
+  for spec, group in zip(stages, groups, strict=True):
     num_steps = int(spec.num_epochs) * steps_per_epoch
-    stages.append(Stage(spec.kind, start, num_steps, spec.name, group, spec.start_from))
+    out.append(Stage(spec.kind, start, num_steps, spec.name, group, spec.start_from))
     start += num_steps
-  return Schedule(steps_per_epoch, tuple(stages))
+  return Schedule(steps_per_epoch, tuple(out))

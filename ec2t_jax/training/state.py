@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax.training import train_state
@@ -25,16 +24,15 @@ import ec2t_jax
 from ec2t_jax import masks as masks_lib
 from ec2t_jax import tree_util
 from ec2t_jax.training import schedule as schedule_lib
+from ec2t_jax.training import spec as spec_lib
 from ec2t_jax.training.variables import create_model, initial_variables, load_init_from
 
 __all__ = [
-  'METHODS',
   'Pass',
   'Setup',
   'TrainState',
   'abstract_train_state',
   'abstract_train_state_of',
-  'check_method',
   'compression_masks',
   'create_ec2t_optimizer',
   'create_fp_optimizer',
@@ -50,32 +48,14 @@ __all__ = [
 ]
 
 
-# Compression methods (`config.method`): EC2T, or the BitNet b1.58 absmean baseline
-# (`ec2t_jax.baselines.absmean_ternary`, docs/baselines.md) on the same ternary leaves.
-EC2T_METHOD, ABSMEAN_METHOD = 'ec2t', 'absmean'
-METHODS = (EC2T_METHOD, ABSMEAN_METHOD)
+# The default compression method (`config.method`); the valid ones are those registered in
+# `ec2t_jax.methods` ('ec2t', and the baselines 'absmean' and 'twn', docs/baselines.md).
+EC2T_METHOD = 'ec2t'
 
 
 def _check_method_name(method: str) -> str:
-  """`method`, refused with a `ValueError` unless it is one of `METHODS`."""
-  if method not in METHODS:
-    raise ValueError(
-      f'unknown config.method {method!r}; valid: {", ".join(repr(m) for m in METHODS)}'
-    )
-  return method
-
-
-def check_method(config: ml_collections.ConfigDict) -> str:
-  """`config.method` ('ec2t' when a config has none), refused unless it is one of `METHODS`."""
-  return _check_method_name(config.get('method') or EC2T_METHOD)
-
-
-def _absmean_cannot_prune(prune_pattern: str) -> ValueError:
-  """The error for a prune pattern with `config.method='absmean'`."""
-  return ValueError(
-    f"config.method='absmean' ternarizes only; it cannot prune (prune_pattern="
-    f"{prune_pattern!r}): use config.method='ec2t' or prune_pattern=''"
-  )
+  """`method`, refused with a `ValueError` unless `ec2t_jax.methods` registers it."""
+  return ec2t_jax.methods.get(method, what='config.method').name
 
 
 class TrainState(train_state.TrainState):
@@ -101,7 +81,7 @@ class Pass(NamedTuple):
 
   kind: str
   name: str
-  settings: ml_collections.ConfigDict
+  settings: Any
   tx: optax.GradientTransformation
   num_steps: int
   ternary_mask: Any = None
@@ -132,10 +112,10 @@ class Setup(NamedTuple):
   prune_mask: Any
 
 
-def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+def learning_rate_schedule(cfg: spec_lib.FpSettings, num_steps: int) -> optax.Schedule:
   """`cfg.learning_rate` held constant or cosine-decayed over `num_steps` (`cfg.schedule`)."""
   lr = cfg.learning_rate
-  name = cfg.get('schedule', 'constant')
+  name = cfg.schedule or 'constant'
   if name == 'constant':
     return optax.constant_schedule(lr)
   if name == 'cosine':
@@ -143,7 +123,7 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> op
   raise ValueError(f"unknown schedule {name!r}; valid: 'constant', 'cosine'")
 
 
-def create_fp_optimizer(cfg: ml_collections.ConfigDict, num_steps: int):
+def create_fp_optimizer(cfg: spec_lib.FpSettings, num_steps: int):
   """The full-precision stage's optimizer (`cfg` = `config.fp`), coupled L2 first."""
   schedule = learning_rate_schedule(cfg, num_steps)
   decay = optax.add_decayed_weights(cfg.weight_decay) if cfg.weight_decay else optax.identity()
@@ -157,7 +137,7 @@ def create_fp_optimizer(cfg: ml_collections.ConfigDict, num_steps: int):
 
 
 def compression_masks(
-  cfg: ml_collections.ConfigDict,
+  cfg: spec_lib.CompressionSettings,
   model,
   params: Any,
   image_shape: tuple[int, ...],
@@ -172,8 +152,8 @@ def compression_masks(
   """
   if kind == schedule_lib.ECP:
     ternary_mask = jax.tree.map(lambda _: False, params)
-  elif cfg.get('ternary_pattern'):
-    ternary_mask = masks_lib.from_regex(params, cfg.ternary_pattern, cfg.get('ternary_exclude'))
+  elif cfg.ternary_pattern:
+    ternary_mask = masks_lib.from_regex(params, cfg.ternary_pattern, cfg.ternary_exclude or None)
   else:
     order = masks_lib.call_order(
       model, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32), train=False
@@ -183,17 +163,17 @@ def compression_masks(
       order=order,
       keep_first=cfg.keep_first,
       keep_last=cfg.keep_last,
-      keep_pattern=cfg.get('keep_pattern') or None,
+      keep_pattern=cfg.keep_pattern or None,
     )
   prune_mask = None
-  if cfg.get('prune_pattern'):
+  if cfg.prune_pattern:
     prune_mask = masks_lib.from_regex(params, cfg.prune_pattern)
     prune_mask = jax.tree.map(lambda p, t: p and not t, prune_mask, ternary_mask)
   return ternary_mask, prune_mask
 
 
 def create_ec2t_optimizer(
-  cfg: ml_collections.ConfigDict,
+  cfg: spec_lib.CompressionSettings,
   ternary_mask: Any,
   prune_mask: Any,
   freeze_at: int,
@@ -203,50 +183,24 @@ def create_ec2t_optimizer(
 ):
   """The optimizer of a compression pass, configured by `config.ec2t` (`cfg`).
 
-  With `method='ec2t'`, `ec2t_jax.ec2t`; the assignment freezes at update
-  `freeze_at`. With `method='absmean'`, the BitNet b1.58 baseline
-  `ec2t_jax.baselines.absmean_ternary`: Adam with `cfg.latent_learning_rate` on
-  the latent weights of the ternary leaves, `ec2t_jax.default_fp_optimizer(
-  cfg.learning_rate, cfg.weight_decay)` on the rest. It has no assignment to
-  freeze, so a frozen stage after it simply continues absmean training
-  (`freeze_at` is ignored), and it cannot prune (`prune_mask` must be None).
-
-  `fixed_mask` (or None) selects leaves held as they are (zero updates).
+  The optimizer of the registered method `method` (`ec2t_jax.methods`): for
+  'ec2t', `ec2t_jax.ec2t` whose assignment freezes at update `freeze_at`; for
+  the baselines ('absmean', 'twn'), Adam with `cfg.latent_learning_rate` on the
+  latent weights of the ternary leaves and `ec2t_jax.default_fp_optimizer(
+  cfg.learning_rate, cfg.weight_decay)` on the rest (they have no assignment to
+  freeze, so `freeze_at` is ignored, and cannot prune). `fixed_mask` (or None)
+  selects leaves held as they are (zero updates).
 
   Raises:
-    ValueError: for an unknown `method`, or a `prune_mask` with `'absmean'`.
+    ValueError: for an unknown `method`, or a `prune_mask` for a method that cannot prune.
   """
-  if _check_method_name(method) == ABSMEAN_METHOD:
-    if prune_mask is not None:
-      raise _absmean_cannot_prune(cfg.get('prune_pattern'))
-    return ec2t_jax.baselines.absmean_ternary(
-      ternary_mask,
-      latent_optimizer=optax.adam(cfg.latent_learning_rate),
-      fp_optimizer=ec2t_jax.default_fp_optimizer(cfg.learning_rate, cfg.weight_decay),
-      fixed_mask=fixed_mask,
-    )
-  return ec2t_jax.ec2t(
-    ternary_mask,
-    gamma=cfg.gamma,
-    init_scale=cfg.init_scale,
-    sustain=cfg.sustain,
-    p0_min=cfg.p0_min,
-    centroid_floor_std=cfg.centroid_floor_std,
-    latent_optimizer=optax.adam(cfg.latent_learning_rate),
-    centroid_optimizer=optax.adam(cfg.centroid_learning_rate),
-    fp_optimizer=ec2t_jax.default_fp_optimizer(cfg.learning_rate, cfg.weight_decay),
-    prune_mask=prune_mask,
-    fixed_mask=fixed_mask,
-    freeze_assignment_at=freeze_at,
-    reference_parity=cfg.reference_parity,
-    # The trainer stops on (or, with config.skip_nonfinite, skips and counts) a NaN/inf
-    # step itself, for both stages alike.
-    skip_nonfinite=False,
+  return ec2t_jax.methods.get(_check_method_name(method)).optimizer(
+    cfg, ternary_mask, prune_mask=prune_mask, fixed_mask=fixed_mask, freeze_at=freeze_at
   )
 
 
 def create_setup(
-  config: ml_collections.ConfigDict,
+  run: spec_lib.RunSpec,
   schedule: schedule_lib.Schedule,
   *,
   num_classes: int,
@@ -256,32 +210,37 @@ def create_setup(
   """Builds the model, its variables, and every pass's masks and optimizer, validating them.
 
   Args:
-    config: the run's config.
+    run: the parsed run (`ec2t_jax.training.spec.parse`).
     schedule: its schedule (the optimizers' step counts come from it).
     num_classes: classifier outputs.
     image_shape: one input image, `(height, width, channels)`.
-    load_pretrained: read `config.init_from` (False when a checkpoint will
-      replace the variables anyway).
+    load_pretrained: read `init_from` or grow the pretrained base (False when a
+      checkpoint will replace the variables anyway).
 
   Raises:
     ValueError: for a stage whose masks select nothing, overlap or select
       non-float leaves, an `init_from` that does not fit the model, or an
       unknown optimizer (one line, naming the stage).
   """
-  model = create_model(config, num_classes)
-  variables = initial_variables(model, image_shape, config.seed)
-  if load_pretrained and config.get('grow') and config.grow.get('base_model'):
+  model = create_model(run.model, num_classes)
+  variables = initial_variables(model, image_shape, run.runtime.seed)
+  if load_pretrained and run.model.grow_base_model:
     from ec2t_jax.training import pretrained  # Local: only runs that grow a base need it.
 
     variables = pretrained.grow_from_pretrained(
-      config, model=model, variables=variables, image_shape=image_shape, num_classes=num_classes
+      run.model,
+      seed=run.runtime.seed,
+      network=model,
+      variables=variables,
+      image_shape=image_shape,
+      num_classes=num_classes,
     )
-  elif load_pretrained and config.init_from:
-    variables = load_init_from(config, variables, num_classes=num_classes)
-  passes = _create_passes(config, schedule, model, variables['params'], image_shape)
+  elif load_pretrained and run.model.init_from:
+    variables = load_init_from(run.model, variables, num_classes=num_classes)
+  passes = _create_passes(run, schedule, model, variables['params'], image_shape)
   ternary, prune = _final_masks(passes)
   if ternary is None:  # A full-precision-only run: the masks of config.ec2t describe it.
-    ternary, prune = compression_masks(config.ec2t, model, variables['params'], image_shape)
+    ternary, prune = compression_masks(run.ec2t, model, variables['params'], image_shape)
   return Setup(
     model=model,
     variables=variables,
@@ -326,7 +285,7 @@ def _some_names(params: Any, limit: int = 8) -> str:
 
 def _fixed_by_pattern(settings, params) -> Any:
   """The leaves `settings.fixed_pattern` selects (all False without one)."""
-  if not settings.get('fixed_pattern'):
+  if not settings.fixed_pattern:
     return jax.tree.map(lambda _: False, params)
   fixed = masks_lib.from_regex(params, settings.fixed_pattern)
   if not any(jax.tree.leaves(fixed)):
@@ -341,20 +300,17 @@ def _create_pass(
 ):
   """The `Pass` of one optimizer state; `compressed` marks leaves earlier passes compressed."""
   fixed = _fixed_by_pattern(settings, params)
-  if method == ABSMEAN_METHOD and kind == schedule_lib.ECP:
-    raise ValueError(
-      "an ecp stage prunes with EC2T's entropy constraint; config.method='absmean' has no "
-      "such stage: use kinds 'fp', 'ec2t' and 'frozen', or config.method='ec2t'"
+  if kind != schedule_lib.FP:
+    ec2t_jax.methods.check_pruning(
+      method, prune_pattern=settings.prune_pattern, ecp_stage=kind == schedule_lib.ECP
     )
-  if method == ABSMEAN_METHOD and settings.get('prune_pattern'):
-    raise _absmean_cannot_prune(settings.prune_pattern)
   if kind == schedule_lib.FP:
     fixed = jax.tree.map(lambda f, c: f or c, fixed, compressed)
     tx = create_fp_optimizer(settings, num_steps)
     if any(jax.tree.leaves(fixed)):
       return Pass(kind, name, settings, _hold_fixed(tx, fixed), num_steps, fixed_mask=fixed)
     return Pass(kind, name, settings, tx, num_steps)
-  if kind == schedule_lib.ECP and not settings.get('prune_pattern'):
+  if kind == schedule_lib.ECP and not settings.prune_pattern:
     raise ValueError(
       'an ecp stage needs prune_pattern, a regex of the leaves it prunes, e.g. '
       "'(se_reduce|se_expand|fc)/kernel$'"
@@ -375,20 +331,19 @@ def _create_pass(
   return Pass(kind, name, settings, tx, num_steps, ternary, prune, fixed)
 
 
-def _create_passes(config, schedule, model, params, image_shape) -> tuple[Pass, ...]:
+def _create_passes(run, schedule, model, params, image_shape) -> tuple[Pass, ...]:
   """One `Pass` per optimizer state of `schedule`, with its masks, validated.
 
   Raises:
     ValueError: naming the stage (`config.stages.NAME: ...`) when it is configured.
   """
-  specs = schedule_lib.stage_specs(config)
-  method = check_method(config)
+  specs, method = run.stages, run.method
   compressed = jax.tree.map(lambda _: False, params)
   passes = []
   for group in range(schedule.num_groups):
     stages = schedule.group_stages(group)
     spec = specs[schedule.stages.index(stages[0])]
-    settings = ml_collections.ConfigDict(schedule_lib.stage_settings(config, spec))
+    settings = spec.settings
     try:
       p = _create_pass(
         settings,
@@ -403,7 +358,7 @@ def _create_passes(config, schedule, model, params, image_shape) -> tuple[Pass, 
         method,
       )
     except ValueError as e:
-      if not config.get('stages'):
+      if not run.named_stages:
         raise
       raise ValueError(f'config.stages.{spec.name}: {e}') from e
     passes.append(p)

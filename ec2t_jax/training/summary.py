@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
+import ec2t_jax
 from ec2t_jax import tree_util
 from ec2t_jax.training import state as state_lib
 from ec2t_jax.training import workdir as workdir_lib
@@ -37,7 +38,7 @@ def saved_summary(workdir: str, params: Any) -> dict[str, Any] | None:
   return saved
 
 
-def summarize_run(config, setup, state, meta, *, val, test, steps) -> dict[str, Any]:
+def summarize_run(run, setup, state, meta, *, val, test, steps) -> dict[str, Any]:
   """The run's summary: accuracies, sparsity, parameter counts, the params' hash, the schedule."""
   params = jax.device_get(state.params)
   per_layer, sparsity = tree_util.zero_fractions(params, setup.ternary_mask)
@@ -45,14 +46,14 @@ def summarize_run(config, setup, state, meta, *, val, test, steps) -> dict[str, 
   sizes = [np.size(x) for x in jax.tree.leaves(params)]
   selected = [bool(m) for m in jax.tree.leaves(setup.ternary_mask)]
   compressing = [p for p in setup.passes if p.kind != FP]
-  method = state_lib.check_method(config)
-  # γ and s of the last compression pass (config.ec2t's for the default stages); the
-  # absmean baseline has neither.
-  ec2t_settings = method == state_lib.EC2T_METHOD
-  last = compressing[-1].settings if compressing else config.ec2t
+  method = run.method
+  # γ and s of the last compression pass (config.ec2t's for the default stages), for a
+  # method that reads them (EC2T; the baselines have neither).
+  ec2t_settings = 'gamma' in ec2t_jax.methods.get(method).settings
+  last = compressing[-1].settings if compressing else run.ec2t
   return {
-    'model': config.model,
-    'dataset': config.dataset,
+    'model': run.model.name,
+    'dataset': run.data.name,
     'method': method,
     'fp_test_accuracy': meta.get('fp_test_accuracy'),
     'fp_val_accuracy': meta.get('fp_val_accuracy'),

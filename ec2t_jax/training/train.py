@@ -39,8 +39,8 @@ import ec2t_jax
 from ec2t_jax import tree_util
 from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import metric_writers
+from ec2t_jax.training import parse as parse_lib
 from ec2t_jax.training import schedule as schedule_lib
-from ec2t_jax.training import spec as spec_lib
 from ec2t_jax.training import state as state_lib
 from ec2t_jax.training import workdir as workdir_lib
 from ec2t_jax.training.batches import create_input_iter, eval_batches, open_data
@@ -77,7 +77,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_init_from: bool 
   Raises:
     ValueError: naming each bad value and what would be valid.
   """
-  spec_lib.parse(config, check_data=False, check_init_from=check_init_from)
+  parse_lib.parse(config, check_data=False, check_init_from=check_init_from)
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -176,8 +176,8 @@ class TrainMetrics:
   means, the EC2T statistics of `state` and a progress line with an ETA.
   """
 
-  def __init__(self, config, setup, writer, statistics_fn, step: int):
-    self._config = config
+  def __init__(self, run, setup, writer, statistics_fn, step: int):
+    self._skip_nonfinite = run.runtime.skip_nonfinite
     self._setup = setup
     self._schedule = setup.schedule
     self._writer = writer
@@ -195,7 +195,7 @@ class TrainMetrics:
       return
     host = jax.device_get([m for _, m in self._pending])
     bad = [s for (s, _), m in zip(self._pending, host, strict=True) if m['nonfinite'] > 0]
-    if bad and not self._config.get('skip_nonfinite', False):
+    if bad and not self._skip_nonfinite:
       raise NonFiniteError(
         f'the loss or a gradient became NaN/inf at step {bad[0]}; the run stopped and the last '
         'good checkpoint is kept. Lower the learning rate, or set --config.skip_nonfinite=True.'
@@ -328,39 +328,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     NonFiniteError: when the loss or a gradient becomes NaN/inf.
   """
   start_time = time.time()
-  initialize_distributed(config)
+  # Multi-host JAX starts before anything counts devices (parse does).
+  initialize_distributed(parse_lib.runtime_spec(config))
   logging.info(
     'JAX devices: %s (process %d of %d)', check_backend(), jax.process_index(), jax.process_count()
   )
   # Every setting, the data's classes and shapes and the model's outputs are checked here,
   # before the workdir is touched: all problems in one error.
-  spec_lib.parse(config)
+  run = parse_lib.parse(config)
   logging.info(
     'persistent compilation cache: %s',
-    enable_compilation_cache(config.get('compilation_cache_dir', '')) or 'off',
+    enable_compilation_cache(run.runtime.compilation_cache_dir) or 'off',
   )
-  mesh = create_mesh(config)
-  data = open_data(config)
-  schedule = schedule_lib.create_schedule(config, data.steps_per_epoch)
+  mesh = create_mesh(run.runtime.num_devices)
+  data = open_data(run)
+  schedule = schedule_lib.create_schedule(run.stages, data.steps_per_epoch)
   setup = state_lib.create_setup(
-    config, schedule, num_classes=data.num_classes, image_shape=data.image_shape
+    run, schedule, num_classes=data.num_classes, image_shape=data.image_shape
   )
-  lock = workdir_lib.claim_workdir(config, workdir)
+  lock = workdir_lib.claim_workdir(run, workdir)
   try:
     with Preemption() as preemption:
-      return _train(config, workdir, mesh, data, setup, preemption, start_time)
+      return _train(run, workdir, mesh, data, setup, preemption, start_time)
   finally:
     if lock is not None:
       lock.release()
 
 
-def _train(config, workdir, mesh, data, setup, preemption, start_time) -> dict[str, Any]:
+def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str, Any]:
   """The run in a claimed workdir: resume or start, the loop, the final summary."""
   schedule = setup.schedule
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   # Only the run that holds the workdir may remove the leftovers of interrupted saves.
-  ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.max_to_keep, cleanup_tmp=True)
+  ckpt = checkpoint_lib.Checkpointer(
+    workdir, max_to_keep=run.checkpoints.max_to_keep, cleanup_tmp=True
+  )
   writer = None
   try:
     # Resume from the newest checkpoint, or start at step 0.
@@ -384,7 +387,7 @@ def _train(config, workdir, mesh, data, setup, preemption, start_time) -> dict[s
         return saved
 
     p_train_step = jax.jit(
-      functools.partial(train_step, skip_nonfinite=config.get('skip_nonfinite', False)),
+      functools.partial(train_step, skip_nonfinite=run.runtime.skip_nonfinite),
       donate_argnums=(0,),
       out_shardings=(replicated, replicated),
     )
@@ -398,15 +401,15 @@ def _train(config, workdir, mesh, data, setup, preemption, start_time) -> dict[s
     }
 
     def evaluate_split(state, split):
-      return evaluate(p_eval_step, state, eval_batches(config, data, split), data_sharding)
+      return evaluate(p_eval_step, state, eval_batches(run, data, split), data_sharding)
 
     writer = metric_writers.MetricWriter(
       workdir,
       write_files=jax.process_index() == 0,
       console_keys=('train/', 'val/', 'test/', 'fp/', 'ec2t/total', 'ec2t/entropy', 'progress/'),
     )
-    writer.write_hparams(workdir_lib.flat_config(config))
-    train_iter = create_input_iter(config, data)
+    writer.write_hparams(workdir_lib.flat_config(run.config))
+    train_iter = create_input_iter(run, data)
     meta: dict[str, Any] = {}
     if step is None:
       step = 0
@@ -425,8 +428,8 @@ def _train(config, workdir, mesh, data, setup, preemption, start_time) -> dict[s
       train_iter.set_state(base64.b64decode(extra['data_iterator']))
       meta = dict(extra.get('meta', {}))
 
-    base_rng = jax.random.key(config.seed + 1)
-    log = TrainMetrics(config, setup, writer, p_statistics, step)
+    base_rng = jax.random.key(run.runtime.seed + 1)
+    log = TrainMetrics(run, setup, writer, p_statistics, step)
     # The best validation accuracy of the current pass (each pass keeps its own best).
     group = schedule.optimizer_at(step)
     best_val = float(meta.get('best_val_accuracy', -1.0))
@@ -443,7 +446,9 @@ def _train(config, workdir, mesh, data, setup, preemption, start_time) -> dict[s
       step += 1
       log.add(step, metrics)
       end_of_epoch = step % schedule.steps_per_epoch == 0
-      if step % config.log_every_steps == 0 or end_of_epoch or step == schedule.total_steps:
+      if (
+        step % run.checkpoints.log_every_steps == 0 or end_of_epoch or step == schedule.total_steps
+      ):
         log.flush(step, state)
       ran = schedule.stage_at(step - 1)  # The stage of the step just taken.
       if ran.kind == FP and step == ran.end:  # Full precision ends: evaluate it, keep it.
@@ -470,7 +475,7 @@ def _train(config, workdir, mesh, data, setup, preemption, start_time) -> dict[s
         if entered.group != ran.group:
           best_val = -1.0
       if (
-        step % config.checkpoint_every_steps == 0
+        step % run.checkpoints.checkpoint_every_steps == 0
         or schedule.is_boundary(step)
         or preemption.requested
       ):
@@ -487,12 +492,12 @@ def _train(config, workdir, mesh, data, setup, preemption, start_time) -> dict[s
         return {'preempted': True, 'step': step}
 
     val, test = evaluate_split(state, 'val'), evaluate_split(state, 'test')
-    summary = summarize_run(config, setup, state, meta, val=val, test=test, steps=step)
-    prune = config.get('magnitude_prune') or {}
-    if prune.get('pattern') and prune.get('fraction'):
+    summary = summarize_run(run, setup, state, meta, val=val, test=test, steps=step)
+    prune = run.output
+    if prune.magnitude_prune_pattern and prune.magnitude_prune_fraction:
       # The network as scoring and export read it (ec2t_jax.training.workdir.load_workdir).
       params, _ = tree_util.magnitude_prune(
-        jax.device_get(state.params), prune['pattern'], prune['fraction']
+        jax.device_get(state.params), prune.magnitude_prune_pattern, prune.magnitude_prune_fraction
       )
       pruned = evaluate_split(jax.device_put(state.replace(params=params), replicated), 'test')
       summary['magnitude_pruned_test_accuracy'] = pruned.get('accuracy')

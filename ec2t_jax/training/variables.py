@@ -14,24 +14,23 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from ec2t_jax import models, tree_util
 from ec2t_jax.training import checkpoint as checkpoint_lib
+from ec2t_jax.training.spec import ModelSpec
 
 __all__ = ['create_model', 'initial_variables', 'load_init_from']
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int):
-  """The linen module of `config.model` (registered, or `'package.module:factory'`).
+def create_model(model: ModelSpec, num_classes: int):
+  """The linen module of `model.name` (registered, or `'package.module:factory'`).
 
-  Built with `num_classes`, the entries of `config.model_kwargs`, and bfloat16
-  compute (`dtype`) if `config.half_precision`.
+  Built with `num_classes`, the entries of `model.kwargs` (`config.model_kwargs`),
+  and bfloat16 compute (`dtype`) if `model.half_precision`.
   """
-  dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-  kwargs = dict(config.get('model_kwargs') or {})
-  return models.create(config.model, num_classes=num_classes, dtype=dtype, **kwargs)
+  dtype = jnp.bfloat16 if model.half_precision else jnp.float32
+  return models.create(model.name, num_classes=num_classes, dtype=dtype, **dict(model.kwargs))
 
 
 def initial_variables(model, image_shape: tuple[int, ...], seed: int) -> dict[str, Any]:
@@ -66,17 +65,16 @@ def _check_variables(loaded: Any, expected: Any, source: str) -> None:
 
 
 def load_init_from(
-  config: ml_collections.ConfigDict, expected: dict[str, Any], *, num_classes: int | None = None
+  model: ModelSpec, expected: dict[str, Any], *, num_classes: int
 ) -> dict[str, Any]:
-  """Pretrained variables from `config.init_from` (orbax directory or PyTorch file).
+  """Pretrained variables from `model.init_from` (orbax directory or PyTorch file).
 
   Args:
-    config: the run's config (`init_from`, `model`, `model_kwargs`).
+    model: the run's network (`init_from`, `name`, `kwargs`).
     expected: the model's fresh variables (or their shapes): the structure,
       shapes and dtypes the loaded ones must have.
     num_classes: the classifier's outputs, as the run resolved them (the
-      dataset's when `config.num_classes` is 0); defaults to
-      `config.num_classes`.
+      dataset's when `config.num_classes` is 0).
 
   Raises:
     ValueError: naming `config.init_from` for a file or directory that cannot
@@ -84,14 +82,14 @@ def load_init_from(
     FileNotFoundError: if it does not exist.
     ImportError: for a PyTorch file without torch installed.
   """
-  source = config.init_from
+  source = model.init_from
   try:
     if source.endswith(('.pt', '.pth')):
       from ec2t_jax.models import pytorch  # Local: torch is optional.
 
-      kwargs = dict(config.get('model_kwargs') or {})
-      classes = num_classes or config.get('num_classes') or None
-      loaded = pytorch.from_pytorch(source, config.model, num_classes=classes, **kwargs)
+      loaded = pytorch.from_pytorch(
+        source, model.name, num_classes=num_classes or None, **dict(model.kwargs)
+      )
     else:
       loaded = checkpoint_lib.load_variables(source)
   except (ValueError, TypeError) as e:

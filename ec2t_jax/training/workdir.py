@@ -12,13 +12,10 @@ Example:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
-import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -30,8 +27,11 @@ from jax.experimental import multihost_utils
 
 from ec2t_jax import tree_util
 from ec2t_jax.training import checkpoint as checkpoint_lib
+from ec2t_jax.training import parse as parse_lib
 from ec2t_jax.training import schedule as schedule_lib
+from ec2t_jax.training import spec as spec_lib
 from ec2t_jax.training import state as state_lib
+from ec2t_jax.training.lock import LOCK_FILE, WorkdirBusyError, WorkdirLock  # noqa: F401  (public here too)
 
 __all__ = [
   'LOCK_FILE',
@@ -149,209 +149,6 @@ def read_json_object(path: str, what: str) -> dict[str, Any]:
   return value
 
 
-# --- the workdir lock ------------------------------------------------------------------------
-
-LOCK_FILE = 'lock'
-# The holder touches its lock file this often; a lock of another host that has not been
-# touched for STALE_LOCK_SECONDS is taken over (its run died without releasing it).
-HEARTBEAT_SECONDS = 30.0
-STALE_LOCK_SECONDS = 600.0
-
-
-def _boot_id() -> str:
-  try:
-    with open('/proc/sys/kernel/random/boot_id') as f:
-      return f.read().strip()
-  except OSError:
-    return ''
-
-
-def _process_start(pid: int) -> str:
-  """The start time of process `pid` in clock ticks since boot ('' where /proc is missing)."""
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      return f.read().rsplit(')', 1)[1].split()[19]
-  except (OSError, IndexError):
-    return ''
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # Another user's process.
-    return True
-  except (OSError, OverflowError, ValueError):
-    return False
-  return True
-
-
-class WorkdirBusyError(ValueError):
-  """The workdir is held by another live run (a ValueError: `main.py` prints one line)."""
-
-
-class WorkdirLock:
-  """An exclusive lock on a workdir: `workdir/lock` names its holder.
-
-  The lock is an `fcntl.flock` on the file (released by the kernel when the
-  holder dies, however it dies) plus, in the file, who holds it: pid, host,
-  boot id, start time and command. A second run is refused at once with a
-  one-line `WorkdirBusyError` naming the holder. A lock file left by a process
-  that is gone (same host and the pid no longer runs, or another boot, or
-  another host that has not touched the file for `STALE_LOCK_SECONDS`) is taken
-  over with a warning; on filesystems without `flock` the file alone decides.
-  While held, a daemon thread touches the file every `HEARTBEAT_SECONDS`.
-  `release()` (also on `with` exit) removes the file.
-
-  Args:
-    workdir: the run's directory (it must exist).
-    info: extra facts recorded for the holder (e.g. the coordinator address).
-  """
-
-  def __init__(self, workdir: str, **info: Any):
-    self.workdir = workdir
-    self.path = os.path.join(workdir, LOCK_FILE)
-    self._info = info
-    self._fd: int | None = None
-    self._stop = threading.Event()
-    self._thread: threading.Thread | None = None
-
-  @staticmethod
-  def read_holder(path: str) -> dict[str, Any]:
-    """The holder recorded in lock file `path` (`{}` if none or unreadable)."""
-    try:
-      with open(path, encoding='utf-8') as f:
-        value = json.loads(f.read() or '{}')
-    except (OSError, ValueError):
-      return {}
-    return value if isinstance(value, dict) else {}
-
-  def _describe(self, holder: dict[str, Any]) -> str:
-    if not holder:
-      return 'another process (the lock file names none)'
-    command = holder.get('command') or '?'
-    return (
-      f'pid {holder.get("pid")} on host {holder.get("host")!r} (started '
-      f'{holder.get("started")}: {command[:120]})'
-    )
-
-  def _holder_gone(self, holder: dict[str, Any]) -> str:
-    """Why the recorded holder no longer runs, or '' if it may still run."""
-    if not holder:
-      return 'empty lock file'
-    if holder.get('host') == socket.gethostname():
-      pid = int(holder.get('pid', -1))
-      if holder.get('boot_id') and _boot_id() and holder['boot_id'] != _boot_id():
-        return 'the machine has rebooted since'
-      if not _pid_alive(pid):
-        return f'pid {pid} no longer runs'
-      start = _process_start(pid)
-      if holder.get('process_start') and start and start != holder['process_start']:
-        return f'pid {pid} is now another process'
-      return ''
-    try:
-      age = time.time() - os.stat(self.path).st_mtime
-    except OSError:
-      return 'the lock file vanished'
-    if age > STALE_LOCK_SECONDS:
-      return f'its lock was last refreshed {age:.0f} s ago'
-    return ''
-
-  def acquire(self) -> WorkdirLock:
-    """Takes the lock, or raises `WorkdirBusyError` naming the live holder.
-
-    Returns:
-      self, holding the lock.
-    """
-    for _ in range(10):  # Retries only while another process removes the file under us.
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-      try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except BlockingIOError:
-        os.close(fd)
-        raise WorkdirBusyError(self._busy(self.read_holder(self.path))) from None
-      except OSError:  # No flock on this filesystem: the file's content decides alone.
-        pass
-      try:
-        same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-      except FileNotFoundError:
-        same = False
-      if not same:  # Released (unlinked) between our open and flock: try the new file.
-        os.close(fd)
-        continue
-      holder = self.read_holder(self.path)
-      if holder:
-        gone = self._holder_gone(holder)
-        if not gone:
-          os.close(fd)
-          raise WorkdirBusyError(self._busy(holder))
-        logging.warning(
-          'workdir %r: taking over the lock of %s: %s', self.workdir, self._describe(holder), gone
-        )
-      self._fd = fd
-      self._write()
-      self._thread = threading.Thread(target=self._heartbeat, daemon=True, name='workdir-lock')
-      self._thread.start()
-      return self
-    raise WorkdirBusyError(f'workdir {self.workdir!r}: its lock file keeps changing; retry')
-
-  def _busy(self, holder: dict[str, Any]) -> str:
-    hint = ''
-    if holder and holder.get('host') != socket.gethostname():
-      hint = f' (if that run is gone, delete {self.path!r})'
-    return (
-      f'workdir {self.workdir!r} is in use by {self._describe(holder)}{hint}; wait for that run '
-      'to end or stop it, or pass another --workdir'
-    )
-
-  def _write(self) -> None:
-    holder = {
-      'pid': os.getpid(),
-      'host': socket.gethostname(),
-      'boot_id': _boot_id(),
-      'process_start': _process_start(os.getpid()),
-      'started': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
-      'command': ' '.join(sys.argv),
-      **self._info,
-    }
-    data = json.dumps(holder, sort_keys=True).encode('utf-8')
-    os.ftruncate(self._fd, 0)
-    os.pwrite(self._fd, data, 0)
-    os.fsync(self._fd)
-
-  def _heartbeat(self) -> None:
-    while not self._stop.wait(HEARTBEAT_SECONDS):
-      try:
-        os.utime(self.path)
-      except OSError:
-        pass
-
-  @property
-  def held(self) -> bool:
-    """True between `acquire` and `release`."""
-    return self._fd is not None
-
-  def release(self) -> None:
-    """Removes the lock file and releases the lock (no-op if not held)."""
-    if self._fd is None:
-      return
-    self._stop.set()
-    try:
-      if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
-        os.unlink(self.path)
-    except OSError:
-      pass
-    os.close(self._fd)  # Releases the flock.
-    self._fd = None
-
-  def __enter__(self) -> WorkdirLock:
-    return self if self.held else self.acquire()
-
-  def __exit__(self, *exc) -> None:
-    self.release()
-
-
 # --- claiming a workdir ----------------------------------------------------------------------
 
 # What a run writes into its workdir: `overwrite=True` moves all of it aside.
@@ -450,7 +247,7 @@ def make_directory(workdir: str) -> None:
     raise ValueError(f'workdir {workdir!r} cannot be created: {e.strerror}') from e
 
 
-def claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> WorkdirLock | None:
+def claim_workdir(run: spec_lib.RunSpec, workdir: str) -> WorkdirLock | None:
   """Locks the workdir, checks it can hold this run, and claims it (writes `config.json`).
 
   1. The workdir must be creatable and writable.
@@ -466,7 +263,8 @@ def claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> WorkdirLoc
   5. `config.json` is written (only if it changes).
 
   Args:
-    config: the run's config.
+    run: the parsed run (`ec2t_jax.training.parse.parse`); its config is what
+      `config.json` holds.
     workdir: its directory.
 
   Returns:
@@ -483,14 +281,14 @@ def claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> WorkdirLoc
     raise ValueError(f'workdir {workdir!r} is not a directory; pass a --workdir directory')
   if not os.access(workdir, os.W_OK):
     raise ValueError(f'workdir {workdir!r} is not writable; pass a --workdir you can write to')
-  overwrite = bool(config.get('overwrite', False))
+  overwrite, config = run.checkpoints.overwrite, run.config
   lock, error = None, None
   try:
     if jax.process_index() == 0:
       lock = WorkdirLock(
         workdir,
         process_count=jax.process_count(),
-        coordinator=config.get('coordinator_address') or '',
+        coordinator=run.runtime.coordinator_address,
       ).acquire()
     _check_run_files(workdir)
     if not overwrite:
@@ -555,33 +353,29 @@ def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(nested)
 
 
-def _data_facts(config: ml_collections.ConfigDict, extra: Mapping[str, Any]):
-  """`(steps_per_epoch, num_classes, image_shape)` from a checkpoint's extra data."""
-  if {'num_classes', 'image_shape'} <= set(extra):
-    num_classes, image_shape = int(extra['num_classes']), tuple(extra['image_shape'])
-  else:  # Checkpoints of older versions: the dataset's registry entry (imports tfds).
-    from ec2t_jax.training import datasets
+def _data_facts(extra: Mapping[str, Any], workdir: str):
+  """`(steps_per_epoch, num_classes, image_shape, normalization)` from a checkpoint's extra data.
 
-    num_classes, image_shape = datasets.classes_and_shape(config)
-  if 'steps_per_epoch' in extra:
-    return int(extra['steps_per_epoch']), num_classes, image_shape
-  from ec2t_jax.training import train  # Older still: count the dataset (grain too).
-
-  return train.open_data(config).steps_per_epoch, num_classes, image_shape
-
-
-def _normalization(config: ml_collections.ConfigDict, extra: Mapping[str, Any]):
-  """The run's input normalization from a checkpoint, else the dataset's registered one."""
-  if 'normalization' in extra:
+  Raises:
+    ValueError: for a checkpoint that does not record them (written before
+      checkpoints did).
+  """
+  missing = sorted({'steps_per_epoch', 'num_classes', 'image_shape'} - set(extra))
+  if missing:
+    raise ValueError(
+      f'a checkpoint of {workdir!r} does not record {", ".join(missing)} (written by an '
+      'early version of ec2t_jax); rerun the training command with this version'
+    )
+  normalization = None
+  if extra.get('normalization') is not None:
     mean, std = extra['normalization']
-    return tuple(map(float, mean)), tuple(map(float, std))
-  try:  # Checkpoints of older versions (imports tfds).
-    from ec2t_jax.training import datasets
-
-    normalization = datasets.get_spec(config.dataset).normalization
-  except (ValueError, ImportError):
-    return None
-  return None if normalization is None else (tuple(normalization[0]), tuple(normalization[1]))
+    normalization = tuple(map(float, mean)), tuple(map(float, std))
+  return (
+    int(extra['steps_per_epoch']),
+    int(extra['num_classes']),
+    tuple(extra['image_shape']),
+    normalization,
+  )
 
 
 def _newest_extra(ckpt: checkpoint_lib.Checkpointer, workdir: str) -> dict[str, Any]:
@@ -604,7 +398,7 @@ def _check_model(config: ml_collections.ConfigDict, workdir: str) -> None:
   """
   from ec2t_jax import models
 
-  name = config.get('model')
+  name = parse_lib.model_spec(config).name if config.get('model') else None
   if not isinstance(name, str) or not name:
     raise ValueError(
       f'the run config of {workdir!r} names no model (model: {name!r}); restore its config.json'
@@ -633,7 +427,7 @@ def progress_printer(tool: str) -> Callable[[str], None] | None:
   return lambda message: print(f'{tool}: {message}', file=sys.stderr, flush=True)
 
 
-def _use_compilation_cache(config: ml_collections.ConfigDict) -> None:
+def _use_compilation_cache(path: str) -> None:
   """Points JAX's persistent compilation cache at the run's `config.compilation_cache_dir`.
 
   Building the run's setup compiles the model's initialization (seconds on CPU;
@@ -642,7 +436,6 @@ def _use_compilation_cache(config: ml_collections.ConfigDict) -> None:
   (`$JAX_COMPILATION_CACHE_DIR`, `jax.config.update`) is left as it is, as
   `ec2t_jax.training.train.enable_compilation_cache` leaves it.
   """
-  path = config.get('compilation_cache_dir') or ''
   if path and isinstance(path, str) and not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
 
@@ -685,9 +478,11 @@ def load_workdir(
   """
   config = config_from_workdir(workdir)
   _check_model(config, workdir)  # Once: no checkpoint can fix a model that does not build.
+  # The run as it was configured; its data and devices are not needed to read it back.
+  run = parse_lib.parse(config, check_data=False, check_init_from=False, check_devices=False)
   if compilation_cache:
-    _use_compilation_cache(config)
-  ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.get('max_to_keep', 3))
+    _use_compilation_cache(run.runtime.compilation_cache_dir)
+  ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=run.checkpoints.max_to_keep)
   try:
     if best:
       step = ckpt.best_step()
@@ -704,11 +499,10 @@ def load_workdir(
         progress(f'reading {"the best checkpoint" if best else "checkpoint"} {step} of {workdir}')
       try:
         extra = ckpt.read_extra(step) if not best else _newest_extra(ckpt, workdir)
-        steps_per_epoch, num_classes, image_shape = _data_facts(config, extra)
-        normalization = _normalization(config, extra)
-        schedule = schedule_lib.create_schedule(config, steps_per_epoch)
+        steps_per_epoch, num_classes, image_shape, normalization = _data_facts(extra, workdir)
+        schedule = schedule_lib.create_schedule(run.stages, steps_per_epoch)
         setup = state_lib.create_setup(
-          config, schedule, num_classes=num_classes, image_shape=image_shape, load_pretrained=False
+          run, schedule, num_classes=num_classes, image_shape=image_shape, load_pretrained=False
         )
         # A best checkpoint holds the state of the stage that ran its step (it is saved
         # before a stage boundary's switch); a periodic one, the state of the stage after.
@@ -733,14 +527,14 @@ def load_workdir(
   finally:
     ckpt.close()
   params = tree['params']
-  prune = config.get('magnitude_prune') or {}
-  if prune.get('pattern') and prune.get('fraction'):
-    params, names = tree_util.magnitude_prune(params, prune['pattern'], prune['fraction'])
+  pattern, fraction = run.output.magnitude_prune_pattern, run.output.magnitude_prune_fraction
+  if pattern and fraction:
+    params, names = tree_util.magnitude_prune(params, pattern, fraction)
     logging.info(
       'magnitude-pruned %d kernels of %s at %g x their max |w| (config.magnitude_prune)',
       len(names),
       workdir,
-      prune['fraction'],
+      fraction,
     )
   return Workdir(
     config=config,
