@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ec2t_jax import cli, tree_util
+from ec2t_jax import cli, files, tree_util
 from ec2t_jax.export.model import run_model_info
 from ec2t_jax.export.writer import dumps
 from ec2t_jax.export_leaves import ternary_leaves
@@ -132,8 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     packed, p_stats = dumps(run.variables, run.opt_state, entropy_coding=False, **options)
     coded, e_stats = dumps(run.variables, run.opt_state, entropy_coding=True, **options)
     data = coded if args.entropy_coding else packed
-    with open(args.out, 'wb') as f:
-      f.write(data)
+    files.replace_file(args.out, data)  # A failed write leaves an old file whole.
   except (ValueError, OSError) as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     return 2

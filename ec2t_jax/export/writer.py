@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import optax
 
+from ec2t_jax import files
 from ec2t_jax.export.entropy import _categorical, _constriction, _entropy_bits, _symbol_counts
 from ec2t_jax.export.layout import (
   _DIGEST,
@@ -228,6 +229,5 @@ def save(
     centroid_dtype=centroid_dtype,
     model=model,
   )
-  with open(path, 'wb') as f:
-    f.write(data)
+  files.replace_file(path, data)  # A failed write leaves an old file whole.
   return stats

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ec2t_jax import export_leaves, tree_util
+from ec2t_jax import export_leaves, files, tree_util
 from ec2t_jax.onnx_export.batch_norm import _folding, folded_batch_norms
 from ec2t_jax.onnx_export.graph import (
   BATCH_DIM,
@@ -247,6 +247,5 @@ def to_onnx(
 def save(path: str, proto: Any) -> int:
   """Writes a model from `to_onnx` to ``path``; returns the file's size in bytes."""
   data = proto.SerializeToString()
-  with open(path, 'wb') as f:
-    f.write(data)
+  files.replace_file(path, data)  # A failed write leaves an old file whole.
   return len(data)

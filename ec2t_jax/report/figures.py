@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ec2t_jax import files
 from ec2t_jax.report.runs import LayerState, RunData, _shared_fp_accuracy, decision_thresholds
 
 _DPI = 90
@@ -23,7 +24,8 @@ _COLORS = {'neg': '#c0392b', 'zero': '#7f8c8d', 'pos': '#2471a3'}
 
 def _save(fig: Figure, path: str) -> None:
   FigureCanvasAgg(fig)
-  fig.savefig(path, dpi=_DPI, pil_kwargs={'optimize': True})
+  with files.replacing(path) as f:  # A failed write leaves an old figure whole.
+    fig.savefig(f, format='png', dpi=_DPI, pil_kwargs={'optimize': True})
 
 
 def _series(metrics: Sequence[Mapping[str, float]], key: str) -> tuple[np.ndarray, np.ndarray]:

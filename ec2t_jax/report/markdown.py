@@ -8,6 +8,7 @@ import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ec2t_jax import files
 from ec2t_jax.report.figures import plot_comparison, plot_curves, plot_histograms, plot_layers
 from ec2t_jax.report.runs import RunData, _label, decision_thresholds, load_run
 
@@ -156,7 +157,7 @@ def write_report(
   for r in runs:
     if progress is not None:
       progress(f'drawing the figures of {r.label} into {out}')
-    files = []
+    run_images = []
     for title, suffix, plot in (
       ('Training curves', 'curves', plot_curves),
       ('Per-layer sparsity and centroids', 'layers', plot_layers),
@@ -166,8 +167,8 @@ def write_report(
         continue
       name = f'{r.label}_{suffix}.png'
       plot(r, os.path.join(out, name))
-      files.append((title, name))
-    images[r.label] = files
+      run_images.append((title, name))
+    images[r.label] = run_images
   if len(runs) > 1:
     plot_comparison(
       runs,
@@ -179,6 +180,5 @@ def write_report(
       ('Accuracy vs compressed size', 'accuracy_vs_size.png'),
     ]
   path = os.path.join(out, 'report.md')
-  with open(path, 'w') as f:
-    f.write(_markdown(runs, images))
+  files.replace_file(path, _markdown(runs, images))
   return path

@@ -9,6 +9,7 @@ import os
 import urllib.parse
 from collections.abc import Sequence
 
+from ec2t_jax import files
 from ec2t_jax.report.figures import plot_sweep
 from ec2t_jax.report.markdown import _fmt
 from ec2t_jax.report.runs import RunData, _shared_fp_accuracy, load_run
@@ -93,6 +94,5 @@ def write_sweep_report(
   ]
   plot_sweep([r for _, _, r in rows], *(os.path.join(out, name) for _, name in images))
   path = os.path.join(out, 'sweep.md')
-  with open(path, 'w') as f:
-    f.write(_sweep_markdown(rows, out, images))
+  files.replace_file(path, _sweep_markdown(rows, out, images))
   return path

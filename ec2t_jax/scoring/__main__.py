@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ec2t_jax import cli, scoring
+from ec2t_jax import cli, files, scoring
 
 __all__ = ['main', 'score_workdir']
 
@@ -153,8 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   print(report.format())
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(report.as_dict(), f, indent=1, default=list)
+    files.replace_file(args.json, json.dumps(report.as_dict(), indent=1, default=list))
   return 0
 
 

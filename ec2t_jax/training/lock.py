@@ -7,11 +7,13 @@ sweep claim their workdirs with it (`ec2t_jax.training.workdir.claim_workdir`).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import socket
+import stat
 import sys
 import threading
 import time
@@ -137,6 +139,29 @@ class WorkdirLock:
       return f'its lock was last refreshed {age:.0f} s ago'
     return ''
 
+  def _open(self) -> int:
+    """The lock file's descriptor, created if needed; a symlink or non-file is refused.
+
+    The lock is opened with `O_NOFOLLOW`, so a symlink planted at `workdir/lock`
+    never lets the program write into a file outside the workdir.
+
+    Raises:
+      ValueError: naming the path, when it is a symlink or not a regular file.
+    """
+    try:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+      if e.errno == errno.ELOOP or os.path.islink(self.path):
+        raise ValueError(
+          f'workdir lock {self.path!r} is a symlink (to {os.readlink(self.path)!r}); the '
+          'program never writes through one: delete it and rerun'
+        ) from None
+      raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+      os.close(fd)
+      raise ValueError(f'workdir lock {self.path!r} is not a regular file; delete it and rerun')
+    return fd
+
   def acquire(self) -> WorkdirLock:
     """Takes the lock, or raises `WorkdirBusyError` naming the live holder.
 
@@ -144,7 +169,7 @@ class WorkdirLock:
       self, holding the lock.
     """
     for _ in range(10):  # Retries only while another process removes the file under us.
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      fd = self._open()
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ec2t_jax import tree_util
+from ec2t_jax import files, tree_util
 from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import parse as parse_lib
 from ec2t_jax.training import schedule as schedule_lib
@@ -114,12 +114,12 @@ def flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def write_json(path: str, value: Any) -> None:
-  """Writes JSON through a temporary file: never a half-written file, even after SIGKILL."""
-  with open(f'{path}.tmp', 'w') as f:
-    json.dump(value, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())  # On disk before the rename: a power cut leaves old or new.
-  os.replace(f'{path}.tmp', path)
+  """Writes JSON through a temporary file: never a half-written file, even after SIGKILL.
+
+  A failed write leaves the old file whole, and a symlink at `path` is replaced,
+  never written through (`ec2t_jax.files.replacing`).
+  """
+  files.replace_file(path, json.dumps(value, indent=1, sort_keys=True))
 
 
 def read_json_object(path: str, what: str) -> dict[str, Any]:
