@@ -20,6 +20,7 @@ def _main(args, cwd, **env):
   )
 
 
+@pytest.mark.slow
 def test_missing_flags_are_named_with_an_example(repo_root):
   for args, named in (([], '--config and --workdir'), (['--config=mnist:smoke'], '--workdir')):
     proc = _main(args, repo_root)

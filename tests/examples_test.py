@@ -3,6 +3,8 @@
 import importlib.util
 import os
 
+import pytest
+
 
 def _load(repo_root, name):
   path = os.path.join(repo_root, 'examples', f'{name}.py')
@@ -12,6 +14,7 @@ def _load(repo_root, name):
   return module
 
 
+@pytest.mark.slow
 def test_nnx_mnist_smoke(repo_root, capsys):
   example = _load(repo_root, 'nnx_mnist')
   result = example.main(['--smoke'])

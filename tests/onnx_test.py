@@ -303,6 +303,7 @@ def test_opsets(opset):
   _compare(_session(proto).run(None, {'images': x})[0], _apply(model, variables, x))
 
 
+@pytest.mark.slow
 def test_cli_exports_a_trained_workdir(trained_workdir, tmp_path, capsys):
   from ec2t_jax.training import datasets
   from ec2t_jax.training import workdir as workdir_lib

@@ -51,6 +51,7 @@ def test_count_macs_counts_groups_and_batch():
   assert one == 40_551_040
 
 
+@pytest.mark.slow
 def test_cli_prints_table(capsys):
   scaling.main(['--model', 'micronet', '--phi', '1', '--num-classes', '100'])
   out = capsys.readouterr().out

@@ -153,6 +153,7 @@ def _mtimes(paths):
   return {p: os.stat(p).st_mtime_ns for p in paths}
 
 
+@pytest.mark.slow
 def test_tiny_sweep_trains_fp_once_and_resumes(tmp_path, monkeypatch, capsys):
   from ec2t_jax.training import train
 
@@ -221,6 +222,7 @@ def test_tiny_sweep_trains_fp_once_and_resumes(tmp_path, monkeypatch, capsys):
   assert '\n' not in str(e.value) and len(calls) == 1
 
 
+@pytest.mark.slow
 def test_tiny_sweep_of_explicit_stages(tmp_path, capsys):
   config = _tiny()
   config.stages = ml_collections.ConfigDict(

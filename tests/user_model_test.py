@@ -41,6 +41,7 @@ def user_models(tmp_path, monkeypatch):
   return tmp_path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['user_models:MLP', 'user_models:make_mlp'])
 def test_user_model_trains_with_its_kwargs(tmp_path, user_models, tiny_mnist, name):
   config = tiny_mnist(model=name)
