@@ -318,8 +318,7 @@ def absmean_ternary(
 
 def states(opt_state: optax.OptState) -> list[AbsmeanTernaryTrainingState]:
   """All `AbsmeanTernaryTrainingState` inside `opt_state`."""
-  leaves = jax.tree.leaves(opt_state, is_leaf=is_absmean_state)
-  return [x for x in leaves if is_absmean_state(x)]
+  return methods.states_of(opt_state, is_absmean_state)
 
 
 # --- latent-weight baselines in the method registry (`ec2t_jax.methods`) ----------------------

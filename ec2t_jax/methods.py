@@ -44,6 +44,7 @@ __all__ = [
   'pruning_error',
   'read_settings',
   'register',
+  'states_of',
   'unregister',
 ]
 
@@ -192,6 +193,11 @@ def unregister(name: str) -> CompressionMethod:
   method = get(name)
   del _registry()[name]
   return method
+
+
+def states_of(opt_state: optax.OptState, owns: Callable[[Any], bool]) -> list[Any]:
+  """Every state inside `opt_state` for which `owns(state)` holds, in tree order."""
+  return [x for x in jax.tree.leaves(opt_state, is_leaf=owns) if owns(x)]
 
 
 def method_states(opt_state: optax.OptState) -> list[tuple[CompressionMethod, Any]]:

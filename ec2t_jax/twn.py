@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ec2t_jax import alias, baselines, ternary
+from ec2t_jax import alias, baselines, methods, ternary
 from ec2t_jax import masks as masks_lib
 
 __all__ = [
@@ -228,8 +228,7 @@ def twn_ternary(
 
 def states(opt_state: optax.OptState) -> list[TwnTrainingState]:
   """All `TwnTrainingState` inside `opt_state`."""
-  leaves = jax.tree.leaves(opt_state, is_leaf=is_twn_state)
-  return [x for x in leaves if is_twn_state(x)]
+  return methods.states_of(opt_state, is_twn_state)
 
 
 TWN = baselines.latent_method('twn', twn_ternary, is_twn_state, _quantize, _scale)
