@@ -15,7 +15,7 @@ from ec2t_jax.configs import default, imagenet
 from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import parse as parse_lib
 from ec2t_jax.training import schedule as schedule_lib
-from ec2t_jax.training import state as state_lib
+from ec2t_jax.training import setup as setup_lib
 from ec2t_jax.training import train
 
 CONV = r'conv[12]/kernel$'
@@ -149,7 +149,7 @@ def test_bad_stage_configs_are_refused_in_one_line(stages, order, message):
 
 def _setup(config):
   schedule = schedule_lib.create_schedule(parse_lib.stage_specs(config), steps_per_epoch=3)
-  return state_lib.create_setup(
+  return setup_lib.create_setup(
     parse_lib.parse(config, check_data=False), schedule, num_classes=10, image_shape=(28, 28, 1)
   )
 
@@ -282,7 +282,7 @@ def test_ecp_delta_uses_the_largest_layer_of_its_own_pass():
   config.stages.prune.prune_pattern = r'(se_reduce|se_expand)/kernel$'  # SE pruned alone.
   schedule = schedule_lib.create_schedule(parse_lib.stage_specs(config), steps_per_epoch=1)
   run = parse_lib.parse(config, check_data=False, check_init_from=False)
-  passes = state_lib._create_passes(run, schedule, model, params, (32, 32, 3))
+  passes = setup_lib._create_passes(run, schedule, model, params, (32, 32, 3))
   layout = _ecp_layout(passes[1], params)
   assert layout.max_size == max(se.values())
   name = max(se, key=se.get)  # The largest SE layer: δ = 1 when SE is pruned alone.
@@ -297,7 +297,7 @@ def test_ecp_delta_uses_the_largest_layer_of_its_own_pass():
   # The recipe's pass prunes SE and the classifier together: N_max is the classifier's.
   config = imagenet.get_config('efficientnet_b1')
   run = parse_lib.parse(config, check_data=False, check_init_from=False)
-  passes = state_lib._create_passes(run, schedule, model, params, (32, 32, 3))
+  passes = setup_lib._create_passes(run, schedule, model, params, (32, 32, 3))
   assert _ecp_layout(passes[1], params).max_size == sizes['fc/kernel']
   assert _names(passes[1].fixed_mask) == _names(passes[0].ternary_mask)  # Pass 1 held fixed.
 
@@ -328,7 +328,7 @@ def _scripted_validation(monkeypatch, accuracies):
 def _checkpoint(workdir, step, setup):
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=100)
   try:
-    target = state_lib.state_tree(state_lib.abstract_train_state(setup, step))
+    target = setup_lib.state_tree(setup_lib.abstract_train_state(setup, step))
     tree, _ = ckpt.restore(step, target)
   finally:
     ckpt.close()
@@ -395,7 +395,7 @@ def test_grow_a_pretrained_base_then_compress_on_mock_cifar(tmp_path, caplog):
 
   base_kwargs = {'depth_mult': 0.1, 'width_mult': 0.5}
   base = models.create('micronet', num_classes=10, **base_kwargs)
-  variables = state_lib.initial_variables(base, (32, 32, 3), seed=3)
+  variables = setup_lib.initial_variables(base, (32, 32, 3), seed=3)
   # Non-trivial BatchNorm statistics, so that an identity-breaking growth would show.
   rng = np.random.default_rng(0)
   variables['batch_stats'] = jax.tree.map(

@@ -11,7 +11,7 @@ import numpy as np
 
 import ec2t_jax
 from ec2t_jax import tree_util
-from ec2t_jax.training import state as state_lib
+from ec2t_jax.training import setup as setup_lib
 from ec2t_jax.training import workdir as workdir_lib
 from ec2t_jax.training.schedule import FP
 
@@ -28,7 +28,7 @@ def saved_summary(workdir: str, params: Any) -> dict[str, Any] | None:
   except ValueError as e:
     logging.warning('%s; computing the summary again', e)
     return None
-  if saved.get('params_sha256') != state_lib.params_sha256(params):
+  if saved.get('params_sha256') != setup_lib.params_sha256(params):
     logging.warning(
       '%s does not belong to the newest checkpoint (another params_sha256); computing the '
       'summary again',
@@ -67,7 +67,7 @@ def summarize_run(run, setup, state, meta, *, val, test, steps) -> dict[str, Any
     'num_params': int(sum(sizes)),
     'num_ternary_params': int(sum(n for n, m in zip(sizes, selected, strict=True) if m)),
     'steps': steps,
-    'params_sha256': state_lib.params_sha256(params),
+    'params_sha256': setup_lib.params_sha256(params),
     'per_layer_sparsity': per_layer,
     'gamma': float(last.gamma) if ec2t_settings else None,
     'init_scale': float(last.init_scale) if ec2t_settings else None,

@@ -41,7 +41,7 @@ from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import metric_writers
 from ec2t_jax.training import parse as parse_lib
 from ec2t_jax.training import schedule as schedule_lib
-from ec2t_jax.training import state as state_lib
+from ec2t_jax.training import setup as setup_lib
 from ec2t_jax.training import workdir as workdir_lib
 from ec2t_jax.training.batches import create_input_iter, eval_batches, open_data
 from ec2t_jax.training.runtime import (
@@ -93,12 +93,12 @@ def _loss_and_accuracy(logits, labels):
 
 
 def train_step(
-  state: state_lib.TrainState,
+  state: setup_lib.TrainState,
   batch: dict[str, jax.Array],
   rng: jax.Array,
   *,
   skip_nonfinite: bool,
-) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+) -> tuple[setup_lib.TrainState, dict[str, jax.Array]]:
   """One optimization step; returns the new state and this step's metrics."""
 
   def loss_fn(params):
@@ -120,7 +120,7 @@ def train_step(
   return new_state, metrics
 
 
-def eval_step(state: state_lib.TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def eval_step(state: setup_lib.TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Sums of loss, correct predictions and real examples over one (padded) batch."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   logits = state.apply_fn(variables, batch['image'], train=False)
@@ -189,7 +189,7 @@ class TrainMetrics:
     """Queues the metrics of the step that ended at `step`."""
     self._pending.append((step, metrics))
 
-  def flush(self, step: int, state: state_lib.TrainState) -> None:
+  def flush(self, step: int, state: setup_lib.TrainState) -> None:
     """Writes the queued metrics (no-op if none); raises `NonFiniteError` on a bad step."""
     if not self._pending:
       return
@@ -212,7 +212,7 @@ class TrainMetrics:
     }
     if stage.kind == FP:
       p = self._setup.passes[stage.group]
-      lr = state_lib.learning_rate_schedule(p.settings, p.num_steps)
+      lr = setup_lib.learning_rate_schedule(p.settings, p.num_steps)
       scalars['train/learning_rate'] = float(lr(step - self._schedule.group_start(stage.group)))
     else:
       stats = jax.device_get(self._statistics(state.opt_state, state.params))
@@ -255,9 +255,9 @@ def _evaluate_fp(evaluate_split, state, writer, step: int) -> dict[str, float]:
   return out
 
 
-def _plain_state(setup: state_lib.Setup) -> state_lib.TrainState:
+def _plain_state(setup: setup_lib.Setup) -> setup_lib.TrainState:
   """A state of the starting variables with no optimizer (to evaluate them)."""
-  return state_lib.TrainState.create(
+  return setup_lib.TrainState.create(
     apply_fn=setup.model.apply,
     params=setup.variables['params'],
     tx=optax.identity(),
@@ -265,7 +265,7 @@ def _plain_state(setup: state_lib.Setup) -> state_lib.TrainState:
   )
 
 
-def _enter_stage(stage, state, setup, new_state, ckpt, sharding) -> state_lib.TrainState:
+def _enter_stage(stage, state, setup, new_state, ckpt, sharding) -> setup_lib.TrainState:
   """The state `stage` starts from at its first step.
 
   A new pass starts fresh optimizer state from the last step's variables, or
@@ -289,7 +289,7 @@ def _enter_stage(stage, state, setup, new_state, ckpt, sharding) -> state_lib.Tr
     )
   # A best checkpoint holds the state of the stage that ran its step.
   best_group = schedule.stage_at(best - 1).group
-  target = state_lib.state_tree(state_lib.abstract_train_state_of(setup, best_group))
+  target = setup_lib.state_tree(setup_lib.abstract_train_state_of(setup, best_group))
   tree, _ = ckpt.restore(best, target, best=True)
   tree = jax.device_put(tree, sharding)
   logging.info('%s stage starts from the best checkpoint (step %d).', stage.label, best)
@@ -343,7 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = create_mesh(run.runtime.num_devices)
   data = open_data(run)
   schedule = schedule_lib.create_schedule(run.stages, data.steps_per_epoch)
-  setup = state_lib.create_setup(
+  setup = setup_lib.create_setup(
     run, schedule, num_classes=data.num_classes, image_shape=data.image_shape
   )
   lock = workdir_lib.claim_workdir(run, workdir)
@@ -368,7 +368,7 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
   try:
     # Resume from the newest checkpoint, or start at step 0.
     step, tree, extra = ckpt.restore_latest(
-      lambda s: state_lib.state_tree(state_lib.abstract_train_state(setup, s))
+      lambda s: setup_lib.state_tree(setup_lib.abstract_train_state(setup, s))
     )
     on_disk = ckpt.steps() if step is None else []
     if on_disk:
@@ -395,7 +395,7 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
     p_statistics = jax.jit(ec2t_jax.statistics)
     new_state = {  # One compiled program per pass instead of many eager ops.
       group: jax.jit(
-        functools.partial(state_lib.create_train_state, setup, group), out_shardings=replicated
+        functools.partial(setup_lib.create_train_state, setup, group), out_shardings=replicated
       )
       for group in range(schedule.num_groups)
     }
@@ -421,7 +421,7 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
       logging.info(
         'Resuming %s from step %d (%s stage).', workdir, step, schedule.stage_at(step).label
       )
-      restored = state_lib.with_state_tree(
+      restored = setup_lib.with_state_tree(
         new_state[schedule.optimizer_at(step)](setup.variables), tree
       )
       state = jax.device_put(restored, replicated)
@@ -466,7 +466,7 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
             meta.update(best_val_accuracy=best_val, best_step=step, best_group=ran.group)
             log.flush(step, state)
             ckpt.save_best(
-              step, state_lib.state_tree(state), {'meta': meta}, best_val, rank=ran.group
+              step, setup_lib.state_tree(state), {'meta': meta}, best_val, rank=ran.group
             )
       entered = schedule.transition_at(step)
       if entered is not None:  # A stage boundary: the next stage's state, checkpointed below.
@@ -481,7 +481,7 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
       ):
         log.flush(step, state)  # Never save a state that went NaN.
         extra = _checkpoint_extra(step, schedule, data, train_iter, meta)
-        ckpt.save(step, state_lib.state_tree(state), extra)
+        ckpt.save(step, setup_lib.state_tree(state), extra)
         writer.flush()
       if preemption.requested:
         logging.warning(

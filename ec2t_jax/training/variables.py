@@ -3,7 +3,7 @@
 `create_model` builds the linen module of `config.model`, `initial_variables`
 initializes it, and `load_init_from` reads pretrained variables (an orbax
 directory or a PyTorch `.pt`/`.pth` state_dict) checked against the model's.
-Both the train-state set-up (`ec2t_jax.training.state`) and the growth of a
+Both the train-state set-up (`ec2t_jax.training.setup`) and the growth of a
 pretrained base (`ec2t_jax.training.pretrained`) use them.
 """
 

@@ -29,8 +29,8 @@ from ec2t_jax import files, tree_util
 from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import parse as parse_lib
 from ec2t_jax.training import schedule as schedule_lib
+from ec2t_jax.training import setup as setup_lib
 from ec2t_jax.training import spec as spec_lib
-from ec2t_jax.training import state as state_lib
 from ec2t_jax.training.lock import LOCK_FILE, WorkdirBusyError, WorkdirLock  # noqa: F401  (public here too)
 
 __all__ = [
@@ -501,13 +501,13 @@ def load_workdir(
         extra = ckpt.read_extra(step) if not best else _newest_extra(ckpt, workdir)
         steps_per_epoch, num_classes, image_shape, normalization = _data_facts(extra, workdir)
         schedule = schedule_lib.create_schedule(run.stages, steps_per_epoch)
-        setup = state_lib.create_setup(
+        setup = setup_lib.create_setup(
           run, schedule, num_classes=num_classes, image_shape=image_shape, load_pretrained=False
         )
         # A best checkpoint holds the state of the stage that ran its step (it is saved
         # before a stage boundary's switch); a periodic one, the state of the stage after.
         group = schedule.stage_at(step - 1).group if best else schedule.optimizer_at(step)
-        target = state_lib.state_tree(state_lib.abstract_train_state_of(setup, group))
+        target = setup_lib.state_tree(setup_lib.abstract_train_state_of(setup, group))
         tree, _ = ckpt.restore(step, target, best=best)
         break
       except Exception as e:  # noqa: BLE001 - any read failure means "try an older one".
