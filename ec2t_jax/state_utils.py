@@ -78,7 +78,8 @@ def ternarize(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
     A new params pytree of the same structure and dtypes.
 
   Raises:
-    ValueError: if `opt_state` holds no state of a registered method.
+    ValueError: if `opt_state` holds no state of a registered method, or a
+      kernel whose shape is not that of its params leaf.
   """
   kernels = compressed_kernels(opt_state, params)
   if not kernels:
@@ -89,7 +90,14 @@ def ternarize(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
     )
 
   def place(path, leaf):
-    return kernels.get(tree_util.path_str(path), leaf)
+    name = tree_util.path_str(path)
+    if name in kernels and jnp.shape(kernels[name]) != jnp.shape(leaf):
+      raise ValueError(
+        f'params leaf {name!r} has shape {tuple(jnp.shape(leaf))}, but opt_state holds a kernel '
+        f'of shape {tuple(jnp.shape(kernels[name]))} for it: the state was built for other '
+        'params; call tx.init(params) on these params'
+      )
+    return kernels.get(name, leaf)
 
   return jax.tree_util.tree_map_with_path(place, params)
 
