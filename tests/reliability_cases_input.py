@@ -437,3 +437,30 @@ def check_l07(tmp_path, tiny_mnist):
   (root / 'a' / '3.png').write_bytes(data[: len(data) // 2])
   config = tiny_mnist(dataset=f'folder:{root}')
   _refused_before_claim(tmp_path, config, r"cannot read the image '.*3\.png' .* remove or replace")
+
+
+@case(
+  'L08',
+  'A run stopped by a NaN step, rerun as its error advised (ours: the NonFiniteError advice).',
+  '`T TINY` stopped at a NaN loss; rerun with `--config.skip_nonfinite=True`',
+  'The error advises only what the program accepts: `... Rerun with --config.skip_nonfinite=True '
+  'to skip such steps (it resumes from that checkpoint), or start over with a lower learning '
+  'rate (--config.overwrite=True, or another --workdir)`; skip_nonfinite is a resumable field '
+  '(before: both pieces of advice were refused as a different config).',
+)
+def check_l08(tmp_path, tiny_mnist, monkeypatch):
+  from ec2t_jax.training import workdir as workdir_lib
+
+  original = train.train_step
+
+  def nan_step(state, batch, rng, **kwargs):
+    _, metrics = original(state, batch, rng, **kwargs)
+    return state, {**metrics, 'nonfinite': jnp.ones((), jnp.float32)}
+
+  monkeypatch.setattr(train, 'train_step', nan_step)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(train.NonFiniteError, match='Rerun with --config.skip_nonfinite=True') as e:
+    train.train_and_evaluate(tiny_mnist(), workdir)
+  assert 'overwrite=True, or another --workdir' in str(e.value)
+  lock = workdir_lib.claim_workdir(parse_lib.parse(tiny_mnist(skip_nonfinite=True)), workdir)
+  lock.release()  # Accepted: the advice resumes.
