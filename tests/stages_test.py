@@ -16,7 +16,9 @@ from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import parse as parse_lib
 from ec2t_jax.training import schedule as schedule_lib
 from ec2t_jax.training import setup as setup_lib
+from ec2t_jax.training import stages as stages_lib
 from ec2t_jax.training import train
+from ec2t_jax.training import workdir as workdir_lib
 
 CONV = r'conv[12]/kernel$'
 FC = r'fc[12]/kernel$'
@@ -47,7 +49,9 @@ def test_default_sequence_is_fp_ec2t_frozen_in_two_passes():
   config = default.get_config()
   config.fp.num_epochs = 2
   schedule = schedule_lib.create_schedule(parse_lib.stage_specs(config), steps_per_epoch=5)
-  assert [(s.name, s.kind, s.start, s.end, s.group, s.start_from) for s in schedule.stages] == [
+  assert [
+    (s.name, s.kind, s.start, s.end, s.pass_index, s.start_from) for s in schedule.stages
+  ] == [
     ('fp', 'fp', 0, 10, 0, 'last'),
     ('ec2t', 'ec2t', 10, 110, 1, 'last'),
     ('frozen', 'frozen', 110, 185, 1, 'last'),
@@ -60,32 +64,48 @@ def test_default_sequence_is_fp_ec2t_frozen_in_two_passes():
   assert schedule_lib.Schedule.from_dict(schedule.to_dict()) == schedule
 
 
-def test_schedule_written_before_stages_had_names_reads_back():
-  old = {
-    'steps_per_epoch': 3,
-    'stages': [
-      {'kind': 'fp', 'start': 0, 'num_steps': 3},
-      {'kind': 'ec2t', 'start': 3, 'num_steps': 3},
-      {'kind': 'frozen', 'start': 6, 'num_steps': 3},
-    ],
-  }
-  schedule = schedule_lib.Schedule.from_dict(old)
-  assert [(s.name, s.group) for s in schedule.stages] == [('fp', 0), ('ec2t', 1), ('frozen', 1)]
-  assert schedule.optimizer_at(3) == 1 and schedule.optimizer_at(2) == 0
+def test_a_new_stage_kind_is_one_entry_in_the_stage_module(tiny_mnist, tmp_path, monkeypatch):
+  # A 'polish' kind: full-precision fine-tuning of the leaves compression left alone, after the
+  # frozen stage. Nothing but its StageKind is added; parse, schedule, set-up and trainer ask it.
+  polish = stages_lib.StageKind('polish', 'polish', 'fp', compresses=False, marker='polish starts')
+  monkeypatch.setitem(stages_lib.KINDS, 'polish', polish)
+  config = _stages(
+    tiny_mnist(),
+    'fp,ternarize,frozen,polish',
+    fp={'kind': 'fp', 'num_epochs': 1},
+    ternarize={'kind': 'ec2t', 'num_epochs': 1, 'ternary_pattern': CONV},
+    frozen={'kind': 'frozen', 'num_epochs': 1},
+    polish={'kind': 'polish', 'num_epochs': 1, 'learning_rate': 1e-4},
+  )
+  specs = parse_lib.stage_specs(config)
+  assert specs[-1].settings.learning_rate == 1e-4  # Its section's settings, the stage's own first.
+  schedule = schedule_lib.create_schedule(specs, steps_per_epoch=3)
+  assert [s.pass_index for s in schedule.stages] == [0, 1, 1, 2]
+  setup = _setup(config)
+  assert not setup.passes[2].compresses
+  assert _names(setup.passes[2].fixed_mask) == ['conv1/kernel', 'conv2/kernel']
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['steps'] == 12
+  loaded = workdir_lib.load_workdir(str(tmp_path / 'run'))
+  assert [s.kind for s in loaded.schedule.stages][-1] == 'polish'
+  params = tree_util.flat_dict(loaded.variables['params'])
+  for name in ('conv1/kernel', 'conv2/kernel'):  # Still ternary after the fp polish.
+    assert len(np.unique(np.asarray(params[name]))) <= 3
+  assert len(np.unique(np.asarray(params['fc1/kernel']))) > 3  # Polished in full precision.
 
 
 def test_three_passes_schedule(tiny_mnist):
   schedule = schedule_lib.create_schedule(
     parse_lib.stage_specs(_three_passes(tiny_mnist())), steps_per_epoch=3
   )
-  assert [(s.name, s.start, s.group) for s in schedule.stages] == [
+  assert [(s.name, s.start, s.pass_index) for s in schedule.stages] == [
     ('fp', 0, 0),
     ('ternarize', 3, 1),
     ('frozen', 9, 1),
     ('prune', 12, 2),
   ]
-  assert schedule.num_groups == 3 and schedule.freeze_step(1) == 6
-  assert [schedule.optimizer_at(s) for s in (2, 3, 8, 9, 11, 12, 14, 15)] == [
+  assert schedule.num_passes == 3 and schedule.freeze_step(1) == 6
+  assert [schedule.pass_at(s) for s in (2, 3, 8, 9, 11, 12, 14, 15)] == [
     0,
     1,
     1,

@@ -32,29 +32,20 @@ import ec2t_jax
 from ec2t_jax import models
 from ec2t_jax.configs import default as default_config
 from ec2t_jax.training import datasets, pretrained
+from ec2t_jax.training import stages as stages_lib
 from ec2t_jax.training import variables as variables_lib
-from ec2t_jax.training.schedule import (
-  BEST,
-  EC2T,
-  ECP,
-  FP,
-  FROZEN,
-  LAST,
-  STAGE_KINDS,
-  START_FROM,
-  StageSpec,
-)
+from ec2t_jax.training.schedule import StageSpec
 from ec2t_jax.training.spec import (
+  STAGE_SETTINGS,
   CheckpointSpec,
-  CompressionSettings,
   ConfigError,
   DataSpec,
-  FpSettings,
   ModelSpec,
   OutputSpec,
   RunSpec,
   RuntimeSpec,
 )
+from ec2t_jax.training.stages import BEST, EC2T, FP, FROZEN, LAST, START_FROM
 
 __all__ = [
   'DEFAULT_METHOD',
@@ -97,13 +88,13 @@ _PATTERNS = ('ternary_pattern', 'ternary_exclude', 'keep_pattern', 'prune_patter
 
 
 def _settings(kind: str, config: Mapping[str, Any], overrides: Mapping[str, Any]):
-  """The typed settings of a stage of `kind`: defaults < `config.fp`/`config.ec2t` < stage."""
-  group = 'fp' if kind == FP else 'ec2t'
-  cls = FpSettings if kind == FP else CompressionSettings
+  """The typed settings of a stage of `kind`: defaults < its config section < the stage."""
+  section = stages_lib.get(kind).settings  # 'fp' or 'ec2t'
+  cls = STAGE_SETTINGS[section]
   names = {f.name for f in dataclasses.fields(cls)}
-  defaults = default_config.get_config()[group]  # The one home of every default value.
+  defaults = default_config.get_config()[section]  # The one home of every default value.
   merged = {k: v for k, v in defaults.items() if k in names}
-  merged.update({k: v for k, v in (config.get(group) or {}).items() if k in names})
+  merged.update({k: v for k, v in (config.get(section) or {}).items() if k in names})
   merged.update({k: v for k, v in overrides.items() if k in names})
   merged = {k: ('' if v is None and k.endswith('pattern') else v) for k, v in merged.items()}
   return cls(**merged)
@@ -117,7 +108,8 @@ def missing_init_from(config: Mapping[str, Any], specs=None) -> str | None:
   ImageNet recipes), else a warning.
   """
   specs = stage_specs(config) if specs is None else specs
-  starts_fp = next((s.kind for s in specs if s.num_epochs), None) == FP
+  first = next((s.kind for s in specs if s.num_epochs), None)
+  starts_fp = first is not None and not stages_lib.get(first).compresses
   if starts_fp or config.get('init_from'):
     return None
   if config.get('needs_init_from'):
@@ -469,8 +461,8 @@ _STAGE_FIELDS = ('kind', 'num_epochs', 'start_from')
 _EXTRA_SETTINGS = ('fixed_pattern',)
 
 
-# `config.ec2t` fields that are not per-stage settings (the default sequence's epochs).
-_EC2T_NOT_SETTINGS = ('num_epochs', 'frozen_epochs', 'frozen_start_from')
+# Fields of a config section that are not per-stage settings (the default sequence's epochs).
+_NOT_SETTINGS = {'ec2t': ('num_epochs', 'frozen_epochs', 'frozen_start_from')}
 
 
 def _stage_order(config: Mapping[str, Any], names: Sequence[str]) -> list[str]:
@@ -502,13 +494,11 @@ def _stage_order(config: Mapping[str, Any], names: Sequence[str]) -> list[str]:
 
 
 def _valid_settings(config: Mapping[str, Any], kind: str) -> list[str]:
-  """The setting names a stage of `kind` may override."""
-  if kind == FROZEN:
+  """The setting names a stage of `kind` may override (those of its config section)."""
+  section = stages_lib.get(kind).settings
+  if not section:
     return []
-  if kind == FP:
-    base = list((config.get('fp') or {}).keys())
-  else:
-    base = [k for k in (config.get('ec2t') or {}) if k not in _EC2T_NOT_SETTINGS]
+  base = [k for k in (config.get(section) or {}) if k not in _NOT_SETTINGS.get(section, ())]
   return sorted([*base, *_EXTRA_SETTINGS])
 
 
@@ -555,9 +545,9 @@ def stage_specs(config: Mapping[str, Any]) -> tuple[StageSpec, ...]:
     if not (hasattr(stage, 'get') and hasattr(stage, 'items')):  # A dict or a ConfigDict.
       raise ValueError(f'{where} must be a ConfigDict of stage fields, got {stage!r}')
     kind = stage.get('kind')
-    if kind not in STAGE_KINDS:
+    if kind not in stages_lib.KINDS:
       raise ValueError(
-        f'{where}.kind={kind!r} is not a stage kind; valid: {", ".join(STAGE_KINDS)}'
+        f'{where}.kind={kind!r} is not a stage kind; valid: {", ".join(stages_lib.KINDS)}'
       )
     epochs = stage.get('num_epochs')
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
@@ -575,20 +565,22 @@ def stage_specs(config: Mapping[str, Any]) -> tuple[StageSpec, ...]:
         f'{where} sets {unknown}, which a {kind!r} stage does not have; valid: '
         f'{", ".join([*_STAGE_FIELDS, *valid])}'
       )
-    typed = None if kind == FROZEN else _settings(kind, config, settings)
+    typed = _settings(kind, config, settings) if stages_lib.get(kind).settings else None
     specs.append(StageSpec(str(name), kind, epochs, start_from, typed))
   _check_sequence(specs)
   return tuple(specs)
 
 
 def _check_sequence(specs: Sequence[StageSpec]) -> None:
-  """Refuses frozen stages without an EC2T/ECP stage before them and bad `start_from`s."""
+  """Refuses a joining stage (frozen) after a kind it cannot join, and bad `start_from`s."""
   for i, spec in enumerate(specs):
     before = specs[i - 1] if i else None
-    if spec.kind == FROZEN and (before is None or before.kind not in (EC2T, ECP)):
+    joins = stages_lib.get(spec.kind).joins
+    if joins and (before is None or before.kind not in joins):
       raise ValueError(
-        f'config.stages.{spec.name} is a frozen stage, which holds the assignment of the EC2T '
-        f'or ECP stage right before it; it follows {before.name if before else "nothing"!r}'
+        f'config.stages.{spec.name} is a {spec.kind} stage, which continues the '
+        f'{" or ".join(joins)} stage right before it; it follows '
+        f'{before.name if before else "nothing"!r}'
       )
     if spec.start_from == BEST and spec.num_epochs:
       if before is None:
@@ -596,7 +588,7 @@ def _check_sequence(specs: Sequence[StageSpec]) -> None:
           f"config.stages.{spec.name}.start_from='best' but it is the first stage; nothing "
           "before it can be best: use 'last'"
         )
-      compressed = [s for s in specs[:i] if s.kind != FP and s.num_epochs]
+      compressed = [s for s in specs[:i] if stages_lib.get(s.kind).compresses and s.num_epochs]
       if not compressed:
         raise ValueError(
           f"stage {spec.name!r} has start_from='best' but no EC2T/ECP stage with epochs runs "

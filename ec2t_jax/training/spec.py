@@ -16,6 +16,7 @@ from typing import Any
 from ec2t_jax.training.schedule import StageSpec
 
 __all__ = [
+  'STAGE_SETTINGS',
   'CheckpointSpec',
   'CompressionSettings',
   'ConfigError',
@@ -85,6 +86,10 @@ class CompressionSettings:
   ternary_exclude: str
   prune_pattern: str
   fixed_pattern: str = ''
+
+
+STAGE_SETTINGS: dict[str, type] = {'fp': FpSettings, 'ec2t': CompressionSettings}
+"""The typed settings of each config section a stage kind trains with (`StageKind.settings`)."""
 
 
 @dataclasses.dataclass(frozen=True)

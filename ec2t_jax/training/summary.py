@@ -13,7 +13,6 @@ import ec2t_jax
 from ec2t_jax import tree_util
 from ec2t_jax.training import setup as setup_lib
 from ec2t_jax.training import workdir as workdir_lib
-from ec2t_jax.training.schedule import FP
 
 __all__ = ['print_summary', 'saved_summary', 'summarize_run']
 
@@ -45,7 +44,7 @@ def summarize_run(run, setup, state, meta, *, val, test, steps) -> dict[str, Any
   _, total_sparsity = tree_util.zero_fractions(params)
   sizes = [np.size(x) for x in jax.tree.leaves(params)]
   selected = [bool(m) for m in jax.tree.leaves(setup.ternary_mask)]
-  compressing = [p for p in setup.passes if p.kind != FP]
+  compressing = [p for p in setup.passes if p.compresses]
   method = run.method
   # γ and s of the last compression pass (config.ec2t's for the default stages), for a
   # method that reads them (EC2T; the baselines have neither).
@@ -75,7 +74,7 @@ def summarize_run(run, setup, state, meta, *, val, test, steps) -> dict[str, Any
       {'name': p.name, 'kind': p.kind}
       | (
         {'gamma': p.settings.gamma, 'init_scale': p.settings.init_scale}
-        if p.kind != FP and ec2t_settings
+        if p.compresses and ec2t_settings
         else {}
       )
       for p in setup.passes

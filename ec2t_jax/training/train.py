@@ -52,7 +52,7 @@ from ec2t_jax.training.runtime import (
   initialize_distributed,
   to_global,
 )
-from ec2t_jax.training.schedule import BEST, FP
+from ec2t_jax.training.stages import BEST
 from ec2t_jax.training.summary import print_summary, saved_summary, summarize_run
 
 
@@ -153,18 +153,10 @@ def _format_eta(seconds: float) -> str:
   return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-_STAGE_NAMES = {
-  FP: 'full precision',
-  schedule_lib.EC2T: 'EC2T',
-  schedule_lib.FROZEN: 'frozen-assignment',
-  schedule_lib.ECP: 'ECP',
-}
-
-
 def _stage_title(stage: schedule_lib.Stage) -> str:
   """'EC2T' for the default sequence's stages, 'ternarize (EC2T)' for named ones."""
-  kind = _STAGE_NAMES[stage.kind]
-  return kind if stage.label == stage.kind else f'{stage.label} ({kind})'
+  title = stage.kind_info.title
+  return title if stage.label == stage.kind else f'{stage.label} ({title})'
 
 
 class TrainMetrics:
@@ -184,6 +176,7 @@ class TrainMetrics:
     self._statistics = statistics_fn
     self._pending: list[tuple[int, dict[str, jax.Array]]] = []
     self._last = (time.time(), step)
+    self._trained = self._skipped = 0  # Steps this process took, and those skipped.
 
   def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
     """Queues the metrics of the step that ended at `step`."""
@@ -198,7 +191,17 @@ class TrainMetrics:
     if bad and not self._skip_nonfinite:
       raise NonFiniteError(
         f'the loss or a gradient became NaN/inf at step {bad[0]}; the run stopped and the last '
-        'good checkpoint is kept. Lower the learning rate, or set --config.skip_nonfinite=True.'
+        'good checkpoint is kept. Rerun with --config.skip_nonfinite=True to skip such steps '
+        '(it resumes from that checkpoint), or start over with a lower learning rate '
+        '(--config.overwrite=True, or another --workdir).'
+      )
+    self._trained += len(host)
+    self._skipped += len(bad)
+    if step == self._schedule.total_steps and self._skipped == self._trained:
+      raise NonFiniteError(  # Before the final checkpoint: no rerun reports this network.
+        f'every one of the {self._trained} steps this run took was skipped (NaN/inf loss or '
+        'gradient, config.skip_nonfinite=True): the network did not train, so no summary is '
+        'written. Check the data and the model, or lower the learning rate'
       )
     now, total = time.time(), self._schedule.total_steps
     rate = (step - self._last[1]) / max(now - self._last[0], 1e-9)
@@ -210,10 +213,10 @@ class TrainMetrics:
       'progress/steps_per_second': rate,
       'progress/fraction': step / max(total, 1),
     }
-    if stage.kind == FP:
-      p = self._setup.passes[stage.group]
+    if not stage.kind_info.compresses:
+      p = self._setup.passes[stage.pass_index]
       lr = setup_lib.learning_rate_schedule(p.settings, p.num_steps)
-      scalars['train/learning_rate'] = float(lr(step - self._schedule.group_start(stage.group)))
+      scalars['train/learning_rate'] = float(lr(step - self._schedule.pass_start(stage.pass_index)))
     else:
       stats = jax.device_get(self._statistics(state.opt_state, state.params))
       scalars.update({f'ec2t/{k}': float(v) for k, v in stats.items()})
@@ -275,32 +278,43 @@ def _enter_stage(stage, state, setup, new_state, ckpt, sharding) -> setup_lib.Tr
   pass's update counters to where the assignment freezes.
   """
   schedule = setup.schedule
-  current = schedule.stage_at(stage.start - 1).group
+  current = schedule.stage_at(stage.start - 1).pass_index
   if stage.start_from != BEST:
-    if stage.group == current:
+    if stage.pass_index == current:
       return state
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    return new_state[stage.group](variables)
+    return new_state[stage.pass_index](variables)
   best = ckpt.best_step()
+  # A resume cannot change start_from (the config check), so the advice is what it can do.
+  best_dir = os.path.join(ckpt.workdir, 'best')
+  advice = (
+    f'restore {best_dir!r} from a backup, or start over with --config.overwrite=True (the old '
+    'run is moved aside)'
+  )
   if best is None:
     raise ValueError(
-      f'stage {stage.label!r} starts from the best checkpoint but the run saved none (no '
-      "validation data?); rerun with start_from='last'"
+      f"stage {stage.label!r} starts from the best checkpoint (start_from='best') but "
+      f'{best_dir!r} holds none (deleted?); {advice}'
     )
   # A best checkpoint holds the state of the stage that ran its step.
-  best_group = schedule.stage_at(best - 1).group
-  target = setup_lib.state_tree(setup_lib.abstract_train_state_of(setup, best_group))
-  tree, _ = ckpt.restore(best, target, best=True)
+  best_pass = schedule.stage_at(best - 1).pass_index
+  target = setup_lib.state_tree(setup_lib.abstract_train_state_of(setup, best_pass))
+  try:
+    tree, _ = ckpt.restore(best, target, best=True)
+  except ValueError as e:
+    raise ValueError(
+      f'stage {stage.label!r} starts from the best checkpoint, but {e}; {advice}'
+    ) from e
   tree = jax.device_put(tree, sharding)
   logging.info('%s stage starts from the best checkpoint (step %d).', stage.label, best)
-  if stage.group == best_group:
-    freeze = schedule.freeze_step(stage.group)
+  if stage.pass_index == best_pass:
+    freeze = schedule.freeze_step(stage.pass_index)
     return state.replace(
       params=tree['params'],
       batch_stats=tree['batch_stats'],
       opt_state=ec2t_jax.state_utils.with_update_count(tree['opt_state'], freeze),
     )
-  return new_state[stage.group]({'params': tree['params'], 'batch_stats': tree['batch_stats']})
+  return new_state[stage.pass_index]({'params': tree['params'], 'batch_stats': tree['batch_stats']})
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -394,10 +408,10 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
     p_eval_step = jax.jit(eval_step, out_shardings=replicated)
     p_statistics = jax.jit(ec2t_jax.statistics)
     new_state = {  # One compiled program per pass instead of many eager ops.
-      group: jax.jit(
-        functools.partial(setup_lib.create_train_state, setup, group), out_shardings=replicated
+      index: jax.jit(
+        functools.partial(setup_lib.create_train_state, setup, index), out_shardings=replicated
       )
-      for group in range(schedule.num_groups)
+      for index in range(schedule.num_passes)
     }
 
     def evaluate_split(state, split):
@@ -414,16 +428,14 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
     if step is None:
       step = 0
       first = schedule.stage_at(0)
-      if first.kind != FP:  # Compression starts at once: record the network it starts from.
+      if first.kind_info.compresses:  # Compression starts at once: record where it starts.
         meta.update(_evaluate_fp(evaluate_split, _plain_state(setup), writer, 0))
-      state = new_state[first.group](setup.variables)
+      state = new_state[first.pass_index](setup.variables)
     else:
       logging.info(
         'Resuming %s from step %d (%s stage).', workdir, step, schedule.stage_at(step).label
       )
-      restored = setup_lib.with_state_tree(
-        new_state[schedule.optimizer_at(step)](setup.variables), tree
-      )
+      restored = setup_lib.with_state_tree(new_state[schedule.pass_at(step)](setup.variables), tree)
       state = jax.device_put(restored, replicated)
       train_iter.set_state(base64.b64decode(extra['data_iterator']))
       meta = dict(extra.get('meta', {}))
@@ -431,9 +443,9 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
     base_rng = jax.random.key(run.runtime.seed + 1)
     log = TrainMetrics(run, setup, writer, p_statistics, step)
     # The best validation accuracy of the current pass (each pass keeps its own best).
-    group = schedule.optimizer_at(step)
+    pass_index = schedule.pass_at(step)
     best_val = float(meta.get('best_val_accuracy', -1.0))
-    if meta.get('best_group', group) != group:
+    if meta.get('best_pass', pass_index) != pass_index:
       best_val = -1.0
     if preemption.requested:  # During the set-up: no step since the last checkpoint.
       logging.warning(
@@ -451,28 +463,29 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
       ):
         log.flush(step, state)
       ran = schedule.stage_at(step - 1)  # The stage of the step just taken.
-      if ran.kind == FP and step == ran.end:  # Full precision ends: evaluate it, keep it.
+      compressing = ran.kind_info.compresses
+      if not compressing and step == ran.end:  # Full precision ends: evaluate it, keep it.
         log.flush(step, state)
         meta.update(_evaluate_fp(evaluate_split, state, writer, step))
         variables = {'params': state.params, 'batch_stats': state.batch_stats}
         # Every process takes part in an orbax save (it synchronizes them).
         checkpoint_lib.save_variables(os.path.join(workdir, 'fp_variables'), variables)
-      if end_of_epoch and ran.kind != FP:
+      if end_of_epoch and compressing:
         val = evaluate_split(state, 'val')
         if val:
           writer.write_scalars(step, {'val/accuracy': val['accuracy'], 'val/loss': val['loss']})
           if val['accuracy'] > best_val:
             best_val = val['accuracy']
-            meta.update(best_val_accuracy=best_val, best_step=step, best_group=ran.group)
+            meta.update(best_val_accuracy=best_val, best_step=step, best_pass=ran.pass_index)
             log.flush(step, state)
             ckpt.save_best(
-              step, setup_lib.state_tree(state), {'meta': meta}, best_val, rank=ran.group
+              step, setup_lib.state_tree(state), {'meta': meta}, best_val, rank=ran.pass_index
             )
       entered = schedule.transition_at(step)
       if entered is not None:  # A stage boundary: the next stage's state, checkpointed below.
         log.flush(step, state)
         state = _enter_stage(entered, state, setup, new_state, ckpt, replicated)
-        if entered.group != ran.group:
+        if entered.pass_index != ran.pass_index:
           best_val = -1.0
       if (
         step % run.checkpoints.checkpoint_every_steps == 0
