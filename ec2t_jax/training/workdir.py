@@ -122,12 +122,16 @@ def write_json(path: str, value: Any) -> None:
   files.replace_file(path, json.dumps(value, indent=1, sort_keys=True))
 
 
-def read_json_object(path: str, what: str) -> dict[str, Any]:
+_RESTORE_OR_OVERWRITE = 'restore it, or start over with --config.overwrite=True'
+
+
+def read_json_object(path: str, what: str, *, fix: str = _RESTORE_OR_OVERWRITE) -> dict[str, Any]:
   """The JSON object in `path`; a ValueError naming the file if it is not one.
 
   Args:
     path: the file.
     what: how the error names it (e.g. `'the run config'`).
+    fix: what the error advises (a program that refuses `overwrite` passes its own).
 
   Raises:
     FileNotFoundError: if `path` does not exist.
@@ -138,14 +142,10 @@ def read_json_object(path: str, what: str) -> dict[str, Any]:
       value = json.load(f)
   except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
     raise ValueError(
-      f'{what} {path!r} is not valid JSON ({" ".join(str(e).split())[:120]}); restore it, or '
-      'start over with --config.overwrite=True'
+      f'{what} {path!r} is not valid JSON ({" ".join(str(e).split())[:120]}); {fix}'
     ) from e
   if not isinstance(value, dict):
-    raise ValueError(
-      f'{what} {path!r} holds a JSON {type(value).__name__}, not an object; restore it, or '
-      'start over with --config.overwrite=True'
-    )
+    raise ValueError(f'{what} {path!r} holds a JSON {type(value).__name__}, not an object; {fix}')
   return value
 
 
@@ -506,8 +506,8 @@ def load_workdir(
         )
         # A best checkpoint holds the state of the stage that ran its step (it is saved
         # before a stage boundary's switch); a periodic one, the state of the stage after.
-        group = schedule.stage_at(step - 1).group if best else schedule.optimizer_at(step)
-        target = setup_lib.state_tree(setup_lib.abstract_train_state_of(setup, group))
+        index = schedule.stage_at(step - 1).pass_index if best else schedule.pass_at(step)
+        target = setup_lib.state_tree(setup_lib.abstract_train_state_of(setup, index))
         tree, _ = ckpt.restore(step, target, best=best)
         break
       except Exception as e:  # noqa: BLE001 - any read failure means "try an older one".
