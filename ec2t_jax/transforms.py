@@ -209,7 +209,7 @@ def _check_floating(params: optax.Params, what: str) -> None:
   for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=tree_util.is_masked)[0]:
     if tree_util.is_masked(leaf):
       continue
-    _check_values(leaf, f'{what} selects {jax.tree_util.keystr(path)}')
+    check_leaf_values(leaf, f'{what} selects {jax.tree_util.keystr(path)}')
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(
@@ -225,8 +225,19 @@ def _check_floating(params: optax.Params, what: str) -> None:
       )
 
 
-def _check_values(leaf: Any, where: str) -> None:
-  """Refuses an empty leaf, or a concrete one holding NaN/inf (tracers are not checked)."""
+def check_leaf_values(leaf: Any, where: str) -> None:
+  """Refuses an empty leaf, or a concrete one holding NaN/inf (tracers are not checked).
+
+  Every compression method's `init` calls it: an empty kernel has nothing to
+  compress, and one NaN/inf makes its scale non-finite and the layer all zeros.
+
+  Args:
+    leaf: a params leaf selected for compression.
+    where: how the error starts, e.g. `"ternary_training selects ['w']"`.
+
+  Raises:
+    ValueError: one line naming `where`, the shape or the count of NaN/inf values.
+  """
   if int(np.prod(jnp.shape(leaf), dtype=np.int64)) == 0:
     raise ValueError(
       f'{where} of shape {tuple(jnp.shape(leaf))}, which has no values to compress; leave '
@@ -237,7 +248,7 @@ def _check_values(leaf: Any, where: str) -> None:
   bad = int(jnp.size(leaf) - jnp.sum(jnp.isfinite(leaf)))
   if bad:
     raise ValueError(
-      f'{where}, which holds {bad} NaN/inf values; its centroids would be non-finite and the '
+      f'{where}, which holds {bad} NaN/inf values; its levels would be non-finite and the '
       'layer all zeros: initialize the params with finite values'
     )
 

@@ -259,13 +259,17 @@ def check_s06():
   '`ec2t_jax.ternarize(params_4x6, ec2t(mask).init(params_8x6))`',
   "`params leaf 'w' has shape (4, 6), but opt_state holds a kernel of shape (8, 6) for it: the "
   'state was built for other params; call tx.init(params) on these params` (before: silently '
-  'returned an 8x6 kernel).',
+  'returned an 8x6 kernel). Every reader of kernels from a state checks the same '
+  '(`compressed_kernels`: also `export.save(path, variables, state)`).',
 )
-def check_s07():
+def check_s07(tmp_path):
   tx = ec2t_jax.ec2t({'w': True})
   state = tx.init({'w': jnp.linspace(-1.0, 1.0, 48).reshape(8, 6)})
   with pytest.raises(ValueError, match=r"'w' has shape \(4, 6\), but .* \(8, 6\)"):
     ec2t_jax.ternarize({'w': jnp.ones((4, 6))}, state)
+  variables = {'params': {'w': jnp.ones((4, 6))}, 'batch_stats': {}}
+  with pytest.raises(ValueError, match=r"'w' has shape \(4, 6\), but .* \(8, 6\)"):
+    export.save(str(tmp_path / 'x.ec2t'), variables, state)
 
 
 @case(
@@ -273,14 +277,20 @@ def check_s07():
   'Library: one `inf` (or NaN) in an initial kernel.',
   '`ec2t_jax.ec2t(mask).init({"w": w.at[0, 0].set(jnp.inf)})`',
   "Refused at `init`: `ternary_training selects ['w'], which holds 1 NaN/inf values; its "
-  'centroids would be non-finite and the layer all zeros: initialize the params with finite '
-  'values` (before: the whole layer became exact zeros).',
+  'levels would be non-finite and the layer all zeros: initialize the params with finite '
+  'values` (before: the whole layer became exact zeros). The same for ECP and the baselines '
+  '(absmean, TWN), whose `init` shares the check.',
 )
 def check_s08():
+  from ec2t_jax import baselines, twn
+
   w = jnp.linspace(-1.0, 1.0, 24).reshape(4, 6)
   for bad in (jnp.inf, jnp.nan):
     with pytest.raises(ValueError, match=r"selects \['w'\], which holds 1 NaN/inf values"):
       ec2t_jax.ec2t({'w': True}).init({'w': w.at[0, 0].set(bad)})
+    for factory in (baselines.absmean_ternary, twn.twn_ternary):
+      with pytest.raises(ValueError, match=r'is given w, which holds 1 NaN/inf values'):
+        factory({'w': True}).init({'w': w.at[0, 0].set(bad)})
 
 
 # --- L: found late, or stuck -------------------------------------------------------------------
