@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from ec2t_jax import files, tree_util
 from ec2t_jax.training import checkpoint as checkpoint_lib
+from ec2t_jax.training import datasets
 from ec2t_jax.training import parse as parse_lib
 from ec2t_jax.training import schedule as schedule_lib
 from ec2t_jax.training import setup as setup_lib
@@ -41,6 +42,7 @@ __all__ = [
   'WorkdirBusyError',
   'WorkdirLock',
   'claim_workdir',
+  'DATA_FILE',
   'config_from_workdir',
   'flat_config',
   'load_workdir',
@@ -52,13 +54,15 @@ __all__ = [
 ]
 
 # Fields that may differ between the first run and a resume of the same job (and,
-# for process_id, between the processes of one multi-process run).
+# for process_id, between the processes of one multi-process run). Not worker_count:
+# grain's iterator position of one worker count does not restore under another.
+# skip_nonfinite is: a run stopped by a NaN step resumes with it (the error advises so).
 RESUMABLE_FIELDS = (
   'overwrite',
   'log_every_steps',
   'checkpoint_every_steps',
   'data_dir',
-  'worker_count',
+  'skip_nonfinite',
   'process_id',
   'coordinator_address',
   'compilation_cache_dir',
@@ -155,6 +159,7 @@ def read_json_object(path: str, what: str, *, fix: str = _RESTORE_OR_OVERWRITE) 
 RUN_FILES = (
   'config.json',
   'config.json.tmp',
+  'data.json',
   'summary.json',
   'summary.json.tmp',
   'metrics.jsonl',
@@ -233,6 +238,32 @@ def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     )
 
 
+# The fingerprint of the data a workdir's run trains on (`datasets.fingerprint`).
+DATA_FILE = 'data.json'
+
+
+def _data_record(run: spec_lib.RunSpec) -> dict[str, Any] | None:
+  source = run.data.source
+  return None if source is None else datasets.fingerprint(source)
+
+
+def _check_data(run: spec_lib.RunSpec, workdir: str) -> None:
+  """Refuses to resume a run on data other than the data it was trained on."""
+  path = os.path.join(workdir, DATA_FILE)
+  mine = _data_record(run)
+  if mine is None or not os.path.exists(path):
+    return  # A new run, or one of an older version that recorded nothing.
+  theirs = read_json_object(path, 'the data record')
+  diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+  if diff:
+    shown = ', '.join(f'{k}: {theirs.get(k)!r} -> {mine.get(k)!r}' for k in diff[:3])
+    raise ValueError(
+      f'workdir {workdir!r} holds a run trained on other data than {run.data.name!r} is now '
+      f'({shown}); restore the data it was trained on, use another --workdir, or '
+      '--config.overwrite=True to start over there (the old run is moved aside)'
+    )
+
+
 def make_directory(workdir: str) -> None:
   """Creates `workdir` (and its parents) if needed.
 
@@ -241,6 +272,11 @@ def make_directory(workdir: str) -> None:
   """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f'workdir {workdir!r} is not a directory; pass a --workdir directory')
+  if os.path.islink(workdir) and not os.path.exists(workdir):
+    raise ValueError(
+      f'workdir {workdir!r} is a symlink to {os.readlink(workdir)!r}, which does not exist; '
+      'create that directory, or pass another --workdir'
+    )
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
@@ -255,12 +291,13 @@ def claim_workdir(run: spec_lib.RunSpec, workdir: str) -> WorkdirLock | None:
      once; the processes of one multi-process run share process 0's lock).
   3. Run files must have their types (`checkpoints` a directory, ...).
   4. Without `config.overwrite`, a `config.json` must match `config` in every
-     field but `RESUMABLE_FIELDS`, and checkpoints without a `config.json` are
+     field but `RESUMABLE_FIELDS`, a `data.json` the fingerprint of the run's
+     data (`datasets.fingerprint`), and checkpoints without a `config.json` are
      refused. With `config.overwrite`, the old run's files (`RUN_FILES`:
      checkpoints, `best/`, `fp_variables/`, metrics, TensorBoard files,
      `summary.json`, `config.json`) are moved to `workdir/overwritten-<time>/`
      and the run starts over.
-  5. `config.json` is written (only if it changes).
+  5. `config.json` and `data.json` are written (only if they change).
 
   Args:
     run: the parsed run (`ec2t_jax.training.parse.parse`); its config is what
@@ -293,6 +330,7 @@ def claim_workdir(run: spec_lib.RunSpec, workdir: str) -> WorkdirLock | None:
     _check_run_files(workdir)
     if not overwrite:
       _check_config(config, workdir)
+      _check_data(run, workdir)
   except (ValueError, OSError) as e:
     error = e
   if jax.process_count() > 1:
@@ -320,6 +358,12 @@ def claim_workdir(run: spec_lib.RunSpec, workdir: str) -> WorkdirLock | None:
       mine = flat_config(config)
       if not os.path.exists(path) or read_json_object(path, 'the run config') != mine:
         write_json(path, mine)
+      data = _data_record(run)
+      data_path = os.path.join(workdir, DATA_FILE)
+      if data is not None and (
+        not os.path.exists(data_path) or read_json_object(data_path, 'the data record') != data
+      ):
+        write_json(data_path, data)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('ec2t_jax:workdir_claimed')
   except BaseException:
