@@ -146,7 +146,7 @@ def check_s02(tmp_path):
   'images that are not uint8 are refused naming the dataset; the grain pipeline refuses a '
   'record of another integer dtype.',
 )
-def check_s03(tmp_path):
+def check_s03(tmp_path, monkeypatch):
   import PIL.Image
 
   from ec2t_jax.training.datasets import folder
@@ -169,6 +169,28 @@ def check_s03(tmp_path):
       folder.load_image_folder(root)
   with pytest.raises(ValueError, match='holds a uint16 image; the pipeline reads uint8'):
     pipeline_transforms.SelectFeatures().map({'image': np.zeros((4, 4, 1), np.uint16), 'label': 0})
+  _check_uint16_tfds_refused(monkeypatch)
+
+
+def _check_uint16_tfds_refused(monkeypatch):
+  """A tfds builder whose images are uint16 (a stand-in builder: nothing is prepared)."""
+  import types
+
+  import tensorflow_datasets as tfds
+
+  from ec2t_jax.training.datasets import tfds_source
+
+  features = {
+    'image': tfds.features.Image(shape=(4, 4, 1), dtype=np.uint16),
+    'label': tfds.features.ClassLabel(num_classes=2),
+  }
+  info = types.SimpleNamespace(features=features, splits={}, version='1.0.0')
+  fake = types.SimpleNamespace(
+    builder=lambda name, data_dir: types.SimpleNamespace(info=info), features=tfds.features
+  )
+  monkeypatch.setattr(tfds_source, '_tfds', lambda: fake)
+  with pytest.raises(ValueError, match="'tfds:deep' stores uint16 images; the input pipeline"):
+    tfds_source._tfds_spec('deep', data_dir='', image_size=None)
 
 
 @case(

@@ -6,6 +6,7 @@ Each `@case` registers one row of docs/reliability.md (see
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -59,7 +60,8 @@ def _save_steps(ckpt, steps):
   "Refused before any step: `workdir W holds a run trained on other data than 'npz:...' is now "
   "(sha256: 'ab12…' -> '9f3c…'); restore the data it was trained on, use another --workdir, or "
   '--config.overwrite=True ...` (before: resumed on the new data with the old iterator position, '
-  'summary.json mixing both). W/data.json records the fingerprint (`datasets.fingerprint`).',
+  'summary.json mixing both). W/data.json records the fingerprint (`datasets.fingerprint`: '
+  'sizes, classes, shape, a sha256 of in-memory arrays, the tfds name and version).',
 )
 def check_r01(tmp_path, tiny_mnist):
   path = tmp_path / 'data.npz'
@@ -74,6 +76,16 @@ def check_r01(tmp_path, tiny_mnist):
   with pytest.raises(ValueError, match=r"trained on other data than 'npz:.*' is now \(sha256: '"):
     _claim(config, workdir)
   _claim(tiny_mnist(dataset=f'npz:{path}', overwrite=True), workdir)  # Starting over is allowed.
+  tfds_spec = datasets.DatasetSpec('tfds:x', 'x', 2, (4, 4, 1), {'train': 8}, 'test', 0)
+  assert datasets.fingerprint(tfds_spec) == {
+    'dataset': 'tfds:x',
+    'num_classes': 2,
+    'image_shape': [4, 4, 1],
+    'split_sizes': {'train': 8},
+    'tfds': 'x',
+  }
+  newer = dataclasses.replace(tfds_spec, version='3.0.1')
+  assert datasets.fingerprint(newer)['version'] == '3.0.1'  # A re-prepared version differs.
 
 
 @case(

@@ -22,8 +22,8 @@ def fingerprint(spec: DatasetSpec) -> dict[str, Any]:
   The content is a sha256 over the arrays of data held in memory (`npz:`,
   `folder:` after decoding and resizing: what the pipeline reads), the
   package's checksum for the embedded MNIST, and for tfds datasets their
-  builder name with the prepared split sizes (hashing the records would mean
-  reading them all).
+  builder name and version with the prepared split sizes (hashing the records
+  would mean reading them all).
 
   Example:
     >>> fingerprint(get_spec('mnist'))['num_classes']  # doctest: +SKIP
@@ -46,4 +46,6 @@ def fingerprint(spec: DatasetSpec) -> dict[str, Any]:
     out['sha256'] = EMBEDDED_MNIST_SHA256
   else:
     out['tfds'] = spec.tfds_name
+    if spec.version:
+      out['version'] = spec.version
   return out

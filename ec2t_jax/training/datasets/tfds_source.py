@@ -133,4 +133,5 @@ def _tfds_spec(argument: str, *, data_dir: str, image_size: int | None) -> Datas
     recipe='none' if fixed else 'resize',
     channels=int(shape[-1] or 3),
     class_names=class_names or None,
+    version=str(getattr(info, 'version', '') or ''),
   )
