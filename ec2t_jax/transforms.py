@@ -281,9 +281,9 @@ def _warn_if_moved(what, layout, params, groups, count, kernel, warned: list) ->
     ]
     off = [f'{n} ({c} values)' for n, c in pairs if c]
     warnings.warn(
-      f'{what}: the params {", ".join(off[:3])} are not the ternary kernels of its last update, '
-      'so a transformation after it changed its updates (e.g. optax.scale): apply the updates '
-      'of ec2t unchanged (see the README on what may follow ec2t)',
+      f'{what}: the params {", ".join(off[:3])} are not the ternary kernels of its last update: '
+      'a transformation after it changed its updates (e.g. optax.scale), or they were not '
+      'applied; apply the updates of ec2t unchanged (see the README on what may follow ec2t)',
       stacklevel=1,
     )
 

@@ -250,7 +250,8 @@ def check_s05(tmp_path):
   'Library: a transformation chained after `ec2t` (`optax.chain(ec2t(mask), optax.scale(0.5))`).',
   '3 steps of `optax.chain(ec2t_jax.ec2t(mask), optax.scale(0.5))`',
   "A warning, once: `ternary_training: the params ['w'] (24 values) are not the ternary kernels "
-  'of its last update, so a transformation after it changed its updates ...` (before: 5 '
+  'of its last update: a transformation after it changed its updates (e.g. optax.scale), or '
+  'they were not applied; ...` (before: 5 '
   'distinct kernel values, no warning). The README says what may follow `ec2t`.',
 )
 def check_s06():
