@@ -40,6 +40,7 @@ from ec2t_jax.training.spec import (
   CheckpointSpec,
   ConfigError,
   DataSpec,
+  DistillSpec,
   ModelSpec,
   OutputSpec,
   RunSpec,
@@ -89,12 +90,17 @@ _PATTERNS = ('ternary_pattern', 'ternary_exclude', 'keep_pattern', 'prune_patter
 
 def _settings(kind: str, config: Mapping[str, Any], overrides: Mapping[str, Any]):
   """The typed settings of a stage of `kind`: defaults < its config section < the stage."""
-  section = stages_lib.get(kind).settings  # 'fp' or 'ec2t'
+  kind_info = stages_lib.get(kind)
+  section = kind_info.settings  # 'fp' or 'ec2t'
   cls = STAGE_SETTINGS[section]
   names = {f.name for f in dataclasses.fields(cls)}
   defaults = default_config.get_config()[section]  # The one home of every default value.
   merged = {k: v for k, v in defaults.items() if k in names}
   merged.update({k: v for k, v in (config.get(section) or {}).items() if k in names})
+  # Distillation: config.distill's temperature; its weight on compressing kinds with a teacher.
+  distill = _distill_spec(config)
+  merged['distill_temperature'] = distill.temperature
+  merged['distill_weight'] = distill.weight if distill.teacher and kind_info.compresses else 0.0
   merged.update({k: v for k, v in overrides.items() if k in names})
   merged = {k: ('' if v is None and k.endswith('pattern') else v) for k, v in merged.items()}
   return cls(**merged)
@@ -159,6 +165,12 @@ def _check_settings(config: Mapping[str, Any], problems: _Problems) -> None:
     value = config.get(name)
     if value is not None and (not _number(value) or value <= 0):
       problems.add(f'config.{name} must be > 0, got {value!r}')
+  per_call = config.get('steps_per_call', 1)
+  if isinstance(per_call, bool) or not isinstance(per_call, int) or per_call < 1:
+    problems.add(
+      f'config.steps_per_call must be an integer >= 1 (training steps per compiled call; 1 = '
+      f'one step per call), got {per_call!r}'
+    )
   max_to_keep = config.get('max_to_keep', 3)
   if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
     problems.add(
@@ -331,6 +343,7 @@ def parse(
   specs = problems.check(lambda: stage_specs(config))
   if specs is not None:
     _check_stages(config, specs, problems)
+    _check_distill(config, specs, problems)
     if check_init_from:
       message = missing_init_from(config, specs)
       if message:
@@ -371,7 +384,77 @@ def parse(
     raise type(not_prepared)(f'{not_prepared} {extra}'.strip()) from not_prepared
   if problems.messages:
     raise ConfigError(problems.messages)
-  return _build(config, method, specs, data_spec if check_data else None, num_classes, image_shape)
+  run = _build(config, method, specs, data_spec if check_data else None, num_classes, image_shape)
+  if check_data and check_init_from and run.distills:
+    from ec2t_jax.training import teacher  # Local: teacher reads workdirs, which parse.
+
+    problems.check(lambda: teacher.check_source(run))
+    if problems.messages:
+      raise ConfigError(problems.messages)
+  return run
+
+
+def _distill_spec(config: Mapping[str, Any]) -> DistillSpec:
+  """`config.distill` as a `DistillSpec` (defaults where a config has none)."""
+  distill = config.get('distill') or {}
+  return DistillSpec(
+    teacher=str(distill.get('teacher') or ''),
+    temperature=distill.get('temperature', 4.0),
+    weight=distill.get('weight', 0.0),
+  )
+
+
+def _check_distill(config: Mapping[str, Any], specs, problems: _Problems) -> None:
+  """Distillation settings: ranges, a teacher where a stage distills, and when 'fp' exists."""
+  from ec2t_jax.training.teacher import FP_TEACHER
+
+  distill = _distill_spec(config)
+  problems.check(lambda: ec2t_jax.distill.check_distillation(distill.temperature, distill.weight))
+  distilling = []
+  for spec in specs:
+    if spec.settings is None:
+      continue
+    weight, temperature = spec.settings.distill_weight, spec.settings.distill_temperature
+    try:
+      ec2t_jax.distill.check_distillation(temperature, weight)
+    except ValueError as e:
+      problems.add(f'config.stages.{spec.name}: {e}')
+      continue
+    if weight > 0 and spec.num_epochs:
+      distilling.append(spec)
+  if not distilling:
+    return
+  names = ', '.join(s.name for s in distilling)
+  if not distill.teacher:
+    problems.add(
+      f'stage(s) {names} set distill_weight > 0 but config.distill.teacher is empty; set it '
+      "to 'fp' (this run's full-precision network) or a path, or the weights to 0"
+    )
+    return
+  if distill.teacher != FP_TEACHER:
+    return
+  first_fp = next(
+    (i for i, s in enumerate(specs) if s.num_epochs and not stages_lib.get(s.kind).compresses),
+    None,
+  )
+  for i, spec in enumerate(specs):
+    if spec not in distilling:
+      continue
+    if first_fp is not None and i <= first_fp:
+      problems.add(
+        f"config.stages.{spec.name} distills from teacher='fp', which exists only when the "
+        f'full-precision stage {specs[first_fp].name!r} ends; set its distill_weight to 0, '
+        'or give config.distill.teacher a path'
+      )
+    elif first_fp is None and not (
+      config.get('init_from') or (config.get('grow') or {}).get('base_model')
+    ):
+      problems.add(
+        "config.distill.teacher='fp' but the run has no full-precision stage and no "
+        'config.init_from: there is no full-precision network to learn from; train one first, '
+        'or give config.distill.teacher a path'
+      )
+      return
 
 
 def model_spec(config: Mapping[str, Any]) -> ModelSpec:
@@ -406,6 +489,7 @@ def runtime_spec(config: Mapping[str, Any]) -> RuntimeSpec:
     num_processes=int(config.get('num_processes') or 0),
     process_id=int(-1 if process_id is None else process_id),
     compilation_cache_dir=config.get('compilation_cache_dir', '') or '',
+    steps_per_call=int(config.get('steps_per_call') or 1),
   )
 
 
@@ -451,6 +535,7 @@ def _build(config, method, specs, source, num_classes, image_shape) -> RunSpec:
     ),
     named_stages=bool(config.get('stages')),
     config=config,
+    distill=_distill_spec(config),
   )
 
 
@@ -458,7 +543,7 @@ def _build(config, method, specs, source, num_classes, image_shape) -> RunSpec:
 _STAGE_FIELDS = ('kind', 'num_epochs', 'start_from')
 
 
-_EXTRA_SETTINGS = ('fixed_pattern',)
+_EXTRA_SETTINGS = ('fixed_pattern', 'distill_weight', 'distill_temperature')
 
 
 # Fields of a config section that are not per-stage settings (the default sequence's epochs).

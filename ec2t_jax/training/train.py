@@ -30,7 +30,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -42,6 +41,7 @@ from ec2t_jax.training import metric_writers
 from ec2t_jax.training import parse as parse_lib
 from ec2t_jax.training import schedule as schedule_lib
 from ec2t_jax.training import setup as setup_lib
+from ec2t_jax.training import teacher as teacher_lib
 from ec2t_jax.training import workdir as workdir_lib
 from ec2t_jax.training.batches import create_input_iter, eval_batches, open_data
 from ec2t_jax.training.runtime import (
@@ -53,6 +53,7 @@ from ec2t_jax.training.runtime import (
   to_global,
 )
 from ec2t_jax.training.stages import BEST
+from ec2t_jax.training.steps import eval_step, evaluate, scan_steps, step_rng, train_step
 from ec2t_jax.training.summary import print_summary, saved_summary, summarize_run
 
 
@@ -84,65 +85,6 @@ def validate_config(config: ml_collections.ConfigDict, *, check_init_from: bool 
 
 
 # --- steps -----------------------------------------------------------------------------------
-
-
-def _loss_and_accuracy(logits, labels):
-  logits = logits.astype(jnp.float32)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return loss, (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-
-
-def train_step(
-  state: setup_lib.TrainState,
-  batch: dict[str, jax.Array],
-  rng: jax.Array,
-  *,
-  skip_nonfinite: bool,
-) -> tuple[setup_lib.TrainState, dict[str, jax.Array]]:
-  """One optimization step; returns the new state and this step's metrics."""
-
-  def loss_fn(params):
-    variables = {'params': params, 'batch_stats': state.batch_stats}
-    logits, updates = state.apply_fn(
-      variables, batch['image'], train=True, mutable=['batch_stats'], rngs={'dropout': rng}
-    )
-    loss, correct = _loss_and_accuracy(logits, batch['label'])
-    return loss.mean(), (correct.mean(), updates.get('batch_stats', state.batch_stats))
-
-  (loss, (accuracy, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  finite = jnp.isfinite(loss) & jnp.all(
-    jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-  )
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  if skip_nonfinite:
-    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
-  metrics = {'loss': loss, 'accuracy': accuracy, 'nonfinite': (~finite).astype(jnp.float32)}
-  return new_state, metrics
-
-
-def eval_step(state: setup_lib.TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Sums of loss, correct predictions and real examples over one (padded) batch."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  logits = state.apply_fn(variables, batch['image'], train=False)
-  loss, correct = _loss_and_accuracy(logits, batch['label'])
-  mask = batch.get('mask', jnp.ones_like(loss, bool)).astype(jnp.float32)
-  return {
-    'loss': jnp.sum(loss * mask),
-    'correct': jnp.sum(correct * mask),
-    'count': jnp.sum(mask),
-  }
-
-
-def evaluate(p_eval_step, state, batches, sharding) -> dict[str, float]:
-  """Mean accuracy and loss over `batches` (`{}` when there are none)."""
-  totals = None
-  for batch in batches:
-    out = jax.device_get(p_eval_step(state, to_global(batch, sharding)))
-    totals = out if totals is None else {k: totals[k] + out[k] for k in totals}
-  if totals is None:
-    return {}
-  count = max(float(totals['count']), 1.0)
-  return {'accuracy': float(totals['correct']) / count, 'loss': float(totals['loss']) / count}
 
 
 # --- the loop's helpers ----------------------------------------------------------------------
@@ -179,15 +121,31 @@ class TrainMetrics:
     self._trained = self._skipped = 0  # Steps this process took, and those skipped.
 
   def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
-    """Queues the metrics of the step that ended at `step`."""
+    """Queues the metrics of the step(s) that ended at `step`.
+
+    `metrics` are one step's scalars, or k steps' stacked on a leading axis (the
+    steps `step - k + 1 ... step` of one `scan_steps` call).
+    """
     self._pending.append((step, metrics))
+
+  def _host_metrics(self) -> list[tuple[int, dict[str, float]]]:
+    """The queued metrics read back, one `(step, scalars)` per step."""
+    out = []
+    for (step, _), m in zip(
+      self._pending, jax.device_get([m for _, m in self._pending]), strict=True
+    ):
+      k = np.size(m['loss'])
+      flat = {name: np.reshape(v, (k,)) for name, v in m.items()}
+      out += [(step - k + 1 + i, {name: v[i] for name, v in flat.items()}) for i in range(k)]
+    return out
 
   def flush(self, step: int, state: setup_lib.TrainState) -> None:
     """Writes the queued metrics (no-op if none); raises `NonFiniteError` on a bad step."""
     if not self._pending:
       return
-    host = jax.device_get([m for _, m in self._pending])
-    bad = [s for (s, _), m in zip(self._pending, host, strict=True) if m['nonfinite'] > 0]
+    per_step = self._host_metrics()
+    host = [m for _, m in per_step]
+    bad = [s for s, m in per_step if m['nonfinite'] > 0]
     if bad and not self._skip_nonfinite:
       raise NonFiniteError(
         f'the loss or a gradient became NaN/inf at step {bad[0]}; the run stopped and the last '
@@ -232,6 +190,34 @@ class TrainMetrics:
     )
     self._pending = []
     self._last = (now, step)
+
+
+class _StepPrograms:
+  """The compiled training step (one per call, and k per call), without and with a teacher."""
+
+  def __init__(self, run, replicated):
+    self._skip_nonfinite = run.runtime.skip_nonfinite
+    self._replicated = replicated
+    self._programs: dict[Any, tuple[Any, Any]] = {}
+
+  def get(self, teacher: teacher_lib.Teacher | None) -> tuple[Any, Any]:
+    """`(one step, k steps)` jitted, state donated; for `teacher`'s forward pass if not None."""
+    key = None if teacher is None else id(teacher.model)
+    if key not in self._programs:
+      one = functools.partial(train_step, skip_nonfinite=self._skip_nonfinite)
+      if teacher is not None:
+        one = functools.partial(one, teacher_apply=teacher.model.apply)
+      out = self._replicated
+      self._programs[key] = (
+        jax.jit(one, donate_argnums=(0,), out_shardings=(out, out)),
+        jax.jit(functools.partial(scan_steps, one), donate_argnums=(0,), out_shardings=out),
+      )
+    return self._programs[key]
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+  """True if a multiple of `every` lies in `(before, after]` (the steps of the last call)."""
+  return after // every > before // every
 
 
 def _checkpoint_extra(step, schedule, data, train_iter, meta) -> dict[str, Any]:
@@ -400,11 +386,10 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
         print_summary(saved)
         return saved
 
-    p_train_step = jax.jit(
-      functools.partial(train_step, skip_nonfinite=run.runtime.skip_nonfinite),
-      donate_argnums=(0,),
-      out_shardings=(replicated, replicated),
-    )
+    distillation = teacher_lib.Distillation(run, setup, workdir, replicated)
+    compiled = _StepPrograms(run, replicated)
+    per_call = run.runtime.steps_per_call
+    stacked_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))
     p_eval_step = jax.jit(eval_step, out_shardings=replicated)
     p_statistics = jax.jit(ec2t_jax.statistics)
     new_state = {  # One compiled program per pass instead of many eager ops.
@@ -439,6 +424,7 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
       state = jax.device_put(restored, replicated)
       train_iter.set_state(base64.b64decode(extra['data_iterator']))
       meta = dict(extra.get('meta', {}))
+    distillation.start(step, meta, data.normalization)
 
     base_rng = jax.random.key(run.runtime.seed + 1)
     log = TrainMetrics(run, setup, writer, p_statistics, step)
@@ -453,13 +439,29 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
       )
       return {'preempted': True, 'step': step}
     while step < schedule.total_steps:
-      batch = to_global(next(train_iter), data_sharding)
-      state, metrics = p_train_step(state, batch, jax.random.fold_in(base_rng, step))
-      step += 1
+      # k steps per call where k steps fit before the epoch ends (stages and evaluations
+      # fall on epoch ends), else one: every event below happens between calls.
+      k = per_call if step % schedule.steps_per_epoch + per_call <= schedule.steps_per_epoch else 1
+      before = step
+      teacher_args = distillation.step_args(schedule.stage_at(step))
+      p_one, p_many = compiled.get(distillation.teacher if teacher_args else None)
+      extra_args = () if teacher_args is None else (teacher_args,)
+      if k == 1:
+        batch = to_global(next(train_iter), data_sharding)
+        state, metrics = p_one(state, batch, step_rng(base_rng, step), *extra_args)
+      else:
+        batches = [next(train_iter) for _ in range(k)]
+        stacked = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+        state, metrics = p_many(
+          state, to_global(stacked, stacked_sharding), base_rng, np.uint32(step), *extra_args
+        )
+      step += k
       log.add(step, metrics)
       end_of_epoch = step % schedule.steps_per_epoch == 0
       if (
-        step % run.checkpoints.log_every_steps == 0 or end_of_epoch or step == schedule.total_steps
+        _crossed(before, step, run.checkpoints.log_every_steps)
+        or end_of_epoch
+        or step == schedule.total_steps
       ):
         log.flush(step, state)
       ran = schedule.stage_at(step - 1)  # The stage of the step just taken.
@@ -470,6 +472,7 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
         variables = {'params': state.params, 'batch_stats': state.batch_stats}
         # Every process takes part in an orbax save (it synchronizes them).
         checkpoint_lib.save_variables(os.path.join(workdir, 'fp_variables'), variables)
+        distillation.reached(step, state, meta)
       if end_of_epoch and compressing:
         val = evaluate_split(state, 'val')
         if val:
@@ -488,7 +491,7 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
         if entered.pass_index != ran.pass_index:
           best_val = -1.0
       if (
-        step % run.checkpoints.checkpoint_every_steps == 0
+        _crossed(before, step, run.checkpoints.checkpoint_every_steps)
         or schedule.is_boundary(step)
         or preemption.requested
       ):
@@ -506,6 +509,8 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
 
     val, test = evaluate_split(state, 'val'), evaluate_split(state, 'test')
     summary = summarize_run(run, setup, state, meta, val=val, test=test, steps=step)
+    if run.distills:
+      summary.update(distill_teacher=run.distill.teacher, teacher_sha256=meta['teacher_sha256'])
     prune = run.output
     if prune.magnitude_prune_pattern and prune.magnitude_prune_fraction:
       # The network as scoring and export read it (ec2t_jax.training.workdir.load_workdir).

@@ -61,6 +61,7 @@ RESUMABLE_FIELDS = (
   'overwrite',
   'log_every_steps',
   'checkpoint_every_steps',
+  'steps_per_call',
   'data_dir',
   'skip_nonfinite',
   'process_id',
@@ -430,6 +431,23 @@ def _newest_extra(ckpt: checkpoint_lib.Checkpointer, workdir: str) -> dict[str, 
     except Exception:  # noqa: BLE001, S112 - an older one will do.
       continue
   raise FileNotFoundError(f'{workdir!r} has no periodic checkpoint that reads back')
+
+
+def recorded_data_facts(workdir: str):
+  """`(steps_per_epoch, num_classes, image_shape, normalization)` a run's checkpoints record.
+
+  Read from the newest checkpoint's JSON item (no arrays are read).
+
+  Raises:
+    FileNotFoundError: for a workdir with no checkpoint that reads back.
+    ValueError: for a checkpoint that does not record them.
+  """
+  config_from_workdir(workdir)  # A workdir of a run: refused without its config.json.
+  ckpt = checkpoint_lib.Checkpointer(workdir)  # Reads only: its max_to_keep does not matter.
+  try:
+    return _data_facts(_newest_extra(ckpt, workdir), workdir)
+  finally:
+    ckpt.close()
 
 
 def _check_model(config: ml_collections.ConfigDict, workdir: str) -> None:
