@@ -88,7 +88,9 @@ def _time(sides: dict[str, Any], states: dict[str, Any], calls: int, rounds: int
 def _per_call_sides(args, one, base_rng):
   ks = [int(k) for k in args.ks.split(',')]
   p_one = jax.jit(one, donate_argnums=(0,))
-  p_many = jax.jit(functools.partial(steps_lib.scan_steps, one), donate_argnums=(0,))
+  p_many = jax.jit(
+    functools.partial(steps_lib.scan_steps, one, unroll=args.unroll), donate_argnums=(0,)
+  )
   shape = _shape(args.model)
   sides, states = {}, {}
   for k in ks:
@@ -134,11 +136,18 @@ def main(argv=None):
   parser.add_argument('--model', default='')
   parser.add_argument('--batch', type=int, default=0)
   parser.add_argument('--ks', default='1,8', help='per_call: steps per call (the first is 1)')
+  parser.add_argument(
+    '--unroll',
+    type=int,
+    default=-1,
+    help='per_call: 1 unrolls the k steps, 0 keeps a loop; -1 (default) as the trainer does',
+  )
   parser.add_argument('--calls', type=int, default=20, help='timed calls per side and round')
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--json', default='')
   args = parser.parse_args(argv)
   per_call = args.comparison == 'per_call'
+  args.unroll = steps_lib.default_unroll() if args.unroll < 0 else bool(args.unroll)
   args.model = args.model or ('resnet20' if per_call else 'lenet5')
   args.batch = args.batch or (8 if per_call else 256)
   one = functools.partial(steps_lib.train_step, skip_nonfinite=False)
@@ -147,7 +156,11 @@ def main(argv=None):
   compile_s, per_step = _time(sides, states, args.calls, args.rounds)
   median = {name: statistics.median(v) for name, v in per_step.items()}
   first = next(iter(median))
-  print(f'{args.model}, batch {args.batch}, {jax.devices()[0].device_kind}, jax {jax.__version__}')
+  unrolled = f', unroll={args.unroll}' if per_call else ''
+  print(
+    f'{args.model}, batch {args.batch}, {jax.devices()[0].device_kind}, jax {jax.__version__}'
+    f'{unrolled}'
+  )
   print(
     f'| {args.comparison} | ms per step (median of rounds) | ratio to {first} | first call (s) |'
   )
@@ -159,6 +172,7 @@ def main(argv=None):
       'comparison': args.comparison,
       'model': args.model,
       'batch': args.batch,
+      'unroll': args.unroll if per_call else None,
       'device': jax.devices()[0].device_kind,
       'platform': platform.platform(),
       'jax': jax.__version__,
