@@ -112,7 +112,8 @@ def _per_call_sides(args, one, base_rng):
 
 def _distill_sides(args, one, base_rng):
   state, model, variables = _state(args.model, args.batch)
-  teacher = (variables, np.float32(4.0), np.float32(0.5))  # The network itself, eval mode.
+  # The network itself in eval mode, as its own arrays (the student's are donated).
+  teacher = (jax.tree.map(jnp.copy, variables), np.float32(4.0), np.float32(0.5))
   p_plain = jax.jit(one, donate_argnums=(0,))
   p_kd = jax.jit(functools.partial(one, teacher_apply=model.apply), donate_argnums=(0,))
   batch = {name: v[0] for name, v in _batches(args.batch, 1, 0, _shape(args.model)).items()}
