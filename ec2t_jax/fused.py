@@ -84,20 +84,6 @@ class LayerLayout:
     """Number of rows of buffer `g`."""
     return int(self.leaf_rows(g).sum())
 
-  def row_segment(self, g: int) -> np.ndarray:
-    """int32 `(rows,)`: the layer (index within buffer `g`) each row belongs to."""
-    return np.repeat(np.arange(len(self.groups[g]), dtype=np.int32), self.leaf_rows(g))
-
-  def row_valid(self, g: int) -> np.ndarray:
-    """int32 `(rows,)`: how many leading elements of each row are weights, not padding."""
-    sizes, rows = self.sizes(g), self.leaf_rows(g)
-    start = np.cumsum(rows) - rows
-    used = np.zeros(self.rows(g), np.int64)
-    for k in range(len(sizes)):
-      row = np.arange(rows[k])
-      used[start[k] : start[k] + rows[k]] = np.clip(sizes[k] - row * self.chunk, 0, self.chunk)
-    return used.astype(np.int32)
-
   # --- params-shaped trees <-> buffers ---
 
   def flatten(self, tree: Any) -> tuple[jax.Array, ...]:
@@ -156,15 +142,30 @@ def _size(shape: Sequence[int]) -> int:
 
 
 class Segments:
-  """The reductions and broadcasts between a `(rows, chunk)` buffer and its layers."""
+  """The reductions and broadcasts between a `(rows, chunk)` buffer and its layers.
+
+  Which layer a row belongs to, and how much of it is padding, is computed in the
+  graph from the layers' first rows (a binary search over a `(num_layers,)`
+  constant) rather than stored as a constant of the buffer's size, which XLA
+  would compile into the executable.
+  """
 
   def __init__(self, layout: LayerLayout, g: int):
     self.num_layers = len(layout.groups[g])
     self.sizes = layout.sizes(g)
-    self._row_segment = layout.row_segment(g)
-    valid = np.arange(layout.chunk)[None, :] < layout.row_valid(g)[:, None]
-    self._padded = not valid.all()
-    self.valid = jnp.asarray(valid) if self._padded else None
+    leaf_rows = layout.leaf_rows(g)
+    starts = np.cumsum(leaf_rows) - leaf_rows
+    rows = jax.lax.iota(jnp.int32, layout.rows(g))
+    self._row_segment = (
+      jnp.searchsorted(jnp.asarray(starts, jnp.int32), rows, side='right', method='scan_unrolled')
+      - 1
+    ).astype(jnp.int32)
+    self._padded = bool(np.any(self.sizes % layout.chunk) or np.any(self.sizes == 0))
+    if self._padded:
+      first = rows - jnp.asarray(starts, jnp.int32)[self._row_segment]
+      filled = jnp.asarray(self.sizes, jnp.int32)[self._row_segment] - first * layout.chunk
+      columns = jax.lax.iota(jnp.int32, layout.chunk)
+      self.valid = columns[None, :] < jnp.clip(filled, 0, layout.chunk)[:, None]
 
   def mask(self, x: jax.Array, fill: jax.typing.ArrayLike) -> jax.Array:
     """`x` with the padding elements replaced by `fill`."""
@@ -174,41 +175,56 @@ class Segments:
     """`(num_layers, ...)` values → `(rows, 1, ...)`, broadcastable against the buffer."""
     return jnp.expand_dims(per_layer[self._row_segment], 1)
 
-  def sum(self, x: jax.Array) -> jax.Array:
-    """Per-layer sums of a buffer `(rows, chunk, ...)` whose padding holds zeros."""
-    return jax.ops.segment_sum(
-      jnp.sum(x, axis=1), self._row_segment, self.num_layers, indices_are_sorted=True
-    )
+  def reduce(self, *reductions: tuple[str, jax.Array]) -> tuple[jax.Array, ...]:
+    """Per-layer `'sum'`, `'min'` or `'max'` of buffers, all in one pass; padding excluded.
 
-  def min(self, x: jax.Array) -> jax.Array:
-    """Per-layer minima of a buffer, padding excluded."""
-    return jax.ops.segment_min(
-      jnp.min(self.mask(x, jnp.inf), axis=1),
-      self._row_segment,
-      self.num_layers,
-      indices_are_sorted=True,
-    )
+    One variadic reduction over the rows computes every `(kind, buffer)` pair at
+    once (and keeps XLA:CPU from materializing each masked operand for a library
+    reduction of its own); a segment reduction over the rows finishes each.
 
-  def max(self, x: jax.Array) -> jax.Array:
-    """Per-layer maxima of a buffer, padding excluded."""
-    return -self.min(-x)
+    Returns:
+      One `(num_layers,)` array per pair, in the buffers' dtypes.
+    """
+    kinds = [kind for kind, _ in reductions]
+    inits = [_IDENTITY[kind](x.dtype) for kind, x in reductions]
+    operands = [self.mask(x, i) for (_, x), i in zip(reductions, inits, strict=True)]
+
+    def combine(a, b):
+      return tuple(_COMBINE[k](u, v) for k, u, v in zip(kinds, a, b, strict=True))
+
+    per_row = jax.lax.reduce(tuple(operands), tuple(inits), combine, (1,))
+    return tuple(
+      _SEGMENT[k](r, self._row_segment, self.num_layers, indices_are_sorted=True)
+      for k, r in zip(kinds, per_row, strict=True)
+    )
 
   def counts(self, assignment: jax.Array) -> jax.Array:
     """int32 `(num_layers, 3)`: elements per cluster of each layer, padding excluded."""
-    a = self.mask(assignment, jnp.asarray(-1, assignment.dtype))  # Padding joins no cluster.
-    return self.sum((a[..., None] == jnp.arange(3, dtype=a.dtype)).astype(jnp.int32))
+    neg, pos = self.reduce(
+      ('sum', (assignment == ternary.NEG).astype(jnp.int32)),
+      ('sum', (assignment == ternary.POS).astype(jnp.int32)),
+    )
+    return jnp.stack([neg, jnp.asarray(self.sizes, jnp.int32) - neg - pos, pos], axis=-1)
+
+
+_IDENTITY = {
+  'sum': lambda dtype: jnp.zeros((), dtype),
+  'min': lambda dtype: jnp.array(jnp.inf, dtype),
+  'max': lambda dtype: jnp.array(-jnp.inf, dtype),
+}
+_COMBINE = {'sum': jax.lax.add, 'min': jax.lax.min, 'max': jax.lax.max}
+_SEGMENT = {'sum': jax.ops.segment_sum, 'min': jax.ops.segment_min, 'max': jax.ops.segment_max}
 
 
 def _levels(segments: Segments, centroids: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """`(w_p, w_n)` of each element's layer, as `(rows, 1)` float32."""
+  """`(w_p, w_n)` of each element's layer, as `(rows, 1)` arrays."""
   c = segments.rows(centroids)
   return c[..., 0], c[..., 1]
 
 
-def _distances(w: jax.Array, w_p: jax.Array, w_n: jax.Array) -> jax.Array:
-  """`(3, rows, chunk)`: `(W − c)²` for `c ∈ (−w_n, 0, +w_p)` (as `ternary.distances`)."""
-  zero = jnp.zeros_like(w_p)
-  return jnp.stack([jnp.square(w - lv) for lv in (-w_n, zero, w_p)])
+def _distances(w: jax.Array, w_p: jax.Array, w_n: jax.Array) -> tuple[jax.Array, ...]:
+  """`(W − c)²` for `c ∈ (−w_n, 0, +w_p)`, three buffers (as `ternary.distances`)."""
+  return jnp.square(w + w_n), jnp.square(w), jnp.square(w - w_p)
 
 
 def nearest(segments: Segments, w: jax.Array, centroids: jax.Array) -> jax.Array:
@@ -221,15 +237,34 @@ def nearest(segments: Segments, w: jax.Array, centroids: jax.Array) -> jax.Array
 def initial_centroids(segments: Segments, w: jax.Array, scale: jax.typing.ArrayLike) -> jax.Array:
   """`ternary.initial_centroids` of every layer: float32 `(num_layers, 2)`."""
   w = w.astype(jnp.float32)
-  return ternary.centroids_from_extremes(segments.min(w), segments.max(w), scale)
+  w_min, w_max = segments.reduce(('min', w), ('max', w))
+  return ternary.centroids_from_extremes(w_min, w_max, scale)
 
 
-def centroid_floor(segments: Segments, w: jax.Array, factor: jax.typing.ArrayLike) -> jax.Array:
-  """`ternary.centroid_floor` of every layer: float32 `(num_layers,)`."""
+class LatentStatistics(NamedTuple):
+  """What a step needs to know of each layer's latent weights, float32 `(num_layers,)` each.
+
+  Attributes:
+    floor: `ternary.centroid_floor`, the lower bound of both centroids.
+    w_min: the smallest weight (for `ternary.lambda_max`).
+    w_max: the largest weight.
+  """
+
+  floor: jax.Array
+  w_min: jax.Array
+  w_max: jax.Array
+
+
+def latent_statistics(
+  segments: Segments, w: jax.Array, floor_factor: jax.typing.ArrayLike
+) -> LatentStatistics:
+  """The `LatentStatistics` of every layer of a buffer, in two passes over it."""
   w = w.astype(jnp.float32)
-  mean = segments.sum(w) / segments.sizes.astype(np.float32)
-  deviations = segments.mask(jnp.square(w - segments.rows(mean)), 0.0)
-  return ternary.floor_from_deviations(segments.sum(deviations), segments.sizes, factor)
+  total, w_min, w_max = segments.reduce(('sum', w), ('min', w), ('max', w))
+  mean = total / segments.sizes.astype(np.float32)
+  (deviations,) = segments.reduce(('sum', jnp.square(w - segments.rows(mean))))
+  floor = ternary.floor_from_deviations(deviations, segments.sizes, floor_factor)
+  return LatentStatistics(floor, w_min, w_max)
 
 
 class Assignment(NamedTuple):
@@ -250,6 +285,7 @@ def assign(
   segments: Segments,
   w: jax.Array,
   centroids: jax.Array,
+  stats: LatentStatistics,
   *,
   gamma: jax.typing.ArrayLike,
   delta: jax.Array,
@@ -262,6 +298,7 @@ def assign(
     segments: the buffer's layers.
     w: latent weights `(rows, chunk)`.
     centroids: `(num_layers, 2)`.
+    stats: `latent_statistics` of `w` (its extremes give `Λ_max`).
     gamma: the entropy gain.
     delta: `(num_layers,)` per-layer scaling `δ_l`.
     p0_min: floor of the zero cluster's probability.
@@ -270,15 +307,15 @@ def assign(
   w = w.astype(jnp.float32)
   w_p, w_n = _levels(segments, centroids)
   d = _distances(w, w_p, w_n)
-  pre = ternary.argmin3(d)
+  pre = segments.mask(ternary.argmin3(d), jnp.asarray(ternary.ZERO, ternary.ASSIGNMENT_DTYPE))
   pmf = ternary.pmf_from_counts(
     segments.counts(pre), segments.sizes, p0_min=p0_min, reference_parity=reference_parity
   )
   info = ternary.information(pmf)
-  lam_max = ternary.lambda_max_from_extremes(segments.min(w), segments.max(w), centroids, info)
+  lam_max = ternary.lambda_max_from_extremes(stats.w_min, stats.w_max, centroids, info)
   lam = ternary.multiplier(gamma, delta, lam_max)
   cost = segments.rows(lam[:, None] * info)  # (rows, 1, 3): λ_l·I_c of each element's layer.
-  a = ternary.argmin3(d + jnp.moveaxis(cost, -1, 0))
+  a = ternary.argmin3([d[k] + cost[..., k] for k in range(3)])
   return Assignment(segments.mask(a, jnp.asarray(ternary.ZERO, a.dtype)), pmf, lam)
 
 
@@ -295,8 +332,9 @@ def map_gradient(
   g = grad.astype(jnp.float32)
   is_pos = assignment == ternary.POS
   is_neg = assignment == ternary.NEG
-  sums = segments.sum(jnp.stack([jnp.where(is_pos, g, 0.0), jnp.where(is_neg, g, 0.0)], -1))
-  g_wp, sum_neg = sums[:, 0], sums[:, 1]
+  g_wp, sum_neg = segments.reduce(
+    ('sum', jnp.where(is_pos, g, 0.0)), ('sum', jnp.where(is_neg, g, 0.0))
+  )
   g_wn = sum_neg if reference_parity else -sum_neg
   if prune and not reference_parity:
     latent = g
@@ -307,8 +345,8 @@ def map_gradient(
 
 
 def kernel(
-  assignment: jax.Array,
   segments: Segments,
+  assignment: jax.Array,
   centroids: jax.Array,
   latent: jax.Array,
   dtype: jax.typing.DTypeLike,

@@ -243,30 +243,27 @@ def _guarded(finite: jax.Array, step, operands):
   """`step(operands)` if `finite`, else zero updates and the state as it was.
 
   `step` returns `(flat updates, new state)` and `operands` is
-  `(grads, params, state)`. On CPU this is a `lax.cond`: its result is
-  materialized, so XLA:CPU (which drops optimization barriers before fusion)
-  cannot fuse the buffers' whole math into each leaf's slice of the updates, one
-  copy per layer. Elsewhere it is a select, fenced by an optimization barrier
-  (`_FENCE_UPDATES`): a conditional would cost a device-to-host read per step.
+  `(grads, params, state)`. The updates come out of a fence, so that XLA cannot
+  fuse the buffers' whole math into each leaf's slice of them (one copy of it
+  per layer, which is what made compile time grow with the layers): on CPU a
+  `lax.cond` (XLA:CPU drops optimization barriers before fusion, but a
+  conditional's result is materialized), elsewhere an optimization barrier
+  (`_FENCE_UPDATES`; a conditional would cost a device-to-host read per step).
   """
-  shapes = jax.eval_shape(step, operands)
+  updates, new_state = step(operands)
+  state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, operands[2])
 
-  def skip(ops):
-    zeros = tuple(jnp.zeros(like.shape, like.dtype) for like in shapes[0])
-    kept = jax.tree.map(lambda x, like: jnp.asarray(x, like.dtype), ops[2], shapes[1])
-    return zeros, kept
+  def zeros(u):
+    return tuple(jnp.zeros_like(x) for x in u)
 
-  def by_cond(ops):
-    return jax.lax.cond(finite, step, skip, ops)
+  def by_cond(u):
+    return jax.lax.cond(finite, lambda u: u, zeros, u)
 
-  def by_select(ops):
-    new, old = step(ops), skip(ops)
-    updates, state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    if _FENCE_UPDATES:
-      updates = jax.lax.optimization_barrier(updates)
-    return updates, state
+  def by_select(u):
+    u = tuple(jnp.where(finite, x, jnp.zeros_like(x)) for x in u)
+    return jax.lax.optimization_barrier(u) if _FENCE_UPDATES else u
 
-  return jax.lax.platform_dependent(operands, cpu=by_cond, default=by_select)
+  return jax.lax.platform_dependent(updates, cpu=by_cond, default=by_select), state
 
 
 def check_step(name: str, value: Any) -> None:
@@ -377,14 +374,15 @@ def _compression_factory(prune: bool):
 
       def finish(seg, p, w, c_latent, a_old):
         # 4. Centroid floor from the latent weights (the phase-1 ones when frozen).
-        floor = fused.centroid_floor(seg, w, centroid_floor_std)
-        c_latent = jnp.maximum(c_latent, floor[:, None])
+        stats = fused.latent_statistics(seg, w, centroid_floor_std)
+        c_latent = jnp.maximum(c_latent, stats.floor[:, None])
         c = ternary.snap_centroids(c_latent, p.dtype)
         # 5. Entropy-constrained re-assignment; kept as it is when frozen.
         result = fused.assign(
           seg,
           w,
           c,
+          stats,
           gamma=gamma,
           delta=ternary.layer_weight(seg.sizes, layout.max_size, sustain),
           p0_min=p0_min,
@@ -392,7 +390,7 @@ def _compression_factory(prune: bool):
         )
         a = jnp.where(frozen, a_old, result.assignment)
         # 6. The new kernel, reached exactly by `optax.apply_updates`.
-        q = fused.kernel(a, seg, c, w, p.dtype, prune=prune)
+        q = fused.kernel(seg, a, c, w, p.dtype, prune=prune)
         u = ternary.exact_update(p, q)
         # A move that no float `u` can make exact (possible only when a centroid
         # changes several-fold in one step) goes to zero instead: `p + (-p)` is
