@@ -84,6 +84,11 @@ class LayerLayout:
     """Number of rows of buffer `g`."""
     return int(self.leaf_rows(g).sum())
 
+  def row_starts(self, g: int) -> np.ndarray:
+    """int64 `(num_layers,)`: the first row of each leaf of buffer `g`."""
+    rows = self.leaf_rows(g)
+    return np.cumsum(rows) - rows
+
   # --- params-shaped trees <-> buffers ---
 
   def flatten(self, tree: Any) -> tuple[jax.Array, ...]:
@@ -108,18 +113,30 @@ class LayerLayout:
       buffers.append(jnp.concatenate(parts).reshape(self.rows(g), self.chunk))
     return tuple(buffers)
 
-  def unflatten(self, buffers: Sequence[Any]) -> Any:
-    """The params-shaped tree of `buffers` (placeholders where other transformations own leaves)."""
+  def unflatten(self, buffers: Sequence[Any], starts: Sequence[Sequence[Any]] | None = None) -> Any:
+    """The params-shaped tree of `buffers` (placeholders where other transformations own leaves).
+
+    Args:
+      buffers: one `(rows, chunk)` array per group (or `jax.ShapeDtypeStruct`s).
+      starts: None, or for each group the first row of each of its leaves as
+        int32 scalars computed at run time (`row_starts` passed through a fence).
+        Then each leaf is a `lax.dynamic_slice` whose offset is an operand rather
+        than a constant, so the kernels of same-shaped leaves are identical and
+        XLA compiles one of them instead of one per leaf.
+    """
     leaves: list[Any] = [optax.MaskedNode()] * self.treedef.num_leaves
     for g, (members, buffer) in enumerate(zip(self.groups, buffers, strict=True)):
-      start = 0
-      for i, shape, rows in zip(members, self.shapes[g], self.leaf_rows(g), strict=True):
+      rows = self.leaf_rows(g)
+      first = self.row_starts(g) if starts is None else starts[g]
+      for k, (i, shape) in enumerate(zip(members, self.shapes[g], strict=True)):
         if isinstance(buffer, jax.ShapeDtypeStruct):  # An abstract state (`jax.eval_shape`).
           leaves[i] = jax.ShapeDtypeStruct(shape, buffer.dtype)
+          continue
+        if starts is None:
+          block = buffer[int(first[k]) : int(first[k] + rows[k])]
         else:
-          flat = buffer[start : start + int(rows)].reshape(-1)
-          leaves[i] = flat[: _size(shape)].reshape(shape)
-        start += int(rows)
+          block = jax.lax.dynamic_slice_in_dim(buffer, first[k], int(rows[k]), axis=0)
+        leaves[i] = block.reshape(-1)[: _size(shape)].reshape(shape)
     return jax.tree.unflatten(self.treedef, leaves)
 
   def split(self, per_layer: Sequence[Any]) -> Any:

@@ -239,31 +239,44 @@ def _check_shapes(layout: LayerLayout, tree: Any, what: str) -> None:
         )
 
 
-def _guarded(finite: jax.Array, step, operands):
+def _guarded(finite: jax.Array, step, operands, layout: LayerLayout):
   """`step(operands)` if `finite`, else zero updates and the state as it was.
 
   `step` returns `(flat updates, new state)` and `operands` is
-  `(grads, params, state)`. The updates come out of a fence, so that XLA cannot
-  fuse the buffers' whole math into each leaf's slice of them (one copy of it
-  per layer, which is what made compile time grow with the layers): on CPU a
-  `lax.cond` (XLA:CPU drops optimization barriers before fusion, but a
-  conditional's result is materialized), elsewhere an optimization barrier
+  `(grads, params, state)`. The updates and the first row of each leaf in them
+  come out of a fence: XLA can then neither fuse the buffers' whole math into
+  each leaf's slice of the updates (one copy of it per layer) nor bake each
+  leaf's offset into its slice (one distinct kernel to compile per layer, where
+  same-shaped leaves now share one; `LayerLayout.unflatten`). On CPU the fence is
+  a `lax.cond` (XLA:CPU drops optimization barriers before fusion, but a
+  conditional's results are materialized); elsewhere an optimization barrier
   (`_FENCE_UPDATES`; a conditional would cost a device-to-host read per step).
+
+  Returns:
+    `(flat updates, starts, state)`, `starts` for `LayerLayout.unflatten`.
   """
   updates, new_state = step(operands)
   state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, operands[2])
+  starts = tuple(
+    tuple(jnp.asarray(r, jnp.int32) for r in layout.row_starts(g))
+    for g in range(len(layout.groups))
+  )
 
-  def zeros(u):
-    return tuple(jnp.zeros_like(x) for x in u)
+  def kept(u):
+    return u, starts
+
+  def skipped(u):  # Zero updates; any offset reads zeros (unlike `kept`'s, so not hoisted).
+    return tuple(jnp.zeros_like(x) for x in u), jax.tree.map(jnp.zeros_like, starts)
 
   def by_cond(u):
-    return jax.lax.cond(finite, lambda u: u, zeros, u)
+    return jax.lax.cond(finite, kept, skipped, u)
 
   def by_select(u):
     u = tuple(jnp.where(finite, x, jnp.zeros_like(x)) for x in u)
-    return jax.lax.optimization_barrier(u) if _FENCE_UPDATES else u
+    return jax.lax.optimization_barrier((u, starts)) if _FENCE_UPDATES else (u, starts)
 
-  return jax.lax.platform_dependent(updates, cpu=by_cond, default=by_select), state
+  fenced, first_rows = jax.lax.platform_dependent(updates, cpu=by_cond, default=by_select)
+  return fenced, first_rows, state
 
 
 def check_step(name: str, value: Any) -> None:
@@ -431,8 +444,8 @@ def _compression_factory(prune: bool):
       operands = (grads, state.layout.flatten(params), state)
       # A NaN/inf gradient would make the latent weights and centroids NaN for good
       # (and the layer all zeros): skip the update instead, keeping the state.
-      flat_updates, new_state = _guarded(_all_finite(grads), step, operands)
-      return state.layout.unflatten(flat_updates), new_state
+      flat_updates, starts, new_state = _guarded(_all_finite(grads), step, operands, state.layout)
+      return state.layout.unflatten(flat_updates, starts), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
