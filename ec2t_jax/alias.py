@@ -145,8 +145,8 @@ def ec2t(
       optimizer in `optax.apply_if_finite`. (`ec2t_jax.training` passes False:
       its trainer stops, or skips and counts, such steps itself.)
     reference_parity: reproduce the original's quirks (docs/algorithm.md §3–4).
-    group_layers: batch the per-layer math of same-shaped leaves with
-      `jax.vmap` (see `ternary_training`).
+    group_layers: keep the leaves of one dtype in one flat buffer and update
+      all layers at once (see `ternary_training`).
 
   Returns:
     An `optax.GradientTransformation`. Under `optax.inject_hyperparams`, pass a

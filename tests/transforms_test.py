@@ -545,3 +545,19 @@ def test_flat_state_keeps_other_leaves_as_placeholders_and_checkpoints():
   (again,) = ec2t_jax.compression_states(rebuilt)
   assert again.layout == state.layout
   np.testing.assert_array_equal(again.assignment['conv'], state.assignment['conv'])
+
+
+def test_multi_steps_accumulates_and_stays_exactly_ternary():
+  """Under `optax.MultiSteps` the fused state steps every k-th update; params stay ternary."""
+  w0 = {k: jnp.asarray(v) for k, v in _weights(7).items()}
+  tx = optax.MultiSteps(ec2t_jax.ec2t(_all_true, gamma=0.3), every_k_schedule=3)
+  opt_state = tx.init(w0)
+  params = ec2t_jax.ternarize(w0, opt_state)
+  update = jax.jit(tx.update)
+  rng = np.random.default_rng(8)
+  for _ in range(7):
+    grads = {k: (rng.standard_normal(s) * 0.02).astype(np.float32) for k, s in SHAPES.items()}
+    updates, opt_state = update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    _assert_exactly_ternary(params, opt_state)
+  assert int(_state(opt_state).count) == 2  # Updates 3 and 6 of 7.
