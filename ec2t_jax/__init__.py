@@ -13,9 +13,10 @@ protocol and registry of `ec2t_jax.methods`: `ec2t_jax.methods.get('twn')`.
 Reference: Marban et al., CVPR Workshops 2020, arXiv:2004.01077.
 """
 
-from ec2t_jax import masks, methods, ternary
+from ec2t_jax import distill, masks, methods, ternary
 from ec2t_jax.alias import default_fp_optimizer, ec2t, param_labels
 from ec2t_jax.baselines import absmean_ternary
+from ec2t_jax.distill import distillation_loss
 from ec2t_jax.masks import default_ternary_mask
 from ec2t_jax.state_utils import (
   compressed_kernels,
@@ -72,6 +73,8 @@ __all__ = [
   'compression_states',
   'default_fp_optimizer',
   'default_ternary_mask',
+  'distill',
+  'distillation_loss',
   'ec2t',
   'entropy_constrained_pruning',
   'masks',

@@ -251,15 +251,35 @@ def compression_partition(
     parts[FIXED] = optax.set_to_zero()
   labels = cached_param_labels(ternary_mask, prune_mask, fixed_mask)
   inner = optax.partition(parts, labels)
-  if not check_fp_dtypes:
-    return inner
 
   def init_fn(params):
     state = inner.init(params)  # Refuses bad masks and compressed-leaf dtypes first.
-    _check_default_fp_dtypes(params, labels(params))
+    if check_fp_dtypes:
+      _check_default_fp_dtypes(params, labels(params))
     return state
 
-  return optax.GradientTransformation(init_fn, inner.update)
+  def update_fn(updates, state, params=None):
+    _check_gradient_dtypes(updates, params)  # Else the labels would blame the params.
+    return inner.update(updates, state, params)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_gradient_dtypes(updates: optax.Updates, params: optax.Params | None) -> None:
+  """Refuses a non-float gradient of a float params leaf, naming the gradient."""
+  if params is None:
+    return
+  grads, p_leaves = tree_util.named_leaves(updates), jax.tree.leaves(params)
+  if len(grads) != len(p_leaves):
+    return  # The partition names the structure mismatch.
+  for (name, g), p in zip(grads, p_leaves, strict=True):
+    g_dtype, p_dtype = jnp.result_type(g), jnp.result_type(p)
+    if jnp.issubdtype(p_dtype, jnp.floating) and not jnp.issubdtype(g_dtype, jnp.floating):
+      raise ValueError(
+        f'the gradient of {name} has dtype {g_dtype} but the param is {p_dtype}: gradients of '
+        'float params must be floating point (differentiate a float loss, or cast the '
+        'gradient to the param dtype)'
+      )
 
 
 def _all_finite(tree: optax.Updates) -> jax.Array:

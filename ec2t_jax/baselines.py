@@ -163,6 +163,7 @@ def straight_through_training(
           f'{what} is given {name} of dtype {jnp.result_type(leaf)}; only '
           'floating-point leaves can be ternarized'
         )
+      transforms.check_leaf_values(leaf, f'{what} is given {name}')
     latent = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
     return new_state(latent, latent_optimizer.init(latent))
 

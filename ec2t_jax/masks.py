@@ -270,10 +270,39 @@ def resolve(mask: MaskOrFn | None, params: optax.Params) -> optax.Params:
     return jax.tree.map(lambda _: False, params)
   if isinstance(mask, Callable):
     mask = mask(params)
+
+  def one_bool(path, m, _):
+    if np.ndim(m) != 0:  # An element-wise mask: masks select whole leaves.
+      raise _MaskLeafError(
+        f'the mask leaf {jax.tree_util.keystr(path)} is an array of shape {np.shape(m)}; a mask '
+        'holds one bool per params leaf (True selects the whole leaf), not one per element'
+      )
+    return bool(m)
+
   try:
-    return jax.tree.map(lambda m, _: bool(m), mask, params)
+    return jax.tree_util.tree_map_with_path(one_bool, mask, params)
+  except _MaskLeafError as e:
+    raise ValueError(str(e)) from None
   except ValueError as e:
-    raise ValueError(
-      'the mask must have the same tree structure as the params: '
-      f'{jax.tree.structure(mask)} vs {jax.tree.structure(params)}'
-    ) from e
+    raise ValueError(_structure_difference(mask, params)) from e
+
+
+class _MaskLeafError(ValueError):
+  pass
+
+
+def _structure_difference(mask: Any, params: Any) -> str:
+  """One line saying where `mask` and `params` differ (paths, else node types)."""
+  paths = [
+    {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]}
+    for t in (mask, params)
+  ]
+  only_mask, only_params = sorted(paths[0] - paths[1]), sorted(paths[1] - paths[0])
+  if only_mask or only_params:
+    detail = f'leaves only in the mask: {only_mask[:4]}; only in the params: {only_params[:4]}'
+  else:  # The same paths under containers of other types (e.g. a dict and a FrozenDict).
+    detail = (
+      f'the same leaf paths under other container types ({type(mask).__name__} vs '
+      f'{type(params).__name__})'
+    )
+  return f'the mask must have the same tree structure as the params: {detail}'

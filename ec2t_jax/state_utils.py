@@ -52,12 +52,21 @@ def compressed_kernels(opt_state: optax.OptState, params: optax.Params) -> dict[
   weights: each method's `kernels` view (`ec2t_jax.methods`).
 
   Raises:
-    ValueError: if `opt_state` holds a leaf that `params` lacks.
+    ValueError: if `opt_state` holds a leaf that `params` lacks, or a kernel
+      whose shape is not that of its params leaf.
   """
   dtype_of = _dtype_of(params)
   out = {}
   for method, state in methods.method_states(opt_state):
     out.update(method.kernels(state, dtype_of))
+  shapes = {name: tuple(jnp.shape(leaf)) for name, leaf in tree_util.named_leaves(params)}
+  for name, kernel in out.items():
+    if name in shapes and tuple(jnp.shape(kernel)) != shapes[name]:
+      raise ValueError(
+        f'params leaf {name!r} has shape {shapes[name]}, but opt_state holds a kernel of shape '
+        f'{tuple(jnp.shape(kernel))} for it: the state was built for other params; call '
+        'tx.init(params) on these params'
+      )
   return out
 
 
@@ -78,7 +87,8 @@ def ternarize(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
     A new params pytree of the same structure and dtypes.
 
   Raises:
-    ValueError: if `opt_state` holds no state of a registered method.
+    ValueError: if `opt_state` holds no state of a registered method, or a
+      kernel whose shape is not that of its params leaf.
   """
   kernels = compressed_kernels(opt_state, params)
   if not kernels:

@@ -36,6 +36,7 @@ import ml_collections
 
 import ec2t_jax
 from ec2t_jax import main as main_lib
+from ec2t_jax.training import stages as stages_lib
 
 __all__ = [
   'FP_DIR',
@@ -54,8 +55,12 @@ FP_DIR = 'fp'
 SWEEP_FILE = 'sweep.json'
 """The sweep's record of its base config and grid."""
 
-_FP = 'fp'
-_SWEPT_KINDS = ('ec2t', 'ecp')  # Stage kinds with their own gamma / init_scale settings.
+# Stage kinds with settings of their own (γ and s live in config.ec2t's section).
+_SWEPT_KINDS = tuple(k.name for k in stages_lib.KINDS.values() if k.settings == 'ec2t')
+# The kinds a sweep sets γ and s on when --stages does not say: those that ternarize.
+_DEFAULT_SWEPT = tuple(
+  k.name for k in stages_lib.KINDS.values() if k.settings == 'ec2t' and k.ternarizes
+)
 
 
 # --- the configs of a sweep (pure functions of the config) ------------------------------------
@@ -66,26 +71,26 @@ def _explicit(config: ml_collections.ConfigDict) -> bool:
   return bool(config.get('stages'))
 
 
-def _stage_order(config: ml_collections.ConfigDict) -> list[str]:
-  """The stage names in the order they run, as the trainer reads them (`spec.stage_specs`)."""
+def _specs(config: ml_collections.ConfigDict):
+  """The run's stages as the trainer reads them (`parse.stage_specs`), in order."""
   from ec2t_jax.training import parse as parse_lib  # Local: the trainer's imports are heavy.
 
-  return [stage.name for stage in parse_lib.stage_specs(config)]
+  return parse_lib.stage_specs(config)
+
+
+def _stage_order(config: ml_collections.ConfigDict) -> list[str]:
+  """The stage names in the order they run."""
+  return [spec.name for spec in _specs(config)]
 
 
 def _leading_fp(config: ml_collections.ConfigDict) -> list[str]:
-  """The names of the explicit stages of kind 'fp' that open the run."""
+  """The names of the stages that open the run in full precision (kinds that do not compress)."""
   names = []
-  for name in _stage_order(config):
-    stage = config.stages.get(name)
-    if stage is None or stage.get('kind') != _FP:
+  for spec in _specs(config):
+    if stages_lib.get(spec.kind).compresses:
       break
-    names.append(name)
+    names.append(spec.name)
   return names
-
-
-def _epochs(stage: ml_collections.ConfigDict) -> int:
-  return stage.get('num_epochs') or 0
 
 
 def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -129,16 +134,13 @@ def fp_part(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | No
     >>> fp_part(mnist.get_config()).ec2t.num_epochs
     0
   """
-  if _explicit(config):
-    names = _leading_fp(config)
-    if not sum(_epochs(config.stages[name]) for name in names):
-      return None
-    out = _copy(config)
-    _keep_stages(out, names)
-    return out
-  if not config.fp.get('num_epochs'):
+  names = _leading_fp(config)
+  if not sum(spec.num_epochs for spec in _specs(config) if spec.name in names):
     return None
   out = _copy(config)
+  if _explicit(config):
+    _keep_stages(out, names)
+    return out
   out.ec2t.num_epochs = 0
   out.ec2t.frozen_epochs = 0
   return out
@@ -165,10 +167,10 @@ def _swept_stages(config: ml_collections.ConfigDict, stages: Sequence[str] | Non
         'run is config.fp, config.ec2t and the frozen epochs); drop --stages'
       )
     return []
-  order = _stage_order(config)
-  candidates = [n for n in order if config.stages[n].get('kind') in _SWEPT_KINDS]
+  specs = _specs(config)
+  candidates = [s.name for s in specs if s.kind in _SWEPT_KINDS]
   if not stages:
-    return [n for n in order if config.stages[n].get('kind') == 'ec2t']
+    return [s.name for s in specs if s.kind in _DEFAULT_SWEPT]
   unknown = [n for n in stages if n not in candidates]
   if unknown:
     raise ValueError(
@@ -180,14 +182,14 @@ def _swept_stages(config: ml_collections.ConfigDict, stages: Sequence[str] | Non
 
 def _check_sweepable(config: ml_collections.ConfigDict) -> None:
   """Refuses a run that has no epochs after its full-precision part: γ and s would do nothing."""
+  compressing = [s for s in _specs(config) if stages_lib.get(s.kind).compresses]
   if _explicit(config):
-    later = [n for n in _stage_order(config) if config.stages[n].get('kind') != _FP]
-    if not any(_epochs(config.stages[n]) for n in later):
+    if not any(s.num_epochs for s in compressing):
       raise ValueError(
         f'config.stage_order={",".join(_stage_order(config))!r} has no non-fp stage with epochs, '
         'so γ and s change nothing; add an ec2t stage with num_epochs > 0'
       )
-  elif not (config.ec2t.get('num_epochs') or config.ec2t.get('frozen_epochs')):
+  elif not any(s.num_epochs for s in compressing):
     raise ValueError(
       'config.ec2t.num_epochs and config.ec2t.frozen_epochs are 0, so γ and s change nothing; '
       'set config.ec2t.num_epochs > 0'
@@ -309,7 +311,9 @@ def _record(workdir: str, config, stages, grid) -> list[tuple[float, float]]:
   path = os.path.join(workdir, SWEEP_FILE)
   points = []
   if os.path.exists(path):
-    saved = workdir_lib.read_json_object(path, 'the sweep record')
+    saved = workdir_lib.read_json_object(
+      path, 'the sweep record', fix='restore it, or delete it to record the sweep anew'
+    )
     theirs = {'stages': saved.get('stages'), **saved.get('base_config', {})}
     skip = set(workdir_lib.RESUMABLE_FIELDS)
     diff = sorted(
@@ -332,7 +336,9 @@ def _summary(path: str) -> dict[str, Any]:
   """A finished run's `summary.json` (a one-line ValueError naming the file if it is damaged)."""
   from ec2t_jax.training import workdir as workdir_lib
 
-  return workdir_lib.read_json_object(path, 'the run summary')
+  return workdir_lib.read_json_object(
+    path, 'the run summary', fix='delete its point directory to train that point again'
+  )
 
 
 def _number(value: Any) -> str:

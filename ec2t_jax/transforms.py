@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -151,6 +152,7 @@ def _check_floating(params: optax.Params, what: str) -> None:
   for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=tree_util.is_masked)[0]:
     if tree_util.is_masked(leaf):
       continue
+    check_leaf_values(leaf, f'{what} selects {jax.tree_util.keystr(path)}')
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(
@@ -164,6 +166,72 @@ def _check_floating(params: optax.Params, what: str) -> None:
         'underflow and the layer silently becomes zeros): keep the params in float32 and '
         "compute in half precision with the model's dtype (e.g. nn.Dense(dtype=jnp.float16))"
       )
+
+
+def check_leaf_values(leaf: Any, where: str) -> None:
+  """Refuses an empty leaf, or a concrete one holding NaN/inf (tracers are not checked).
+
+  Every compression method's `init` calls it: an empty kernel has nothing to
+  compress, and one NaN/inf makes its scale non-finite and the layer all zeros.
+
+  Args:
+    leaf: a params leaf selected for compression.
+    where: how the error starts, e.g. `"ternary_training selects ['w']"`.
+
+  Raises:
+    ValueError: one line naming `where`, the shape or the count of NaN/inf values.
+  """
+  if int(np.prod(jnp.shape(leaf), dtype=np.int64)) == 0:
+    raise ValueError(
+      f'{where} of shape {tuple(jnp.shape(leaf))}, which has no values to compress; leave '
+      'empty leaves out of the mask'
+    )
+  if isinstance(leaf, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+    return
+  bad = int(jnp.size(leaf) - jnp.sum(jnp.isfinite(leaf)))
+  if bad:
+    raise ValueError(
+      f'{where}, which holds {bad} NaN/inf values; its levels would be non-finite and the '
+      'layer all zeros: initialize the params with finite values'
+    )
+
+
+def _warn_if_moved(what, layout, params, groups, count, kernel, warned: list) -> None:
+  """Warns (once) when the params are not the kernels this transformation's last update made.
+
+  After an update, `params + updates` is exactly the ternary kernel of the
+  state; a transformation chained after this one (a scale, a learning rate,
+  weight decay) changes the updates and the params drift off the ternary grid.
+  The check runs on device; the host hears of it only when params moved.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=tree_util.is_masked)[0]
+  if len(flat) != layout.treedef.num_leaves or not groups:
+    return
+  names = [[jax.tree_util.keystr(flat[i][0]) for i in members] for members in layout.groups]
+  moved = tuple(
+    jax.vmap(lambda p, a, c, w: jnp.sum(p != kernel(a, c, w, p.dtype)))(
+      p, g.assignment, g.centroids, g.latent
+    )
+    for p, g in zip(layout.stack(params), groups, strict=True)
+  )
+
+  def report(counts):
+    if warned:
+      return
+    warned.append(True)
+    pairs = [
+      (n, int(c)) for ns, cs in zip(names, counts, strict=True) for n, c in zip(ns, cs, strict=True)
+    ]
+    off = [f'{n} ({c} values)' for n, c in pairs if c]
+    warnings.warn(
+      f'{what}: the params {", ".join(off[:3])} are not the ternary kernels of its last update: '
+      'a transformation after it changed its updates (e.g. optax.scale), or they were not '
+      'applied; apply the updates of ec2t unchanged (see the README on what may follow ec2t)',
+      stacklevel=1,
+    )
+
+  any_moved = (count > 0) & jnp.any(jnp.stack([jnp.any(m > 0) for m in moved]))
+  jax.lax.cond(any_moved, lambda m: jax.debug.callback(report, m), lambda m: None, moved)
 
 
 def check_hyperparameter(
@@ -316,6 +384,7 @@ def _compression_factory(prune: bool):
     centroid_optimizer = centroid_optimizer or optax.adam(1e-5)
     state_cls = EntropyConstrainedPruningState if prune else TernaryTrainingState
     what = 'entropy_constrained_pruning' if prune else 'ternary_training'
+    warned: list[bool] = []  # `_warn_if_moved` warns once per transformation.
 
     def init_group(segments, p):  # One buffer: every leaf of one dtype.
       centroid_latent = fused.initial_centroids(segments, p, init_scale)
@@ -354,6 +423,7 @@ def _compression_factory(prune: bool):
         frozen = count >= jnp.asarray(freeze_assignment_at, jnp.int32)
       latent = tuple(g.latent for g in groups)
       centroid_latent = tuple(g.centroid_latent for g in groups)
+      _warn_if_moved(what, layout, params, groups, count, kernel, warned)
 
       # 1. Map ∂L/∂q to the latent weights and the centroids, with the
       #    assignment and centroids that produced this step's kernel.

@@ -12,7 +12,7 @@ from conftest import counting_jit
 
 import ec2t_jax
 from ec2t_jax import baselines, export, tree_util
-from ec2t_jax.training import state as state_lib
+from ec2t_jax.training import setup as setup_lib
 from ec2t_jax.training import train
 from ec2t_jax.training import workdir as workdir_lib
 
@@ -338,10 +338,10 @@ def test_absmean_refuses_pruning(tmp_path, tiny_mnist):
 def test_absmean_optimizer_from_config(tiny_mnist):
   cfg = tiny_mnist().ec2t
   params = _weights()
-  tx = state_lib.create_ec2t_optimizer(cfg, MASK, None, 10, method='absmean')
+  tx = setup_lib.create_ec2t_optimizer(cfg, MASK, None, 10, method='absmean')
   assert baselines.states(tx.init(params))
   with pytest.raises(ValueError, match=r"unknown config.method 'x'; valid: 'ec2t', 'absmean'"):
-    state_lib.create_ec2t_optimizer(cfg, MASK, None, 10, method='x')
+    setup_lib.create_ec2t_optimizer(cfg, MASK, None, 10, method='x')
 
 
 @pytest.mark.slow

@@ -67,10 +67,10 @@ def test_resnet20_from_a_pth_file_equals_the_same_network_from_orbax(tmp_path):
 
   from ec2t_jax import models
   from ec2t_jax.configs import cifar10
-  from ec2t_jax.training import state as state_lib
+  from ec2t_jax.training import setup as setup_lib
 
   model = models.create('resnet20', num_classes=10)
-  variables = state_lib.initial_variables(model, (32, 32, 3), seed=7)
+  variables = setup_lib.initial_variables(model, (32, 32, 3), seed=7)
   # Non-trivial BatchNorm statistics, so that a dropped or transposed one would show.
   rng = np.random.default_rng(0)
   variables['batch_stats'] = jax.tree.map(

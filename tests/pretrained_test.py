@@ -11,7 +11,7 @@ import pytest
 from ec2t_jax import models
 from ec2t_jax.configs import default
 from ec2t_jax.models import grow as grow_lib
-from ec2t_jax.training import checkpoint, pretrained, state
+from ec2t_jax.training import checkpoint, pretrained
 from ec2t_jax.training import parse as parse_lib
 from ec2t_jax.training import variables as variables_lib
 
@@ -62,7 +62,7 @@ def base(tmp_path_factory):
   """A tiny MicroNet with non-trivial BatchNorm, saved as `save_variables` writes it."""
   model = models.create('micronet', num_classes=10, **BASE_KWARGS)
   assert (model.blocks_per_stage, model.widths) == (1, (8, 16, 32))
-  variables = _perturbed(state.initial_variables(model, IMAGE_SHAPE, seed=1))
+  variables = _perturbed(variables_lib.initial_variables(model, IMAGE_SHAPE, seed=1))
   path = os.path.join(tmp_path_factory.mktemp('base'), 'micronet')
   checkpoint.save_variables(path, variables)
   return model, variables, path
@@ -77,7 +77,7 @@ def _logits(model, variables, seed=5):
 def _grow(config):
   spec = parse_lib.model_spec(config)
   model = variables_lib.create_model(spec, 10)
-  template = state.initial_variables(model, IMAGE_SHAPE, config.seed)
+  template = variables_lib.initial_variables(model, IMAGE_SHAPE, config.seed)
   grown = pretrained.grow_from_pretrained(
     spec,
     seed=config.seed,

@@ -10,7 +10,11 @@ rewrite the table with
     .venv/bin/python tests/reliability_cases_test.py
 
 Rows C01-C44 are adversarial cases tried on the first version; rows B01-B16
-are the bad settings refused before training. Rows that need a full disk, a
+are the bad settings refused before training. Rows S (silent wrong numbers), L
+(found late), R (resumes that mix runs), E (clear errors) and A (replaced
+files) live in `tests/reliability_cases_input.py` and
+`tests/reliability_cases_resume.py`, registered in the same `CASES`
+(`tests/reliability_registry.py`). Rows that need a full disk, a
 read-only mount or a missing accelerator simulate it (monkeypatched writes or
 devices); their answers say so.
 """
@@ -30,8 +34,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from reliability_registry import CASES, CHECKS, case  # tests/ is on sys.path
 
 import ec2t_jax
 from ec2t_jax import export, models, report, scoring, transforms
@@ -52,32 +55,6 @@ from ec2t_jax.training import workdir as workdir_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, 'docs', 'reliability.md')
 BEGIN, END = '<!-- cases:begin -->', '<!-- cases:end -->'
-
-
-class Case(NamedTuple):
-  """One row of the table: its id, what was tried, the command, the answer now."""
-
-  id: str
-  tried: str
-  command: str
-  answer: str
-  slow: bool = False
-
-
-CASES: list[Case] = []
-CHECKS: dict[str, Callable[..., None]] = {}
-
-
-def case(case_id: str, tried: str, command: str, answer: str, *, slow: bool = False):
-  """Registers the decorated check as the test of row `case_id`."""
-
-  def register(check):
-    assert case_id not in CHECKS, f'duplicate case id {case_id}'
-    CASES.append(Case(case_id, tried, command, answer, slow))
-    CHECKS[case_id] = check
-    return check
-
-  return register
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -1433,14 +1410,14 @@ def check_b12(tmp_path, tiny_mnist):
   'B13',
   'The processes and restarts of one run differ only in resumable fields.',
   '`main.py ... --config.process_id=1 --config.coordinator_address=...` on a claimed W',
-  'Accepted (process_id, coordinator_address, worker_count, ... may differ); a different '
-  'num_processes is another run and is refused.',
+  'Accepted (process_id, coordinator_address, ... may differ); a different num_processes is '
+  'another run and is refused, and so is another worker_count (see R02).',
 )
 def check_b13(tmp_path, tiny_mnist):
   workdir = str(tmp_path / 'work')
   first = {'process_id': 0, 'coordinator_address': '127.0.0.1:1234', 'worker_count': 0}
   _claim(tiny_mnist(distributed=True, num_processes=2, **first), workdir).release()
-  other = {'process_id': 1, 'coordinator_address': '127.0.0.1:5678', 'worker_count': 2}
+  other = {'process_id': 1, 'coordinator_address': '127.0.0.1:5678', 'worker_count': 0}
   _claim(tiny_mnist(distributed=True, num_processes=2, **other), workdir).release()
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['coordinator_address'] == '127.0.0.1:5678'
@@ -1537,6 +1514,11 @@ def render_table() -> str:
 def _doc_table(text: str) -> str:
   start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
   return text[start:end].strip()
+
+
+# The rows of the other modules (imported for their `@case` registrations).
+import reliability_cases_input  # noqa: E402, F401
+import reliability_cases_resume  # noqa: E402, F401
 
 
 @pytest.mark.parametrize(

@@ -338,10 +338,10 @@ def test_score_needs_a_reference_network_that_fits_the_dataset(abstract_variable
 def test_count_run_at_another_image_size():
   import types
 
-  from ec2t_jax.training import state as state_lib
+  from ec2t_jax.training import setup as setup_lib
 
   model = models.create('resnet20', num_classes=10)
-  variables = state_lib.initial_variables(model, (32, 32, 3), seed=0)
+  variables = setup_lib.initial_variables(model, (32, 32, 3), seed=0)
   run = types.SimpleNamespace(
     model=model,
     variables=variables,

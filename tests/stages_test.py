@@ -15,8 +15,10 @@ from ec2t_jax.configs import default, imagenet
 from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import parse as parse_lib
 from ec2t_jax.training import schedule as schedule_lib
-from ec2t_jax.training import state as state_lib
+from ec2t_jax.training import setup as setup_lib
+from ec2t_jax.training import stages as stages_lib
 from ec2t_jax.training import train
+from ec2t_jax.training import workdir as workdir_lib
 
 CONV = r'conv[12]/kernel$'
 FC = r'fc[12]/kernel$'
@@ -47,7 +49,9 @@ def test_default_sequence_is_fp_ec2t_frozen_in_two_passes():
   config = default.get_config()
   config.fp.num_epochs = 2
   schedule = schedule_lib.create_schedule(parse_lib.stage_specs(config), steps_per_epoch=5)
-  assert [(s.name, s.kind, s.start, s.end, s.group, s.start_from) for s in schedule.stages] == [
+  assert [
+    (s.name, s.kind, s.start, s.end, s.pass_index, s.start_from) for s in schedule.stages
+  ] == [
     ('fp', 'fp', 0, 10, 0, 'last'),
     ('ec2t', 'ec2t', 10, 110, 1, 'last'),
     ('frozen', 'frozen', 110, 185, 1, 'last'),
@@ -60,32 +64,48 @@ def test_default_sequence_is_fp_ec2t_frozen_in_two_passes():
   assert schedule_lib.Schedule.from_dict(schedule.to_dict()) == schedule
 
 
-def test_schedule_written_before_stages_had_names_reads_back():
-  old = {
-    'steps_per_epoch': 3,
-    'stages': [
-      {'kind': 'fp', 'start': 0, 'num_steps': 3},
-      {'kind': 'ec2t', 'start': 3, 'num_steps': 3},
-      {'kind': 'frozen', 'start': 6, 'num_steps': 3},
-    ],
-  }
-  schedule = schedule_lib.Schedule.from_dict(old)
-  assert [(s.name, s.group) for s in schedule.stages] == [('fp', 0), ('ec2t', 1), ('frozen', 1)]
-  assert schedule.optimizer_at(3) == 1 and schedule.optimizer_at(2) == 0
+def test_a_new_stage_kind_is_one_entry_in_the_stage_module(tiny_mnist, tmp_path, monkeypatch):
+  # A 'polish' kind: full-precision fine-tuning of the leaves compression left alone, after the
+  # frozen stage. Nothing but its StageKind is added; parse, schedule, set-up and trainer ask it.
+  polish = stages_lib.StageKind('polish', 'polish', 'fp', compresses=False, marker='polish starts')
+  monkeypatch.setitem(stages_lib.KINDS, 'polish', polish)
+  config = _stages(
+    tiny_mnist(),
+    'fp,ternarize,frozen,polish',
+    fp={'kind': 'fp', 'num_epochs': 1},
+    ternarize={'kind': 'ec2t', 'num_epochs': 1, 'ternary_pattern': CONV},
+    frozen={'kind': 'frozen', 'num_epochs': 1},
+    polish={'kind': 'polish', 'num_epochs': 1, 'learning_rate': 1e-4},
+  )
+  specs = parse_lib.stage_specs(config)
+  assert specs[-1].settings.learning_rate == 1e-4  # Its section's settings, the stage's own first.
+  schedule = schedule_lib.create_schedule(specs, steps_per_epoch=3)
+  assert [s.pass_index for s in schedule.stages] == [0, 1, 1, 2]
+  setup = _setup(config)
+  assert not setup.passes[2].compresses
+  assert _names(setup.passes[2].fixed_mask) == ['conv1/kernel', 'conv2/kernel']
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['steps'] == 12
+  loaded = workdir_lib.load_workdir(str(tmp_path / 'run'))
+  assert [s.kind for s in loaded.schedule.stages][-1] == 'polish'
+  params = tree_util.flat_dict(loaded.variables['params'])
+  for name in ('conv1/kernel', 'conv2/kernel'):  # Still ternary after the fp polish.
+    assert len(np.unique(np.asarray(params[name]))) <= 3
+  assert len(np.unique(np.asarray(params['fc1/kernel']))) > 3  # Polished in full precision.
 
 
 def test_three_passes_schedule(tiny_mnist):
   schedule = schedule_lib.create_schedule(
     parse_lib.stage_specs(_three_passes(tiny_mnist())), steps_per_epoch=3
   )
-  assert [(s.name, s.start, s.group) for s in schedule.stages] == [
+  assert [(s.name, s.start, s.pass_index) for s in schedule.stages] == [
     ('fp', 0, 0),
     ('ternarize', 3, 1),
     ('frozen', 9, 1),
     ('prune', 12, 2),
   ]
-  assert schedule.num_groups == 3 and schedule.freeze_step(1) == 6
-  assert [schedule.optimizer_at(s) for s in (2, 3, 8, 9, 11, 12, 14, 15)] == [
+  assert schedule.num_passes == 3 and schedule.freeze_step(1) == 6
+  assert [schedule.pass_at(s) for s in (2, 3, 8, 9, 11, 12, 14, 15)] == [
     0,
     1,
     1,
@@ -149,7 +169,7 @@ def test_bad_stage_configs_are_refused_in_one_line(stages, order, message):
 
 def _setup(config):
   schedule = schedule_lib.create_schedule(parse_lib.stage_specs(config), steps_per_epoch=3)
-  return state_lib.create_setup(
+  return setup_lib.create_setup(
     parse_lib.parse(config, check_data=False), schedule, num_classes=10, image_shape=(28, 28, 1)
   )
 
@@ -282,7 +302,7 @@ def test_ecp_delta_uses_the_largest_layer_of_its_own_pass():
   config.stages.prune.prune_pattern = r'(se_reduce|se_expand)/kernel$'  # SE pruned alone.
   schedule = schedule_lib.create_schedule(parse_lib.stage_specs(config), steps_per_epoch=1)
   run = parse_lib.parse(config, check_data=False, check_init_from=False)
-  passes = state_lib._create_passes(run, schedule, model, params, (32, 32, 3))
+  passes = setup_lib._create_passes(run, schedule, model, params, (32, 32, 3))
   layout = _ecp_layout(passes[1], params)
   assert layout.max_size == max(se.values())
   name = max(se, key=se.get)  # The largest SE layer: δ = 1 when SE is pruned alone.
@@ -297,7 +317,7 @@ def test_ecp_delta_uses_the_largest_layer_of_its_own_pass():
   # The recipe's pass prunes SE and the classifier together: N_max is the classifier's.
   config = imagenet.get_config('efficientnet_b1')
   run = parse_lib.parse(config, check_data=False, check_init_from=False)
-  passes = state_lib._create_passes(run, schedule, model, params, (32, 32, 3))
+  passes = setup_lib._create_passes(run, schedule, model, params, (32, 32, 3))
   assert _ecp_layout(passes[1], params).max_size == sizes['fc/kernel']
   assert _names(passes[1].fixed_mask) == _names(passes[0].ternary_mask)  # Pass 1 held fixed.
 
@@ -328,7 +348,7 @@ def _scripted_validation(monkeypatch, accuracies):
 def _checkpoint(workdir, step, setup):
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=100)
   try:
-    target = state_lib.state_tree(state_lib.abstract_train_state(setup, step))
+    target = setup_lib.state_tree(setup_lib.abstract_train_state(setup, step))
     tree, _ = ckpt.restore(step, target)
   finally:
     ckpt.close()
@@ -395,7 +415,7 @@ def test_grow_a_pretrained_base_then_compress_on_mock_cifar(tmp_path, caplog):
 
   base_kwargs = {'depth_mult': 0.1, 'width_mult': 0.5}
   base = models.create('micronet', num_classes=10, **base_kwargs)
-  variables = state_lib.initial_variables(base, (32, 32, 3), seed=3)
+  variables = setup_lib.initial_variables(base, (32, 32, 3), seed=3)
   # Non-trivial BatchNorm statistics, so that an identity-breaking growth would show.
   rng = np.random.default_rng(0)
   variables['batch_stats'] = jax.tree.map(

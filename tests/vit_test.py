@@ -288,7 +288,7 @@ def test_default_selection_is_the_attention_and_mlp_kernels():
   params = variables['params']
   cfg = mnist.get_config('vit').ec2t
   order = masks.call_order(model, jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32), train=False)
-  # As the trainer builds it (ec2t_jax/training/state.py: compression_masks).
+  # As the trainer builds it (ec2t_jax/training/setup.py: compression_masks).
   mask = masks.default_ternary_mask(
     params,
     order=order,

@@ -130,7 +130,20 @@ def get_config():
   config.score_image_size = 0
 
   # --- logging and checkpoints ---------------------------------------------------------
+  # --- distillation (docs/training.md): (1 - w)·CE + w·T²·KL(teacher_T || student_T) ----
+  config.distill = ml_collections.ConfigDict()
+  # '' = none; 'fp' = this run's full-precision network (the end of its fp stage, else the
+  # init_from network); or a path: a finished run's workdir, an orbax variables dir, a .pt.
+  config.distill.teacher = ''
+  config.distill.temperature = 4.0
+  # w of compressing stages; a stage may set its own distill_weight / distill_temperature
+  # (full-precision stages distill only where they set distill_weight).
+  config.distill.weight = 0.5
+
   config.log_every_steps = 100
+  # Training steps per compiled call: k > 1 runs k steps as one scan over k batches, so the
+  # host dispatches once per k steps (accelerators, TPUs). Results do not depend on k.
+  config.steps_per_call = 1
   config.checkpoint_every_steps = 1000
   config.max_to_keep = 3
   # True: start over; the old run (checkpoints, best/, metrics, summary) is moved to

@@ -58,9 +58,10 @@ def load_predictor(path: str, *, dtype: Any = None) -> Callable[[Any], jax.Array
   The file must record its network (`python -m ec2t_jax.export` writes that;
   `save(..., model=...)` in your own code). The function takes a batch of
   images as the run's dataset holds them, `(N, height, width, channels)` or
-  `(N, height, width)`: uint8 pixels are divided by 255, float pixels are taken
-  on [0, 1]; then the run's normalization is applied and the network runs in
-  eval mode (BatchNorm statistics from the file). Images must already have the
+  `(N, height, width)`: uint8 pixels are divided by 255, float pixels must lie
+  on [0, 1] (other dtypes are refused: their scale is ambiguous); then the
+  run's normalization is applied and the network runs in eval mode (BatchNorm
+  statistics from the file). Images must already have the
   recorded `input_shape` (resize/crop as the run's evaluation did).
 
   Args:
@@ -71,7 +72,9 @@ def load_predictor(path: str, *, dtype: Any = None) -> Callable[[Any], jax.Array
     `predict(images) -> logits`, float32 `(N, num_classes)`; `predict.info` is the model info.
 
   Raises:
-    ValueError: if the file records no model (older files) or is not a valid export.
+    ValueError: if the file records no model (older files) or is not a valid export;
+      `predict` raises it for images of another shape, of an integer dtype other
+      than uint8, or float images outside [0, 1]. An empty batch gives `(0, K)`.
 
   Example:
     >>> predict = load_predictor('lenet5.ec2t')  # doctest: +SKIP
@@ -106,13 +109,53 @@ def load_predictor(path: str, *, dtype: Any = None) -> Callable[[Any], jax.Array
     return model.apply(variables, (x - mean) / std, train=False).astype(jnp.float32)
 
   def predict(images):
-    images = jnp.asarray(images)
+    images = _checked_pixels(images)
     if shape and tuple(images.shape[1:]) not in (shape, shape[:-1]):
       raise ValueError(f'images of shape {images.shape[1:]} given; the network takes {shape}')
+    if images.shape[0] == 0:  # An empty batch has no logits to compute.
+      return jnp.zeros((0, int(info['num_classes'])), jnp.float32)
     return apply(images)
 
   predict.info = info
   return predict
+
+
+def _checked_pixels(images: Any) -> jax.Array:
+  """`images` as an array, if its pixels mean what the training pipeline read.
+
+  The pipeline reads uint8 pixels (0..255) and divides them by 255; other
+  integer dtypes (int64, int32, uint16, bool, ...) have no one meaning (0..255
+  widened, or 16-bit depth), so they are refused rather than guessed. Float
+  pixels must already be on [0, 1] (`uint8 / 255`).
+
+  Raises:
+    ValueError: one line naming the dtype or the value range and the fix.
+  """
+  import jax.numpy as jnp
+
+  if not hasattr(images, 'dtype'):
+    images = np.asarray(images)
+  dtype = images.dtype  # Before jnp.asarray, which narrows int64 to int32 without x64.
+  images = jnp.asarray(images)
+  if dtype == jnp.uint8:
+    return images
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+      f'images of dtype {dtype}: the network was trained on uint8 pixels (0..255, divided '
+      'by 255); pass uint8 (e.g. images.astype(np.uint8) when they hold 0..255) or float '
+      'pixels on [0, 1]'
+    )
+  if images.size:
+    inside = jnp.all((images >= 0) & (images <= 1))  # False for NaN too.
+    lo, hi, ok = jax.device_get((jnp.nanmin(images), jnp.nanmax(images), inside))
+    if not ok:
+      nan = ' and NaN' if bool(jnp.any(jnp.isnan(images))) else ''
+      raise ValueError(
+        f'float images hold values in [{float(lo):g}, {float(hi):g}]{nan}; float pixels must be '
+        'on [0, 1] (uint8 pixels / 255) as the network was trained: divide 0..255 pixels by '
+        '255, or pass uint8'
+      )
+  return images
 
 
 def run_model_info(run: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from ec2t_jax import files
 from ec2t_jax.report.runs import LayerState, RunData, _shared_fp_accuracy, decision_thresholds
+from ec2t_jax.training import stages as stages_lib
 
 _DPI = 90
 _COLORS = {'neg': '#c0392b', 'zero': '#7f8c8d', 'pos': '#2471a3'}
@@ -37,19 +38,14 @@ def _series(metrics: Sequence[Mapping[str, float]], key: str) -> tuple[np.ndarra
   return steps, np.asarray([last[int(s)] for s in steps], np.float64)
 
 
-# How the legend names the start of a stage labelled by its kind (other labels: '<name> starts').
-_STAGE_STARTS = {
-  'fp': 'full precision starts',
-  'ec2t': 'EC2T starts',
-  'frozen': 'assignment frozen',
-  'ecp': 'ECP starts',
-}
 _MARK_STYLES = ('--', ':', '-.', (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
 
 
 def _mark_phases(ax: Any, phases: Mapping[str, int], *, legend: bool = False) -> None:
   for i, (label, step) in enumerate(phases.items()):
-    text = _STAGE_STARTS.get(label, f'{label} starts')
+    # A stage labelled by its kind gets the kind's marker; a named one '<name> starts'.
+    kind = stages_lib.KINDS.get(label)
+    text = kind.marker if kind is not None else f'{label} starts'
     style = _MARK_STYLES[i % len(_MARK_STYLES)]
     ax.axvline(step, color='black', linestyle=style, linewidth=1, label=text if legend else None)
 

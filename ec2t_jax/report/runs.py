@@ -100,10 +100,11 @@ def phase_boundaries(schedule: schedule_lib.Schedule) -> dict[str, int]:
   trainer computed its stages from.
 
   Example:
-    >>> from ec2t_jax.training import schedule as schedule_lib
-    >>> config = {'fp': {'num_epochs': 1}, 'ec2t': {'num_epochs': 2, 'frozen_epochs': 1}}
-    >>> phase_boundaries(schedule_lib.create_schedule(spec.parse(config).stages, steps_per_epoch=3))
-    {'ec2t': 3, 'frozen': 9}
+    >>> from ec2t_jax.configs import mnist
+    >>> from ec2t_jax.training import parse
+    >>> stages = parse.stage_specs(mnist.get_config())  # 10 fp, 8 EC2T, 4 frozen epochs
+    >>> phase_boundaries(schedule_lib.create_schedule(stages, steps_per_epoch=3))
+    {'ec2t': 30, 'frozen': 54}
   """
   running = [stage for stage in schedule.stages if stage.num_steps > 0]
   marks: dict[str, int] = {}

@@ -24,6 +24,9 @@ import orbax.checkpoint as ocp
 
 from ec2t_jax import tree_util
 
+# The file orbax writes into every checkpoint directory it finalizes.
+_METADATA = '_CHECKPOINT_METADATA'
+
 
 def _flat(tree: Any) -> tuple[dict[str, Any], list[str]]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -87,6 +90,8 @@ class Checkpointer:
         f'max_to_keep must be an integer >= 1 (checkpoints kept on disk), got {max_to_keep!r}'
       )
 
+    self.workdir = workdir
+
     def manager(name, **options):
       return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, name)),
@@ -99,13 +104,58 @@ class Checkpointer:
         item_names=('state', 'extra'),
       )
 
-    self._manager = manager('checkpoints', max_to_keep=max_to_keep)
+    # The periodic checkpoints are rotated by `_rotate`, which counts only complete
+    # checkpoints: orbax's own rotation counts any directory named like a step.
+    self._max_to_keep = max_to_keep
+    self._manager = manager('checkpoints')
     self._best = manager('best', max_to_keep=1, best_fn=_best_key, best_mode='max')
+    self._strangers_named: set[str] = set()
+
+  def _complete(self, step: int) -> bool:
+    """Whether `checkpoints/<step>` is an orbax checkpoint (it has orbax's metadata file)."""
+    path = os.path.join(str(self._manager.directory), str(step), _METADATA)
+    return os.path.isfile(path)
 
   def steps(self) -> list[int]:
-    """Steps of the periodic checkpoints on disk, oldest first."""
+    """Steps of the periodic checkpoints on disk, oldest first (strangers left out, with a warning).
+
+    A directory named like a step that is no complete checkpoint (an empty
+    `checkpoints/1000`, a half-copied one) is never counted, restored or deleted.
+    """
     self._manager.reload()
-    return sorted(self._manager.all_steps())
+    steps, strangers = [], []
+    for step in sorted(self._manager.all_steps()):
+      (steps if self._complete(step) else strangers).append(step)
+    for step in strangers:
+      path = os.path.join(str(self._manager.directory), str(step))
+      if path not in self._strangers_named:
+        self._strangers_named.add(path)
+        logging.warning(
+          '%s is not a complete checkpoint (no %s); it is ignored, never deleted: move it out of '
+          'the checkpoints directory',
+          path,
+          _METADATA,
+        )
+    return steps
+
+  def _rotate(self, written: int) -> None:
+    """Deletes the oldest complete checkpoints beyond `max_to_keep` (never strangers).
+
+    A deletion that fails is a warning naming the checkpoint: checkpoint `written`
+    is on disk, so the run goes on.
+    """
+    for step in self.steps()[: -self._max_to_keep]:
+      try:
+        self._manager.delete(step)
+      except Exception as e:  # noqa: BLE001 - orbax and the filesystem raise many types.
+        logging.warning(
+          'checkpoint %d was written, but removing the old checkpoint %s failed (%s: %s); '
+          'remove it by hand',
+          written,
+          os.path.join(str(self._manager.directory), str(step)),
+          type(e).__name__,
+          ' '.join(str(e).split())[:200],
+        )
 
   def _write(self, manager: ocp.CheckpointManager, step: int, **kwargs: Any) -> None:
     """One orbax save; a failed write is an `OSError` naming the step and what is kept."""
@@ -130,6 +180,7 @@ class Checkpointer:
       OSError: if the write fails (disk full, read-only filesystem, ...).
     """
     self._write(self._manager, step, args=_save_args(state, extra))
+    self._rotate(step)
 
   def save_best(
     self, step: int, state: Any, extra: dict[str, Any], val_accuracy: float, *, rank: int = 0
@@ -153,8 +204,14 @@ class Checkpointer:
 
   def best_step(self) -> int | None:
     """The step held in the best slot, or None."""
-    self._best.reload()
-    return self._best.best_step()
+    try:
+      self._best.reload()
+      return self._best.best_step()
+    except Exception as e:  # noqa: BLE001 - a damaged metrics file: orbax raises JSON errors.
+      raise ValueError(
+        f'the best checkpoint in {str(self._best.directory)!r} cannot be read '
+        f'({type(e).__name__}: {" ".join(str(e).split())[:200]}); restore or remove it'
+      ) from e
 
   def read_extra(self, step: int) -> dict[str, Any]:
     """The JSON item of periodic checkpoint `step`."""
@@ -165,16 +222,24 @@ class Checkpointer:
     """Restores checkpoint `step` into the structure (and shardings) of `target`.
 
     Raises:
-      ValueError: if the checkpoint's leaves do not match `target`'s.
+      ValueError: if the checkpoint cannot be read (missing or damaged files), or
+        its leaves do not match `target`'s.
     """
     manager = self._best if best else self._manager
-    restored = manager.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(target)),
-        extra=ocp.args.JsonRestore(),
-      ),
-    )
+    try:
+      restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_abstract(target)),
+          extra=ocp.args.JsonRestore(),
+        ),
+      )
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types.
+      first_line = ' '.join(str(e).split())[:200]
+      raise ValueError(
+        f'checkpoint {step} in {str(manager.directory)!r} cannot be read '
+        f'({type(e).__name__}: {first_line})'
+      ) from e
     leaves = [restored['state'][k] for k in sorted(restored['state'])]
     treedef = jax.tree.structure(target)
     if len(leaves) != treedef.num_leaves:

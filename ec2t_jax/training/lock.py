@@ -100,13 +100,32 @@ class WorkdirLock:
 
   @staticmethod
   def read_holder(path: str) -> dict[str, Any]:
-    """The holder recorded in lock file `path` (`{}` if none or unreadable)."""
+    """The holder recorded in lock file `path`; `{}` if none, unreadable or malformed.
+
+    A record is well formed when it is a JSON object with a positive integer
+    `pid` and a string `host` (what `_write` records); anything else (`"abc"`,
+    `[5]`, pid 0, a pid given as a string) names no process.
+    """
     try:
       with open(path, encoding='utf-8') as f:
         value = json.loads(f.read() or '{}')
     except (OSError, ValueError):
       return {}
-    return value if isinstance(value, dict) else {}
+    if not isinstance(value, dict):
+      return {}
+    pid = value.get('pid')
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+      return {}
+    return value if isinstance(value.get('host'), str) else {}
+
+  def _malformed(self) -> str:
+    """The lock file's content when it holds something but no valid holder, else ''."""
+    try:
+      with open(self.path, encoding='utf-8', errors='replace') as f:
+        text = f.read(200).strip()
+    except OSError:
+      return ''
+    return ' '.join(text.split())[:80] if text and not self.read_holder(self.path) else ''
 
   def _describe(self, holder: dict[str, Any]) -> str:
     if not holder:
@@ -156,6 +175,10 @@ class WorkdirLock:
           f'workdir lock {self.path!r} is a symlink (to {os.readlink(self.path)!r}); the '
           'program never writes through one: delete it and rerun'
         ) from None
+      if e.errno == errno.EISDIR:
+        raise ValueError(
+          f'workdir lock {self.path!r} is a directory, not a regular file; delete it and rerun'
+        ) from None
       raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
       os.close(fd)
@@ -192,6 +215,13 @@ class WorkdirLock:
           raise WorkdirBusyError(self._busy(holder))
         logging.warning(
           'workdir %r: taking over the lock of %s: %s', self.workdir, self._describe(holder), gone
+        )
+      elif self._malformed():
+        logging.warning(
+          'workdir %r: taking over the lock file, which names no process (it holds %r, not a '
+          'record with a positive integer pid and a host)',
+          self.workdir,
+          self._malformed(),
         )
       self._fd = fd
       self._write()

@@ -32,29 +32,21 @@ import ec2t_jax
 from ec2t_jax import models
 from ec2t_jax.configs import default as default_config
 from ec2t_jax.training import datasets, pretrained
+from ec2t_jax.training import stages as stages_lib
 from ec2t_jax.training import variables as variables_lib
-from ec2t_jax.training.schedule import (
-  BEST,
-  EC2T,
-  ECP,
-  FP,
-  FROZEN,
-  LAST,
-  STAGE_KINDS,
-  START_FROM,
-  StageSpec,
-)
+from ec2t_jax.training.schedule import StageSpec
 from ec2t_jax.training.spec import (
+  STAGE_SETTINGS,
   CheckpointSpec,
-  CompressionSettings,
   ConfigError,
   DataSpec,
-  FpSettings,
+  DistillSpec,
   ModelSpec,
   OutputSpec,
   RunSpec,
   RuntimeSpec,
 )
+from ec2t_jax.training.stages import BEST, EC2T, FP, FROZEN, LAST, START_FROM
 
 __all__ = [
   'DEFAULT_METHOD',
@@ -97,13 +89,18 @@ _PATTERNS = ('ternary_pattern', 'ternary_exclude', 'keep_pattern', 'prune_patter
 
 
 def _settings(kind: str, config: Mapping[str, Any], overrides: Mapping[str, Any]):
-  """The typed settings of a stage of `kind`: defaults < `config.fp`/`config.ec2t` < stage."""
-  group = 'fp' if kind == FP else 'ec2t'
-  cls = FpSettings if kind == FP else CompressionSettings
+  """The typed settings of a stage of `kind`: defaults < its config section < the stage."""
+  kind_info = stages_lib.get(kind)
+  section = kind_info.settings  # 'fp' or 'ec2t'
+  cls = STAGE_SETTINGS[section]
   names = {f.name for f in dataclasses.fields(cls)}
-  defaults = default_config.get_config()[group]  # The one home of every default value.
+  defaults = default_config.get_config()[section]  # The one home of every default value.
   merged = {k: v for k, v in defaults.items() if k in names}
-  merged.update({k: v for k, v in (config.get(group) or {}).items() if k in names})
+  merged.update({k: v for k, v in (config.get(section) or {}).items() if k in names})
+  # Distillation: config.distill's temperature; its weight on compressing kinds with a teacher.
+  distill = _distill_spec(config)
+  merged['distill_temperature'] = distill.temperature
+  merged['distill_weight'] = distill.weight if distill.teacher and kind_info.compresses else 0.0
   merged.update({k: v for k, v in overrides.items() if k in names})
   merged = {k: ('' if v is None and k.endswith('pattern') else v) for k, v in merged.items()}
   return cls(**merged)
@@ -117,7 +114,8 @@ def missing_init_from(config: Mapping[str, Any], specs=None) -> str | None:
   ImageNet recipes), else a warning.
   """
   specs = stage_specs(config) if specs is None else specs
-  starts_fp = next((s.kind for s in specs if s.num_epochs), None) == FP
+  first = next((s.kind for s in specs if s.num_epochs), None)
+  starts_fp = first is not None and not stages_lib.get(first).compresses
   if starts_fp or config.get('init_from'):
     return None
   if config.get('needs_init_from'):
@@ -167,6 +165,12 @@ def _check_settings(config: Mapping[str, Any], problems: _Problems) -> None:
     value = config.get(name)
     if value is not None and (not _number(value) or value <= 0):
       problems.add(f'config.{name} must be > 0, got {value!r}')
+  per_call = config.get('steps_per_call', 1)
+  if isinstance(per_call, bool) or not isinstance(per_call, int) or per_call < 1:
+    problems.add(
+      f'config.steps_per_call must be an integer >= 1 (training steps per compiled call; 1 = '
+      f'one step per call), got {per_call!r}'
+    )
   max_to_keep = config.get('max_to_keep', 3)
   if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
     problems.add(
@@ -339,6 +343,7 @@ def parse(
   specs = problems.check(lambda: stage_specs(config))
   if specs is not None:
     _check_stages(config, specs, problems)
+    _check_distill(config, specs, problems)
     if check_init_from:
       message = missing_init_from(config, specs)
       if message:
@@ -379,7 +384,77 @@ def parse(
     raise type(not_prepared)(f'{not_prepared} {extra}'.strip()) from not_prepared
   if problems.messages:
     raise ConfigError(problems.messages)
-  return _build(config, method, specs, data_spec if check_data else None, num_classes, image_shape)
+  run = _build(config, method, specs, data_spec if check_data else None, num_classes, image_shape)
+  if check_data and check_init_from and run.distills:
+    from ec2t_jax.training import teacher  # Local: teacher reads workdirs, which parse.
+
+    problems.check(lambda: teacher.check_source(run))
+    if problems.messages:
+      raise ConfigError(problems.messages)
+  return run
+
+
+def _distill_spec(config: Mapping[str, Any]) -> DistillSpec:
+  """`config.distill` as a `DistillSpec` (defaults where a config has none)."""
+  distill = config.get('distill') or {}
+  return DistillSpec(
+    teacher=str(distill.get('teacher') or ''),
+    temperature=distill.get('temperature', 4.0),
+    weight=distill.get('weight', 0.0),
+  )
+
+
+def _check_distill(config: Mapping[str, Any], specs, problems: _Problems) -> None:
+  """Distillation settings: ranges, a teacher where a stage distills, and when 'fp' exists."""
+  from ec2t_jax.training.teacher import FP_TEACHER
+
+  distill = _distill_spec(config)
+  problems.check(lambda: ec2t_jax.distill.check_distillation(distill.temperature, distill.weight))
+  distilling = []
+  for spec in specs:
+    if spec.settings is None:
+      continue
+    weight, temperature = spec.settings.distill_weight, spec.settings.distill_temperature
+    try:
+      ec2t_jax.distill.check_distillation(temperature, weight)
+    except ValueError as e:
+      problems.add(f'config.stages.{spec.name}: {e}')
+      continue
+    if weight > 0 and spec.num_epochs:
+      distilling.append(spec)
+  if not distilling:
+    return
+  names = ', '.join(s.name for s in distilling)
+  if not distill.teacher:
+    problems.add(
+      f'stage(s) {names} set distill_weight > 0 but config.distill.teacher is empty; set it '
+      "to 'fp' (this run's full-precision network) or a path, or the weights to 0"
+    )
+    return
+  if distill.teacher != FP_TEACHER:
+    return
+  first_fp = next(
+    (i for i, s in enumerate(specs) if s.num_epochs and not stages_lib.get(s.kind).compresses),
+    None,
+  )
+  for i, spec in enumerate(specs):
+    if spec not in distilling:
+      continue
+    if first_fp is not None and i <= first_fp:
+      problems.add(
+        f"config.stages.{spec.name} distills from teacher='fp', which exists only when the "
+        f'full-precision stage {specs[first_fp].name!r} ends; set its distill_weight to 0, '
+        'or give config.distill.teacher a path'
+      )
+    elif first_fp is None and not (
+      config.get('init_from') or (config.get('grow') or {}).get('base_model')
+    ):
+      problems.add(
+        "config.distill.teacher='fp' but the run has no full-precision stage and no "
+        'config.init_from: there is no full-precision network to learn from; train one first, '
+        'or give config.distill.teacher a path'
+      )
+      return
 
 
 def model_spec(config: Mapping[str, Any]) -> ModelSpec:
@@ -414,6 +489,7 @@ def runtime_spec(config: Mapping[str, Any]) -> RuntimeSpec:
     num_processes=int(config.get('num_processes') or 0),
     process_id=int(-1 if process_id is None else process_id),
     compilation_cache_dir=config.get('compilation_cache_dir', '') or '',
+    steps_per_call=int(config.get('steps_per_call') or 1),
   )
 
 
@@ -459,6 +535,7 @@ def _build(config, method, specs, source, num_classes, image_shape) -> RunSpec:
     ),
     named_stages=bool(config.get('stages')),
     config=config,
+    distill=_distill_spec(config),
   )
 
 
@@ -466,11 +543,11 @@ def _build(config, method, specs, source, num_classes, image_shape) -> RunSpec:
 _STAGE_FIELDS = ('kind', 'num_epochs', 'start_from')
 
 
-_EXTRA_SETTINGS = ('fixed_pattern',)
+_EXTRA_SETTINGS = ('fixed_pattern', 'distill_weight', 'distill_temperature')
 
 
-# `config.ec2t` fields that are not per-stage settings (the default sequence's epochs).
-_EC2T_NOT_SETTINGS = ('num_epochs', 'frozen_epochs', 'frozen_start_from')
+# Fields of a config section that are not per-stage settings (the default sequence's epochs).
+_NOT_SETTINGS = {'ec2t': ('num_epochs', 'frozen_epochs', 'frozen_start_from')}
 
 
 def _stage_order(config: Mapping[str, Any], names: Sequence[str]) -> list[str]:
@@ -502,13 +579,11 @@ def _stage_order(config: Mapping[str, Any], names: Sequence[str]) -> list[str]:
 
 
 def _valid_settings(config: Mapping[str, Any], kind: str) -> list[str]:
-  """The setting names a stage of `kind` may override."""
-  if kind == FROZEN:
+  """The setting names a stage of `kind` may override (those of its config section)."""
+  section = stages_lib.get(kind).settings
+  if not section:
     return []
-  if kind == FP:
-    base = list((config.get('fp') or {}).keys())
-  else:
-    base = [k for k in (config.get('ec2t') or {}) if k not in _EC2T_NOT_SETTINGS]
+  base = [k for k in (config.get(section) or {}) if k not in _NOT_SETTINGS.get(section, ())]
   return sorted([*base, *_EXTRA_SETTINGS])
 
 
@@ -555,9 +630,9 @@ def stage_specs(config: Mapping[str, Any]) -> tuple[StageSpec, ...]:
     if not (hasattr(stage, 'get') and hasattr(stage, 'items')):  # A dict or a ConfigDict.
       raise ValueError(f'{where} must be a ConfigDict of stage fields, got {stage!r}')
     kind = stage.get('kind')
-    if kind not in STAGE_KINDS:
+    if kind not in stages_lib.KINDS:
       raise ValueError(
-        f'{where}.kind={kind!r} is not a stage kind; valid: {", ".join(STAGE_KINDS)}'
+        f'{where}.kind={kind!r} is not a stage kind; valid: {", ".join(stages_lib.KINDS)}'
       )
     epochs = stage.get('num_epochs')
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
@@ -575,20 +650,22 @@ def stage_specs(config: Mapping[str, Any]) -> tuple[StageSpec, ...]:
         f'{where} sets {unknown}, which a {kind!r} stage does not have; valid: '
         f'{", ".join([*_STAGE_FIELDS, *valid])}'
       )
-    typed = None if kind == FROZEN else _settings(kind, config, settings)
+    typed = _settings(kind, config, settings) if stages_lib.get(kind).settings else None
     specs.append(StageSpec(str(name), kind, epochs, start_from, typed))
   _check_sequence(specs)
   return tuple(specs)
 
 
 def _check_sequence(specs: Sequence[StageSpec]) -> None:
-  """Refuses frozen stages without an EC2T/ECP stage before them and bad `start_from`s."""
+  """Refuses a joining stage (frozen) after a kind it cannot join, and bad `start_from`s."""
   for i, spec in enumerate(specs):
     before = specs[i - 1] if i else None
-    if spec.kind == FROZEN and (before is None or before.kind not in (EC2T, ECP)):
+    joins = stages_lib.get(spec.kind).joins
+    if joins and (before is None or before.kind not in joins):
       raise ValueError(
-        f'config.stages.{spec.name} is a frozen stage, which holds the assignment of the EC2T '
-        f'or ECP stage right before it; it follows {before.name if before else "nothing"!r}'
+        f'config.stages.{spec.name} is a {spec.kind} stage, which continues the '
+        f'{" or ".join(joins)} stage right before it; it follows '
+        f'{before.name if before else "nothing"!r}'
       )
     if spec.start_from == BEST and spec.num_epochs:
       if before is None:
@@ -596,7 +673,7 @@ def _check_sequence(specs: Sequence[StageSpec]) -> None:
           f"config.stages.{spec.name}.start_from='best' but it is the first stage; nothing "
           "before it can be best: use 'last'"
         )
-      compressed = [s for s in specs[:i] if s.kind != FP and s.num_epochs]
+      compressed = [s for s in specs[:i] if stages_lib.get(s.kind).compresses and s.num_epochs]
       if not compressed:
         raise ValueError(
           f"stage {spec.name!r} has start_from='best' but no EC2T/ECP stage with epochs runs "

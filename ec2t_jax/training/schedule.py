@@ -1,24 +1,19 @@
 """The schedule of a run: its stages and the steps each one spans, computed once.
 
 A run is a sequence of stages over one global step counter. Each stage has a
-kind, a number of epochs, and where it starts from:
+kind (`ec2t_jax.training.stages`: `'fp'`, `'ec2t'`, `'frozen'`, `'ecp'`), a
+number of epochs, and where it starts from.
 
-* `'fp'`: full-precision training with `config.fp`'s optimizer;
-* `'ec2t'`: EC2T (`docs/algorithm.md` §3–4): ternarizes its ternary leaves,
-  prunes its prune leaves (ECP, §6), trains the rest in full precision;
-* `'frozen'`: the assignment of the stage before it is held fixed (§5); it
-  continues that stage's optimizer;
-* `'ecp'`: entropy-constrained pruning only (no ternary leaves).
+Stages that train with one optimizer form a *pass* (`Stage.pass_index`): a
+stage whose kind opens a pass (`fp`, `ec2t`, `ecp`) starts fresh optimizer
+state, a stage whose kind joins the one before (`frozen`) continues it. A
+stage starts from the previous stage's last step (`start_from='last'`) or
+from the best-by-validation checkpoint of the pass so far (`'best'`). Leaves
+that an earlier pass compressed are held fixed in later passes unless a later
+pass selects them.
 
-Stages that train with one optimizer form a *pass* (`Stage.group`): every
-`fp`, `ec2t` or `ecp` stage opens a new pass with fresh optimizer state, a
-`frozen` stage joins the pass before it. A stage starts from the previous
-stage's last step (`start_from='last'`) or from the best-by-validation
-checkpoint of the pass so far (`'best'`). Leaves that an earlier pass
-compressed are held fixed in later passes unless a later pass selects them.
-
-Without `config.stages` a run is today's three stages, full precision →
-EC2T → frozen, from `config.fp.num_epochs`, `config.ec2t.num_epochs` and
+Without `config.stages` a run is three stages, full precision → EC2T →
+frozen, from `config.fp.num_epochs`, `config.ec2t.num_epochs` and
 `config.ec2t.frozen_epochs`. With it, `config.stages` names the stages and
 `config.stage_order` orders them:
 
@@ -26,18 +21,20 @@ EC2T → frozen, from `config.fp.num_epochs`, `config.ec2t.num_epochs` and
     config.stages.frozen = ConfigDict(dict(kind='frozen', num_epochs=15, start_from='best'))
     config.stage_order = 'ternarize,frozen'
 
-A stage may set any field of `config.ec2t` (an `ec2t`/`ecp` stage: `gamma`,
-`init_scale`, `ternary_pattern`, `prune_pattern`, learning rates, ...) or of
-`config.fp` (an `fp` stage), plus `fixed_pattern` (a regex of leaves held
-fixed); what it does not set comes from `config.ec2t` / `config.fp`.
+A stage may set any field of the config section its kind trains with
+(`config.ec2t` for `ec2t`/`ecp`: `gamma`, `init_scale`, `ternary_pattern`,
+`prune_pattern`, learning rates, ...; `config.fp` for `fp`), plus
+`fixed_pattern` (a regex of leaves held fixed); what it does not set comes
+from that section.
 
-The stages are read from the config by `ec2t_jax.training.spec.parse`
+The stages are read from the config by `ec2t_jax.training.parse.parse`
 (`RunSpec.stages`); this module turns them into steps.
 
 Example:
+  >>> from ec2t_jax.training.stages import EC2T, FP, FROZEN
   >>> stages = (StageSpec('fp', FP, 1), StageSpec('ec2t', EC2T, 2), StageSpec('frozen', FROZEN, 1))
   >>> schedule = create_schedule(stages, steps_per_epoch=10)
-  >>> [(s.kind, s.start, s.end, s.group) for s in schedule.stages]
+  >>> [(s.kind, s.start, s.end, s.pass_index) for s in schedule.stages]
   [('fp', 0, 10, 0), ('ec2t', 10, 30, 1), ('frozen', 30, 40, 1)]
   >>> schedule.stage_at(29).kind, schedule.total_steps
   ('ec2t', 40)
@@ -48,38 +45,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-__all__ = [
-  'BEST',
-  'EC2T',
-  'ECP',
-  'FP',
-  'FROZEN',
-  'LAST',
-  'STAGE_KINDS',
-  'Schedule',
-  'Stage',
-  'StageSpec',
-  'create_schedule',
-]
+from ec2t_jax.training import stages as stages_lib
+from ec2t_jax.training.stages import LAST
 
-# Stage kinds. A FROZEN stage continues the optimizer of the EC2T or ECP stage before
-# it (`ec2t_jax.ec2t` freezes the assignment at the frozen stage's first step).
-FP, EC2T, FROZEN, ECP = 'fp', 'ec2t', 'frozen', 'ecp'
-STAGE_KINDS = (FP, EC2T, FROZEN, ECP)
-# Where a stage starts from.
-LAST, BEST = 'last', 'best'
-START_FROM = (LAST, BEST)
+__all__ = ['Schedule', 'Stage', 'StageSpec', 'create_schedule']
 
 
 class Stage(NamedTuple):
   """One stage of a run: steps `[start, end)` of the global step counter.
 
   Attributes:
-    kind: one of `STAGE_KINDS`.
+    kind: a stage kind's name (`ec2t_jax.training.stages.KINDS`).
     start: the first step of the stage.
     num_steps: how many steps it lasts (0 for a stage that is configured off).
     name: the stage's name in `config.stages` (the kind for the default sequence).
-    group: the pass it belongs to: stages of one pass share one optimizer state.
+    pass_index: the pass it belongs to: stages of one pass share one optimizer state.
     start_from: `'last'` (the previous stage's last step) or `'best'` (the
       best-by-validation checkpoint of the run so far).
   """
@@ -88,7 +68,7 @@ class Stage(NamedTuple):
   start: int
   num_steps: int
   name: str = ''
-  group: int = 0
+  pass_index: int = 0
   start_from: str = LAST
 
   @property
@@ -100,6 +80,11 @@ class Stage(NamedTuple):
   def label(self) -> str:
     """The stage's name, or its kind when it has none."""
     return self.name or self.kind
+
+  @property
+  def kind_info(self) -> stages_lib.StageKind:
+    """What a stage of this kind does (`ec2t_jax.training.stages.StageKind`)."""
+    return stages_lib.get(self.kind)
 
 
 class Schedule(NamedTuple):
@@ -119,9 +104,9 @@ class Schedule(NamedTuple):
     return self.stages[-1].end if self.stages else 0
 
   @property
-  def num_groups(self) -> int:
+  def num_passes(self) -> int:
     """How many passes (optimizer states) the run has."""
-    return max((s.group for s in self.stages), default=-1) + 1
+    return max((s.pass_index for s in self.stages), default=-1) + 1
 
   def stage(self, kind: str) -> Stage:
     """The first stage of `kind` (`ValueError` naming the kinds present if there is none)."""
@@ -141,38 +126,38 @@ class Schedule(NamedTuple):
     running = [s for s in self.stages if s.num_steps] or list(self.stages)
     return running[-1] if step >= self.total_steps else running[0]
 
-  def optimizer_at(self, step: int) -> int:
-    """The pass (`Stage.group`) whose optimizer state a checkpoint of step `step` holds.
+  def pass_at(self, step: int) -> int:
+    """The pass (`Stage.pass_index`) whose optimizer state a checkpoint of step `step` holds.
 
     A checkpoint at a stage boundary holds the state of the stage that starts there.
     """
-    return self.stage_at(step).group
+    return self.stage_at(step).pass_index
 
-  def group_stages(self, group: int) -> list[Stage]:
-    """The stages of pass `group`, in order."""
-    return [s for s in self.stages if s.group == group]
+  def pass_stages(self, pass_index: int) -> list[Stage]:
+    """The stages of pass `pass_index`, in order."""
+    return [s for s in self.stages if s.pass_index == pass_index]
 
-  def group_start(self, group: int) -> int:
-    """The first step of pass `group`."""
-    return self.group_stages(group)[0].start
+  def pass_start(self, pass_index: int) -> int:
+    """The first step of pass `pass_index`."""
+    return self.pass_stages(pass_index)[0].start
 
-  def freeze_step(self, group: int) -> int:
-    """The update of pass `group`'s optimizer at which its assignment freezes.
+  def freeze_step(self, pass_index: int) -> int:
+    """The update of pass `pass_index`'s optimizer at which its assignment freezes.
 
-    The steps of the pass's first (EC2T or ECP) stage: the frozen stage after it
-    starts there. (Passes without a frozen stage never reach it.)
+    The steps of the pass's first stage: a stage that joins it (a frozen stage)
+    starts there. (Passes no stage joins never reach it.)
     """
-    return self.group_stages(group)[0].num_steps
+    return self.pass_stages(pass_index)[0].num_steps
 
   @property
   def compression_start(self) -> int:
-    """The first step of the first EC2T or ECP stage (the total steps if there is none)."""
-    return next((s.start for s in self.stages if s.kind != FP), self.total_steps)
+    """The first step of the first compressing stage (the total steps if there is none)."""
+    return next((s.start for s in self.stages if s.kind_info.compresses), self.total_steps)
 
   def compressed_at(self, step: int) -> bool:
-    """Whether a checkpoint of `step` holds a compressed network (a non-fp pass began)."""
-    group = self.optimizer_at(step)
-    return any(s.kind != FP and s.group <= group for s in self.stages)
+    """Whether a checkpoint of `step` holds a compressed network (a compressing pass began)."""
+    pass_index = self.pass_at(step)
+    return any(s.kind_info.compresses and s.pass_index <= pass_index for s in self.stages)
 
   def transition_at(self, step: int) -> Stage | None:
     """The stage with steps that starts at `step` > 0 after another stage ran, else None."""
@@ -194,19 +179,17 @@ class Schedule(NamedTuple):
 
   @classmethod
   def from_dict(cls, value: Mapping[str, Any]) -> Schedule:
-    """The inverse of `to_dict` (also reads schedules written before stages had names)."""
-    kinds = [str(s['kind']) for s in value['stages']]
-    groups = _groups(kinds)
+    """The inverse of `to_dict`."""
     stages = tuple(
       Stage(
-        kind,
+        str(s['kind']),
         int(s['start']),
         int(s['num_steps']),
-        name=str(s.get('name', '') or kind),
-        group=int(s.get('group', group)),
-        start_from=str(s.get('start_from', LAST)),
+        name=str(s['name']),
+        pass_index=int(s['pass_index']),
+        start_from=str(s['start_from']),
       )
-      for kind, group, s in zip(kinds, groups, value['stages'], strict=True)
+      for s in value['stages']
     )
     return cls(int(value['steps_per_epoch']), stages)
 
@@ -216,12 +199,13 @@ class StageSpec(NamedTuple):
 
   Attributes:
     name: its name in `config.stages` (the kind for the default sequence).
-    kind: one of `STAGE_KINDS`.
+    kind: a stage kind's name (`ec2t_jax.training.stages.KINDS`).
     num_epochs: how many epochs it lasts.
     start_from: `'last'` or `'best'`.
-    settings: what the stage trains with: `config.fp` or `config.ec2t` updated by
-      the stage's own fields (`spec.FpSettings` / `spec.CompressionSettings`);
-      None for a frozen stage, which continues the pass before it.
+    settings: what the stage trains with: the config section of its kind
+      (`config.fp` or `config.ec2t`) updated by the stage's own fields
+      (`spec.FpSettings` / `spec.CompressionSettings`); None for a kind that
+      continues the pass before it (frozen).
   """
 
   name: str
@@ -231,14 +215,14 @@ class StageSpec(NamedTuple):
   settings: Any = None
 
 
-def _groups(kinds: Sequence[str]) -> list[int]:
-  """The pass of each stage: FP, EC2T and ECP open one, FROZEN joins the one before."""
-  groups, group = [], -1
+def _pass_indices(kinds: Sequence[str]) -> list[int]:
+  """The pass of each stage: a kind that opens a pass starts one, a joining kind continues."""
+  indices, index = [], -1
   for kind in kinds:
-    if kind != FROZEN or group < 0:
-      group += 1
-    groups.append(group)
-  return groups
+    if stages_lib.get(kind).opens_pass or index < 0:
+      index += 1
+    indices.append(index)
+  return indices
 
 
 def create_schedule(stages: Sequence[StageSpec], steps_per_epoch: int) -> Schedule:
@@ -257,10 +241,10 @@ def create_schedule(stages: Sequence[StageSpec], steps_per_epoch: int) -> Schedu
   """
   if steps_per_epoch <= 0:
     raise ValueError(f'steps_per_epoch must be > 0, got {steps_per_epoch}')
-  groups = _groups([s.kind for s in stages])
+  indices = _pass_indices([s.kind for s in stages])
   out, start = [], 0
-  for spec, group in zip(stages, groups, strict=True):
+  for spec, pass_index in zip(stages, indices, strict=True):
     num_steps = int(spec.num_epochs) * steps_per_epoch
-    out.append(Stage(spec.kind, start, num_steps, spec.name, group, spec.start_from))
+    out.append(Stage(spec.kind, start, num_steps, spec.name, pass_index, spec.start_from))
     start += num_steps
   return Schedule(steps_per_epoch, tuple(out))

@@ -16,6 +16,8 @@ from typing import Any
 from ec2t_jax.training.schedule import StageSpec
 
 __all__ = [
+  'STAGE_SETTINGS',
+  'DistillSpec',
   'CheckpointSpec',
   'CompressionSettings',
   'ConfigError',
@@ -58,6 +60,8 @@ class FpSettings:
   nesterov: bool
   weight_decay: float
   fixed_pattern: str = ''
+  distill_weight: float = 0.0
+  distill_temperature: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +89,12 @@ class CompressionSettings:
   ternary_exclude: str
   prune_pattern: str
   fixed_pattern: str = ''
+  distill_weight: float = 0.0
+  distill_temperature: float = 1.0
+
+
+STAGE_SETTINGS: dict[str, type] = {'fp': FpSettings, 'ec2t': CompressionSettings}
+"""The typed settings of each config section a stage kind trains with (`StageKind.settings`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +153,7 @@ class CheckpointSpec:
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeSpec:
-  """Seed, devices, processes, the compilation cache and the NaN policy."""
+  """Seed, devices, processes, the compilation cache, the NaN policy, steps per call."""
 
   seed: int
   skip_nonfinite: bool
@@ -153,6 +163,7 @@ class RuntimeSpec:
   num_processes: int
   process_id: int
   compilation_cache_dir: str
+  steps_per_call: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +173,23 @@ class OutputSpec:
   magnitude_prune_pattern: str
   magnitude_prune_fraction: float
   score_image_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSpec:
+  """Distillation from a teacher (`config.distill`); each stage's weight is in its settings.
+
+  Attributes:
+    teacher: `''` (none), `'fp'` (the run's own full-precision network), or a
+      path (a workdir, an orbax variables directory, a `.pt`/`.pth` file).
+    temperature: the softmax temperature T of the stages that do not set their own.
+    weight: the weight w of the soft term for compressing stages that do not
+      set their own `distill_weight` (full-precision stages default to 0).
+  """
+
+  teacher: str = ''
+  temperature: float = 1.0
+  weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +208,7 @@ class RunSpec:
     runtime: seed, devices, processes, compilation cache.
     output: how the finished network is read by the tools.
     named_stages: the stages come from `config.stages` (errors name them).
+    distill: the teacher of a distilled run (`config.distill`).
     config: the config it was parsed from (written to `config.json`, and
       compared on resume).
   """
@@ -194,3 +223,9 @@ class RunSpec:
   output: OutputSpec
   named_stages: bool
   config: Any = dataclasses.field(repr=False, compare=False)
+  distill: DistillSpec = DistillSpec()
+
+  @property
+  def distills(self) -> bool:
+    """True if any stage trains with a teacher (a `distill_weight` > 0)."""
+    return any(s.settings is not None and s.settings.distill_weight > 0 for s in self.stages)

@@ -11,9 +11,8 @@ import numpy as np
 
 import ec2t_jax
 from ec2t_jax import tree_util
-from ec2t_jax.training import state as state_lib
+from ec2t_jax.training import setup as setup_lib
 from ec2t_jax.training import workdir as workdir_lib
-from ec2t_jax.training.schedule import FP
 
 __all__ = ['print_summary', 'saved_summary', 'summarize_run']
 
@@ -28,7 +27,7 @@ def saved_summary(workdir: str, params: Any) -> dict[str, Any] | None:
   except ValueError as e:
     logging.warning('%s; computing the summary again', e)
     return None
-  if saved.get('params_sha256') != state_lib.params_sha256(params):
+  if saved.get('params_sha256') != setup_lib.params_sha256(params):
     logging.warning(
       '%s does not belong to the newest checkpoint (another params_sha256); computing the '
       'summary again',
@@ -45,7 +44,7 @@ def summarize_run(run, setup, state, meta, *, val, test, steps) -> dict[str, Any
   _, total_sparsity = tree_util.zero_fractions(params)
   sizes = [np.size(x) for x in jax.tree.leaves(params)]
   selected = [bool(m) for m in jax.tree.leaves(setup.ternary_mask)]
-  compressing = [p for p in setup.passes if p.kind != FP]
+  compressing = [p for p in setup.passes if p.compresses]
   method = run.method
   # γ and s of the last compression pass (config.ec2t's for the default stages), for a
   # method that reads them (EC2T; the baselines have neither).
@@ -67,7 +66,7 @@ def summarize_run(run, setup, state, meta, *, val, test, steps) -> dict[str, Any
     'num_params': int(sum(sizes)),
     'num_ternary_params': int(sum(n for n, m in zip(sizes, selected, strict=True) if m)),
     'steps': steps,
-    'params_sha256': state_lib.params_sha256(params),
+    'params_sha256': setup_lib.params_sha256(params),
     'per_layer_sparsity': per_layer,
     'gamma': float(last.gamma) if ec2t_settings else None,
     'init_scale': float(last.init_scale) if ec2t_settings else None,
@@ -75,7 +74,7 @@ def summarize_run(run, setup, state, meta, *, val, test, steps) -> dict[str, Any
       {'name': p.name, 'kind': p.kind}
       | (
         {'gamma': p.settings.gamma, 'init_scale': p.settings.init_scale}
-        if p.kind != FP and ec2t_settings
+        if p.compresses and ec2t_settings
         else {}
       )
       for p in setup.passes

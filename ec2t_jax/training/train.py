@@ -30,7 +30,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -41,7 +40,8 @@ from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import metric_writers
 from ec2t_jax.training import parse as parse_lib
 from ec2t_jax.training import schedule as schedule_lib
-from ec2t_jax.training import state as state_lib
+from ec2t_jax.training import setup as setup_lib
+from ec2t_jax.training import teacher as teacher_lib
 from ec2t_jax.training import workdir as workdir_lib
 from ec2t_jax.training.batches import create_input_iter, eval_batches, open_data
 from ec2t_jax.training.runtime import (
@@ -52,7 +52,8 @@ from ec2t_jax.training.runtime import (
   initialize_distributed,
   to_global,
 )
-from ec2t_jax.training.schedule import BEST, FP
+from ec2t_jax.training.stages import BEST
+from ec2t_jax.training.steps import eval_step, evaluate, scan_steps, step_rng, train_step
 from ec2t_jax.training.summary import print_summary, saved_summary, summarize_run
 
 
@@ -86,65 +87,6 @@ def validate_config(config: ml_collections.ConfigDict, *, check_init_from: bool 
 # --- steps -----------------------------------------------------------------------------------
 
 
-def _loss_and_accuracy(logits, labels):
-  logits = logits.astype(jnp.float32)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return loss, (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-
-
-def train_step(
-  state: state_lib.TrainState,
-  batch: dict[str, jax.Array],
-  rng: jax.Array,
-  *,
-  skip_nonfinite: bool,
-) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
-  """One optimization step; returns the new state and this step's metrics."""
-
-  def loss_fn(params):
-    variables = {'params': params, 'batch_stats': state.batch_stats}
-    logits, updates = state.apply_fn(
-      variables, batch['image'], train=True, mutable=['batch_stats'], rngs={'dropout': rng}
-    )
-    loss, correct = _loss_and_accuracy(logits, batch['label'])
-    return loss.mean(), (correct.mean(), updates.get('batch_stats', state.batch_stats))
-
-  (loss, (accuracy, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  finite = jnp.isfinite(loss) & jnp.all(
-    jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-  )
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  if skip_nonfinite:
-    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
-  metrics = {'loss': loss, 'accuracy': accuracy, 'nonfinite': (~finite).astype(jnp.float32)}
-  return new_state, metrics
-
-
-def eval_step(state: state_lib.TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Sums of loss, correct predictions and real examples over one (padded) batch."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  logits = state.apply_fn(variables, batch['image'], train=False)
-  loss, correct = _loss_and_accuracy(logits, batch['label'])
-  mask = batch.get('mask', jnp.ones_like(loss, bool)).astype(jnp.float32)
-  return {
-    'loss': jnp.sum(loss * mask),
-    'correct': jnp.sum(correct * mask),
-    'count': jnp.sum(mask),
-  }
-
-
-def evaluate(p_eval_step, state, batches, sharding) -> dict[str, float]:
-  """Mean accuracy and loss over `batches` (`{}` when there are none)."""
-  totals = None
-  for batch in batches:
-    out = jax.device_get(p_eval_step(state, to_global(batch, sharding)))
-    totals = out if totals is None else {k: totals[k] + out[k] for k in totals}
-  if totals is None:
-    return {}
-  count = max(float(totals['count']), 1.0)
-  return {'accuracy': float(totals['correct']) / count, 'loss': float(totals['loss']) / count}
-
-
 # --- the loop's helpers ----------------------------------------------------------------------
 
 
@@ -153,18 +95,10 @@ def _format_eta(seconds: float) -> str:
   return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-_STAGE_NAMES = {
-  FP: 'full precision',
-  schedule_lib.EC2T: 'EC2T',
-  schedule_lib.FROZEN: 'frozen-assignment',
-  schedule_lib.ECP: 'ECP',
-}
-
-
 def _stage_title(stage: schedule_lib.Stage) -> str:
   """'EC2T' for the default sequence's stages, 'ternarize (EC2T)' for named ones."""
-  kind = _STAGE_NAMES[stage.kind]
-  return kind if stage.label == stage.kind else f'{stage.label} ({kind})'
+  title = stage.kind_info.title
+  return title if stage.label == stage.kind else f'{stage.label} ({title})'
 
 
 class TrainMetrics:
@@ -184,21 +118,48 @@ class TrainMetrics:
     self._statistics = statistics_fn
     self._pending: list[tuple[int, dict[str, jax.Array]]] = []
     self._last = (time.time(), step)
+    self._trained = self._skipped = 0  # Steps this process took, and those skipped.
 
   def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
-    """Queues the metrics of the step that ended at `step`."""
+    """Queues the metrics of the step(s) that ended at `step`.
+
+    `metrics` are one step's scalars, or k steps' stacked on a leading axis (the
+    steps `step - k + 1 ... step` of one `scan_steps` call).
+    """
     self._pending.append((step, metrics))
 
-  def flush(self, step: int, state: state_lib.TrainState) -> None:
+  def _host_metrics(self) -> list[tuple[int, dict[str, float]]]:
+    """The queued metrics read back, one `(step, scalars)` per step."""
+    out = []
+    for (step, _), m in zip(
+      self._pending, jax.device_get([m for _, m in self._pending]), strict=True
+    ):
+      k = np.size(m['loss'])
+      flat = {name: np.reshape(v, (k,)) for name, v in m.items()}
+      out += [(step - k + 1 + i, {name: v[i] for name, v in flat.items()}) for i in range(k)]
+    return out
+
+  def flush(self, step: int, state: setup_lib.TrainState) -> None:
     """Writes the queued metrics (no-op if none); raises `NonFiniteError` on a bad step."""
     if not self._pending:
       return
-    host = jax.device_get([m for _, m in self._pending])
-    bad = [s for (s, _), m in zip(self._pending, host, strict=True) if m['nonfinite'] > 0]
+    per_step = self._host_metrics()
+    host = [m for _, m in per_step]
+    bad = [s for s, m in per_step if m['nonfinite'] > 0]
     if bad and not self._skip_nonfinite:
       raise NonFiniteError(
         f'the loss or a gradient became NaN/inf at step {bad[0]}; the run stopped and the last '
-        'good checkpoint is kept. Lower the learning rate, or set --config.skip_nonfinite=True.'
+        'good checkpoint is kept. Rerun with --config.skip_nonfinite=True to skip such steps '
+        '(it resumes from that checkpoint), or start over with a lower learning rate '
+        '(--config.overwrite=True, or another --workdir).'
+      )
+    self._trained += len(host)
+    self._skipped += len(bad)
+    if step == self._schedule.total_steps and self._skipped == self._trained:
+      raise NonFiniteError(  # Before the final checkpoint: no rerun reports this network.
+        f'every one of the {self._trained} steps this run took was skipped (NaN/inf loss or '
+        'gradient, config.skip_nonfinite=True): the network did not train, so no summary is '
+        'written. Check the data and the model, or lower the learning rate'
       )
     now, total = time.time(), self._schedule.total_steps
     rate = (step - self._last[1]) / max(now - self._last[0], 1e-9)
@@ -210,10 +171,10 @@ class TrainMetrics:
       'progress/steps_per_second': rate,
       'progress/fraction': step / max(total, 1),
     }
-    if stage.kind == FP:
-      p = self._setup.passes[stage.group]
-      lr = state_lib.learning_rate_schedule(p.settings, p.num_steps)
-      scalars['train/learning_rate'] = float(lr(step - self._schedule.group_start(stage.group)))
+    if not stage.kind_info.compresses:
+      p = self._setup.passes[stage.pass_index]
+      lr = setup_lib.learning_rate_schedule(p.settings, p.num_steps)
+      scalars['train/learning_rate'] = float(lr(step - self._schedule.pass_start(stage.pass_index)))
     else:
       stats = jax.device_get(self._statistics(state.opt_state, state.params))
       scalars.update({f'ec2t/{k}': float(v) for k, v in stats.items()})
@@ -229,6 +190,34 @@ class TrainMetrics:
     )
     self._pending = []
     self._last = (now, step)
+
+
+class _StepPrograms:
+  """The compiled training step (one per call, and k per call), without and with a teacher."""
+
+  def __init__(self, run, replicated):
+    self._skip_nonfinite = run.runtime.skip_nonfinite
+    self._replicated = replicated
+    self._programs: dict[Any, tuple[Any, Any]] = {}
+
+  def get(self, teacher: teacher_lib.Teacher | None) -> tuple[Any, Any]:
+    """`(one step, k steps)` jitted, state donated; for `teacher`'s forward pass if not None."""
+    key = None if teacher is None else id(teacher.model)
+    if key not in self._programs:
+      one = functools.partial(train_step, skip_nonfinite=self._skip_nonfinite)
+      if teacher is not None:
+        one = functools.partial(one, teacher_apply=teacher.model.apply)
+      out = self._replicated
+      self._programs[key] = (
+        jax.jit(one, donate_argnums=(0,), out_shardings=(out, out)),
+        jax.jit(functools.partial(scan_steps, one), donate_argnums=(0,), out_shardings=out),
+      )
+    return self._programs[key]
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+  """True if a multiple of `every` lies in `(before, after]` (the steps of the last call)."""
+  return after // every > before // every
 
 
 def _checkpoint_extra(step, schedule, data, train_iter, meta) -> dict[str, Any]:
@@ -255,9 +244,9 @@ def _evaluate_fp(evaluate_split, state, writer, step: int) -> dict[str, float]:
   return out
 
 
-def _plain_state(setup: state_lib.Setup) -> state_lib.TrainState:
+def _plain_state(setup: setup_lib.Setup) -> setup_lib.TrainState:
   """A state of the starting variables with no optimizer (to evaluate them)."""
-  return state_lib.TrainState.create(
+  return setup_lib.TrainState.create(
     apply_fn=setup.model.apply,
     params=setup.variables['params'],
     tx=optax.identity(),
@@ -265,7 +254,7 @@ def _plain_state(setup: state_lib.Setup) -> state_lib.TrainState:
   )
 
 
-def _enter_stage(stage, state, setup, new_state, ckpt, sharding) -> state_lib.TrainState:
+def _enter_stage(stage, state, setup, new_state, ckpt, sharding) -> setup_lib.TrainState:
   """The state `stage` starts from at its first step.
 
   A new pass starts fresh optimizer state from the last step's variables, or
@@ -275,32 +264,43 @@ def _enter_stage(stage, state, setup, new_state, ckpt, sharding) -> state_lib.Tr
   pass's update counters to where the assignment freezes.
   """
   schedule = setup.schedule
-  current = schedule.stage_at(stage.start - 1).group
+  current = schedule.stage_at(stage.start - 1).pass_index
   if stage.start_from != BEST:
-    if stage.group == current:
+    if stage.pass_index == current:
       return state
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    return new_state[stage.group](variables)
+    return new_state[stage.pass_index](variables)
   best = ckpt.best_step()
+  # A resume cannot change start_from (the config check), so the advice is what it can do.
+  best_dir = os.path.join(ckpt.workdir, 'best')
+  advice = (
+    f'restore {best_dir!r} from a backup, or start over with --config.overwrite=True (the old '
+    'run is moved aside)'
+  )
   if best is None:
     raise ValueError(
-      f'stage {stage.label!r} starts from the best checkpoint but the run saved none (no '
-      "validation data?); rerun with start_from='last'"
+      f"stage {stage.label!r} starts from the best checkpoint (start_from='best') but "
+      f'{best_dir!r} holds none (deleted?); {advice}'
     )
   # A best checkpoint holds the state of the stage that ran its step.
-  best_group = schedule.stage_at(best - 1).group
-  target = state_lib.state_tree(state_lib.abstract_train_state_of(setup, best_group))
-  tree, _ = ckpt.restore(best, target, best=True)
+  best_pass = schedule.stage_at(best - 1).pass_index
+  target = setup_lib.state_tree(setup_lib.abstract_train_state_of(setup, best_pass))
+  try:
+    tree, _ = ckpt.restore(best, target, best=True)
+  except ValueError as e:
+    raise ValueError(
+      f'stage {stage.label!r} starts from the best checkpoint, but {e}; {advice}'
+    ) from e
   tree = jax.device_put(tree, sharding)
   logging.info('%s stage starts from the best checkpoint (step %d).', stage.label, best)
-  if stage.group == best_group:
-    freeze = schedule.freeze_step(stage.group)
+  if stage.pass_index == best_pass:
+    freeze = schedule.freeze_step(stage.pass_index)
     return state.replace(
       params=tree['params'],
       batch_stats=tree['batch_stats'],
       opt_state=ec2t_jax.state_utils.with_update_count(tree['opt_state'], freeze),
     )
-  return new_state[stage.group]({'params': tree['params'], 'batch_stats': tree['batch_stats']})
+  return new_state[stage.pass_index]({'params': tree['params'], 'batch_stats': tree['batch_stats']})
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -343,7 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = create_mesh(run.runtime.num_devices)
   data = open_data(run)
   schedule = schedule_lib.create_schedule(run.stages, data.steps_per_epoch)
-  setup = state_lib.create_setup(
+  setup = setup_lib.create_setup(
     run, schedule, num_classes=data.num_classes, image_shape=data.image_shape
   )
   lock = workdir_lib.claim_workdir(run, workdir)
@@ -368,7 +368,7 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
   try:
     # Resume from the newest checkpoint, or start at step 0.
     step, tree, extra = ckpt.restore_latest(
-      lambda s: state_lib.state_tree(state_lib.abstract_train_state(setup, s))
+      lambda s: setup_lib.state_tree(setup_lib.abstract_train_state(setup, s))
     )
     on_disk = ckpt.steps() if step is None else []
     if on_disk:
@@ -386,18 +386,17 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
         print_summary(saved)
         return saved
 
-    p_train_step = jax.jit(
-      functools.partial(train_step, skip_nonfinite=run.runtime.skip_nonfinite),
-      donate_argnums=(0,),
-      out_shardings=(replicated, replicated),
-    )
+    distillation = teacher_lib.Distillation(run, setup, workdir, replicated)
+    compiled = _StepPrograms(run, replicated)
+    per_call = run.runtime.steps_per_call
+    stacked_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))
     p_eval_step = jax.jit(eval_step, out_shardings=replicated)
     p_statistics = jax.jit(ec2t_jax.statistics)
     new_state = {  # One compiled program per pass instead of many eager ops.
-      group: jax.jit(
-        functools.partial(state_lib.create_train_state, setup, group), out_shardings=replicated
+      index: jax.jit(
+        functools.partial(setup_lib.create_train_state, setup, index), out_shardings=replicated
       )
-      for group in range(schedule.num_groups)
+      for index in range(schedule.num_passes)
     }
 
     def evaluate_split(state, split):
@@ -414,26 +413,25 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
     if step is None:
       step = 0
       first = schedule.stage_at(0)
-      if first.kind != FP:  # Compression starts at once: record the network it starts from.
+      if first.kind_info.compresses:  # Compression starts at once: record where it starts.
         meta.update(_evaluate_fp(evaluate_split, _plain_state(setup), writer, 0))
-      state = new_state[first.group](setup.variables)
+      state = new_state[first.pass_index](setup.variables)
     else:
       logging.info(
         'Resuming %s from step %d (%s stage).', workdir, step, schedule.stage_at(step).label
       )
-      restored = state_lib.with_state_tree(
-        new_state[schedule.optimizer_at(step)](setup.variables), tree
-      )
+      restored = setup_lib.with_state_tree(new_state[schedule.pass_at(step)](setup.variables), tree)
       state = jax.device_put(restored, replicated)
       train_iter.set_state(base64.b64decode(extra['data_iterator']))
       meta = dict(extra.get('meta', {}))
+    distillation.start(step, meta, data.normalization)
 
     base_rng = jax.random.key(run.runtime.seed + 1)
     log = TrainMetrics(run, setup, writer, p_statistics, step)
     # The best validation accuracy of the current pass (each pass keeps its own best).
-    group = schedule.optimizer_at(step)
+    pass_index = schedule.pass_at(step)
     best_val = float(meta.get('best_val_accuracy', -1.0))
-    if meta.get('best_group', group) != group:
+    if meta.get('best_pass', pass_index) != pass_index:
       best_val = -1.0
     if preemption.requested:  # During the set-up: no step since the last checkpoint.
       logging.warning(
@@ -441,47 +439,65 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
       )
       return {'preempted': True, 'step': step}
     while step < schedule.total_steps:
-      batch = to_global(next(train_iter), data_sharding)
-      state, metrics = p_train_step(state, batch, jax.random.fold_in(base_rng, step))
-      step += 1
+      # k steps per call where k steps fit before the epoch ends (stages and evaluations
+      # fall on epoch ends), else one: every event below happens between calls.
+      k = per_call if step % schedule.steps_per_epoch + per_call <= schedule.steps_per_epoch else 1
+      before = step
+      teacher_args = distillation.step_args(schedule.stage_at(step))
+      p_one, p_many = compiled.get(distillation.teacher if teacher_args else None)
+      extra_args = () if teacher_args is None else (teacher_args,)
+      if k == 1:
+        batch = to_global(next(train_iter), data_sharding)
+        state, metrics = p_one(state, batch, step_rng(base_rng, step), *extra_args)
+      else:
+        batches = [next(train_iter) for _ in range(k)]
+        stacked = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+        state, metrics = p_many(
+          state, to_global(stacked, stacked_sharding), base_rng, np.uint32(step), *extra_args
+        )
+      step += k
       log.add(step, metrics)
       end_of_epoch = step % schedule.steps_per_epoch == 0
       if (
-        step % run.checkpoints.log_every_steps == 0 or end_of_epoch or step == schedule.total_steps
+        _crossed(before, step, run.checkpoints.log_every_steps)
+        or end_of_epoch
+        or step == schedule.total_steps
       ):
         log.flush(step, state)
       ran = schedule.stage_at(step - 1)  # The stage of the step just taken.
-      if ran.kind == FP and step == ran.end:  # Full precision ends: evaluate it, keep it.
+      compressing = ran.kind_info.compresses
+      if not compressing and step == ran.end:  # Full precision ends: evaluate it, keep it.
         log.flush(step, state)
         meta.update(_evaluate_fp(evaluate_split, state, writer, step))
         variables = {'params': state.params, 'batch_stats': state.batch_stats}
         # Every process takes part in an orbax save (it synchronizes them).
         checkpoint_lib.save_variables(os.path.join(workdir, 'fp_variables'), variables)
-      if end_of_epoch and ran.kind != FP:
+        distillation.reached(step, state, meta)
+      if end_of_epoch and compressing:
         val = evaluate_split(state, 'val')
         if val:
           writer.write_scalars(step, {'val/accuracy': val['accuracy'], 'val/loss': val['loss']})
           if val['accuracy'] > best_val:
             best_val = val['accuracy']
-            meta.update(best_val_accuracy=best_val, best_step=step, best_group=ran.group)
+            meta.update(best_val_accuracy=best_val, best_step=step, best_pass=ran.pass_index)
             log.flush(step, state)
             ckpt.save_best(
-              step, state_lib.state_tree(state), {'meta': meta}, best_val, rank=ran.group
+              step, setup_lib.state_tree(state), {'meta': meta}, best_val, rank=ran.pass_index
             )
       entered = schedule.transition_at(step)
       if entered is not None:  # A stage boundary: the next stage's state, checkpointed below.
         log.flush(step, state)
         state = _enter_stage(entered, state, setup, new_state, ckpt, replicated)
-        if entered.group != ran.group:
+        if entered.pass_index != ran.pass_index:
           best_val = -1.0
       if (
-        step % run.checkpoints.checkpoint_every_steps == 0
+        _crossed(before, step, run.checkpoints.checkpoint_every_steps)
         or schedule.is_boundary(step)
         or preemption.requested
       ):
         log.flush(step, state)  # Never save a state that went NaN.
         extra = _checkpoint_extra(step, schedule, data, train_iter, meta)
-        ckpt.save(step, state_lib.state_tree(state), extra)
+        ckpt.save(step, setup_lib.state_tree(state), extra)
         writer.flush()
       if preemption.requested:
         logging.warning(
@@ -493,6 +509,8 @@ def _train(run, workdir, mesh, data, setup, preemption, start_time) -> dict[str,
 
     val, test = evaluate_split(state, 'val'), evaluate_split(state, 'test')
     summary = summarize_run(run, setup, state, meta, val=val, test=test, steps=step)
+    if run.distills:
+      summary.update(distill_teacher=run.distill.teacher, teacher_sha256=meta['teacher_sha256'])
     prune = run.output
     if prune.magnitude_prune_pattern and prune.magnitude_prune_fraction:
       # The network as scoring and export read it (ec2t_jax.training.workdir.load_workdir).

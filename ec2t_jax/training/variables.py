@@ -3,7 +3,7 @@
 `create_model` builds the linen module of `config.model`, `initial_variables`
 initializes it, and `load_init_from` reads pretrained variables (an orbax
 directory or a PyTorch `.pt`/`.pth` state_dict) checked against the model's.
-Both the train-state set-up (`ec2t_jax.training.state`) and the growth of a
+Both the train-state set-up (`ec2t_jax.training.setup`) and the growth of a
 pretrained base (`ec2t_jax.training.pretrained`) use them.
 """
 
@@ -20,7 +20,13 @@ from ec2t_jax import models, tree_util
 from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training.spec import ModelSpec
 
-__all__ = ['create_model', 'initial_variables', 'load_init_from']
+__all__ = [
+  'create_model',
+  'initial_shapes',
+  'initial_variables',
+  'load_init_from',
+  'load_variables',
+]
 
 
 def create_model(model: ModelSpec, num_classes: int):
@@ -46,7 +52,12 @@ def initial_variables(model, image_shape: tuple[int, ...], seed: int) -> dict[st
   return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
 
 
-def _check_variables(loaded: Any, expected: Any, source: str) -> None:
+def initial_shapes(model, image_shape: tuple[int, ...]) -> dict[str, Any]:
+  """Shapes and dtypes of `initial_variables(model, image_shape, 0)` (nothing computed)."""
+  return jax.eval_shape(lambda: initial_variables(model, image_shape, 0))
+
+
+def _check_variables(loaded: Any, expected: Any, source: str, what: str) -> None:
   """Raises one ValueError listing missing, extra and mis-shaped leaves."""
   got = {n: np.shape(x) for n, x in tree_util.named_leaves(loaded)}
   want = {n: np.shape(x) for n, x in tree_util.named_leaves(expected)}
@@ -59,7 +70,7 @@ def _check_variables(loaded: Any, expected: Any, source: str) -> None:
   ]
   if problems:
     raise ValueError(
-      f'config.init_from={source!r} does not fit the model ({len(problems)} problems): '
+      f'{what}={source!r} does not fit the model ({len(problems)} problems): '
       + '; '.join(problems[:6])
     )
 
@@ -82,7 +93,21 @@ def load_init_from(
     FileNotFoundError: if it does not exist.
     ImportError: for a PyTorch file without torch installed.
   """
-  source = model.init_from
+  return load_variables(model.init_from, model, expected, num_classes=num_classes)
+
+
+def load_variables(
+  source: str,
+  model: ModelSpec,
+  expected: dict[str, Any],
+  *,
+  num_classes: int,
+  what: str = 'config.init_from',
+) -> dict[str, Any]:
+  """Variables of `model` from `source` (an orbax directory or a PyTorch file), checked.
+
+  As `load_init_from`, for any source; errors name it as `what`.
+  """
   try:
     if source.endswith(('.pt', '.pth')):
       from ec2t_jax.models import pytorch  # Local: torch is optional.
@@ -93,12 +118,12 @@ def load_init_from(
     else:
       loaded = checkpoint_lib.load_variables(source)
   except (ValueError, TypeError) as e:
-    raise ValueError(f'config.init_from={source!r}: {e}') from e
+    raise ValueError(f'{what}={source!r}: {e}') from e
   if not isinstance(loaded, Mapping) or not isinstance(loaded.get('params'), Mapping):
     raise ValueError(
-      f"config.init_from={source!r} holds no 'params' collection; it must be a directory "
+      f"{what}={source!r} holds no 'params' collection; it must be a directory "
       'written by ec2t_jax.training.checkpoint.save_variables, or a .pt/.pth state_dict'
     )
   loaded = {'params': loaded['params'], 'batch_stats': loaded.get('batch_stats') or {}}
-  _check_variables(loaded, expected, source)
+  _check_variables(loaded, expected, source, what)
   return jax.tree.map(lambda x, e: jnp.asarray(x, e.dtype), loaded, expected)

@@ -27,10 +27,11 @@ from jax.experimental import multihost_utils
 
 from ec2t_jax import files, tree_util
 from ec2t_jax.training import checkpoint as checkpoint_lib
+from ec2t_jax.training import datasets
 from ec2t_jax.training import parse as parse_lib
 from ec2t_jax.training import schedule as schedule_lib
+from ec2t_jax.training import setup as setup_lib
 from ec2t_jax.training import spec as spec_lib
-from ec2t_jax.training import state as state_lib
 from ec2t_jax.training.lock import LOCK_FILE, WorkdirBusyError, WorkdirLock  # noqa: F401  (public here too)
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
   'WorkdirBusyError',
   'WorkdirLock',
   'claim_workdir',
+  'DATA_FILE',
   'config_from_workdir',
   'flat_config',
   'load_workdir',
@@ -52,13 +54,16 @@ __all__ = [
 ]
 
 # Fields that may differ between the first run and a resume of the same job (and,
-# for process_id, between the processes of one multi-process run).
+# for process_id, between the processes of one multi-process run). Not worker_count:
+# grain's iterator position of one worker count does not restore under another.
+# skip_nonfinite is: a run stopped by a NaN step resumes with it (the error advises so).
 RESUMABLE_FIELDS = (
   'overwrite',
   'log_every_steps',
   'checkpoint_every_steps',
+  'steps_per_call',
   'data_dir',
-  'worker_count',
+  'skip_nonfinite',
   'process_id',
   'coordinator_address',
   'compilation_cache_dir',
@@ -122,12 +127,16 @@ def write_json(path: str, value: Any) -> None:
   files.replace_file(path, json.dumps(value, indent=1, sort_keys=True))
 
 
-def read_json_object(path: str, what: str) -> dict[str, Any]:
+_RESTORE_OR_OVERWRITE = 'restore it, or start over with --config.overwrite=True'
+
+
+def read_json_object(path: str, what: str, *, fix: str = _RESTORE_OR_OVERWRITE) -> dict[str, Any]:
   """The JSON object in `path`; a ValueError naming the file if it is not one.
 
   Args:
     path: the file.
     what: how the error names it (e.g. `'the run config'`).
+    fix: what the error advises (a program that refuses `overwrite` passes its own).
 
   Raises:
     FileNotFoundError: if `path` does not exist.
@@ -138,14 +147,10 @@ def read_json_object(path: str, what: str) -> dict[str, Any]:
       value = json.load(f)
   except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
     raise ValueError(
-      f'{what} {path!r} is not valid JSON ({" ".join(str(e).split())[:120]}); restore it, or '
-      'start over with --config.overwrite=True'
+      f'{what} {path!r} is not valid JSON ({" ".join(str(e).split())[:120]}); {fix}'
     ) from e
   if not isinstance(value, dict):
-    raise ValueError(
-      f'{what} {path!r} holds a JSON {type(value).__name__}, not an object; restore it, or '
-      'start over with --config.overwrite=True'
-    )
+    raise ValueError(f'{what} {path!r} holds a JSON {type(value).__name__}, not an object; {fix}')
   return value
 
 
@@ -155,6 +160,7 @@ def read_json_object(path: str, what: str) -> dict[str, Any]:
 RUN_FILES = (
   'config.json',
   'config.json.tmp',
+  'data.json',
   'summary.json',
   'summary.json.tmp',
   'metrics.jsonl',
@@ -233,6 +239,32 @@ def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     )
 
 
+# The fingerprint of the data a workdir's run trains on (`datasets.fingerprint`).
+DATA_FILE = 'data.json'
+
+
+def _data_record(run: spec_lib.RunSpec) -> dict[str, Any] | None:
+  source = run.data.source
+  return None if source is None else datasets.fingerprint(source)
+
+
+def _check_data(run: spec_lib.RunSpec, workdir: str) -> None:
+  """Refuses to resume a run on data other than the data it was trained on."""
+  path = os.path.join(workdir, DATA_FILE)
+  mine = _data_record(run)
+  if mine is None or not os.path.exists(path):
+    return  # A new run, or one of an older version that recorded nothing.
+  theirs = read_json_object(path, 'the data record')
+  diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+  if diff:
+    shown = ', '.join(f'{k}: {theirs.get(k)!r} -> {mine.get(k)!r}' for k in diff[:3])
+    raise ValueError(
+      f'workdir {workdir!r} holds a run trained on other data than {run.data.name!r} is now '
+      f'({shown}); restore the data it was trained on, use another --workdir, or '
+      '--config.overwrite=True to start over there (the old run is moved aside)'
+    )
+
+
 def make_directory(workdir: str) -> None:
   """Creates `workdir` (and its parents) if needed.
 
@@ -241,6 +273,11 @@ def make_directory(workdir: str) -> None:
   """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f'workdir {workdir!r} is not a directory; pass a --workdir directory')
+  if os.path.islink(workdir) and not os.path.exists(workdir):
+    raise ValueError(
+      f'workdir {workdir!r} is a symlink to {os.readlink(workdir)!r}, which does not exist; '
+      'create that directory, or pass another --workdir'
+    )
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
@@ -255,12 +292,13 @@ def claim_workdir(run: spec_lib.RunSpec, workdir: str) -> WorkdirLock | None:
      once; the processes of one multi-process run share process 0's lock).
   3. Run files must have their types (`checkpoints` a directory, ...).
   4. Without `config.overwrite`, a `config.json` must match `config` in every
-     field but `RESUMABLE_FIELDS`, and checkpoints without a `config.json` are
+     field but `RESUMABLE_FIELDS`, a `data.json` the fingerprint of the run's
+     data (`datasets.fingerprint`), and checkpoints without a `config.json` are
      refused. With `config.overwrite`, the old run's files (`RUN_FILES`:
      checkpoints, `best/`, `fp_variables/`, metrics, TensorBoard files,
      `summary.json`, `config.json`) are moved to `workdir/overwritten-<time>/`
      and the run starts over.
-  5. `config.json` is written (only if it changes).
+  5. `config.json` and `data.json` are written (only if they change).
 
   Args:
     run: the parsed run (`ec2t_jax.training.parse.parse`); its config is what
@@ -293,6 +331,7 @@ def claim_workdir(run: spec_lib.RunSpec, workdir: str) -> WorkdirLock | None:
     _check_run_files(workdir)
     if not overwrite:
       _check_config(config, workdir)
+      _check_data(run, workdir)
   except (ValueError, OSError) as e:
     error = e
   if jax.process_count() > 1:
@@ -320,6 +359,12 @@ def claim_workdir(run: spec_lib.RunSpec, workdir: str) -> WorkdirLock | None:
       mine = flat_config(config)
       if not os.path.exists(path) or read_json_object(path, 'the run config') != mine:
         write_json(path, mine)
+      data = _data_record(run)
+      data_path = os.path.join(workdir, DATA_FILE)
+      if data is not None and (
+        not os.path.exists(data_path) or read_json_object(data_path, 'the data record') != data
+      ):
+        write_json(data_path, data)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('ec2t_jax:workdir_claimed')
   except BaseException:
@@ -386,6 +431,23 @@ def _newest_extra(ckpt: checkpoint_lib.Checkpointer, workdir: str) -> dict[str, 
     except Exception:  # noqa: BLE001, S112 - an older one will do.
       continue
   raise FileNotFoundError(f'{workdir!r} has no periodic checkpoint that reads back')
+
+
+def recorded_data_facts(workdir: str):
+  """`(steps_per_epoch, num_classes, image_shape, normalization)` a run's checkpoints record.
+
+  Read from the newest checkpoint's JSON item (no arrays are read).
+
+  Raises:
+    FileNotFoundError: for a workdir with no checkpoint that reads back.
+    ValueError: for a checkpoint that does not record them.
+  """
+  config_from_workdir(workdir)  # A workdir of a run: refused without its config.json.
+  ckpt = checkpoint_lib.Checkpointer(workdir)  # Reads only: its max_to_keep does not matter.
+  try:
+    return _data_facts(_newest_extra(ckpt, workdir), workdir)
+  finally:
+    ckpt.close()
 
 
 def _check_model(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -501,13 +563,13 @@ def load_workdir(
         extra = ckpt.read_extra(step) if not best else _newest_extra(ckpt, workdir)
         steps_per_epoch, num_classes, image_shape, normalization = _data_facts(extra, workdir)
         schedule = schedule_lib.create_schedule(run.stages, steps_per_epoch)
-        setup = state_lib.create_setup(
+        setup = setup_lib.create_setup(
           run, schedule, num_classes=num_classes, image_shape=image_shape, load_pretrained=False
         )
         # A best checkpoint holds the state of the stage that ran its step (it is saved
         # before a stage boundary's switch); a periodic one, the state of the stage after.
-        group = schedule.stage_at(step - 1).group if best else schedule.optimizer_at(step)
-        target = state_lib.state_tree(state_lib.abstract_train_state_of(setup, group))
+        index = schedule.stage_at(step - 1).pass_index if best else schedule.pass_at(step)
+        target = setup_lib.state_tree(setup_lib.abstract_train_state_of(setup, index))
         tree, _ = ckpt.restore(step, target, best=best)
         break
       except Exception as e:  # noqa: BLE001 - any read failure means "try an older one".

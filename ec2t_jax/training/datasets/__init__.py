@@ -51,7 +51,8 @@ The package's modules, each importing only those above it: `registry`
 (`DatasetSpec`, `register`, `get_spec`), `tfds_source` (the `tfds:` form,
 unprepared datasets), `embedded` (MNIST), `memory` (`InMemorySource`),
 `sources` (`get_data_source`, `num_examples`), `arrays` (`npz:`), `folder`
-(`folder:`), `builtin` (the built-in entries). Everything public is
+(`folder:`), `builtin` (the built-in entries), `fingerprint` (what a workdir
+records of its data, to refuse a resume on other data). Everything public is
 re-exported here: use `datasets.X`.
 
 Example:
@@ -78,6 +79,7 @@ from ec2t_jax.training.datasets.embedded import (
   load_embedded_mnist,
   prepare_embedded_mnist,
 )
+from ec2t_jax.training.datasets.fingerprint import fingerprint
 from ec2t_jax.training.datasets.folder import FOLDER_TEST_EVERY, IMAGE_EXTENSIONS, load_image_folder
 from ec2t_jax.training.datasets.memory import InMemorySource
 from ec2t_jax.training.datasets.registry import (
@@ -113,6 +115,7 @@ __all__ = [
   'EMBEDDED_MNIST_RESOURCE',
   'EMBEDDED_MNIST_SHA256',
   'explicit_image_size',
+  'fingerprint',
   'FOLDER_TEST_EVERY',
   'get_data_source',
   'get_spec',

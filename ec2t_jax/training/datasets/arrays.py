@@ -108,14 +108,17 @@ def _array_spec(
         f'dataset {name!r}: {x} holds {images.shape[0]} images but {y} holds '
         f'{labels.shape[0]} labels; give every image exactly one label'
       )
-    if labels.min() < 0:
-      i = int(np.argmin(labels))
+    # Checked as they will be used: after the cast (uint64 >= 2**63 would wrap negative).
+    used = labels.astype(np.int64)
+    if used.min() < 0:
+      i = int(np.argmin(used))
+      what = f'the negative label {labels[i]}' if labels[i] < 0 else f'the label {labels[i]}'
+      wraps = '' if labels[i] < 0 else ', too large for int64'
       raise ValueError(
-        f'dataset {name!r}: {y} holds the negative label {labels[i]} (index {i}); labels must '
-        'be class ids 0..K-1'
+        f'dataset {name!r}: {y} holds {what} (index {i}){wraps}; labels must be class ids 0..K-1'
       )
     images = images[..., None] if images.ndim == 3 else images
-    checked[split] = (images, labels.astype(np.int64))
+    checked[split] = (images, used)
   (train_x, train_y), (test_x, _) = checked['train'], checked['test']
   if train_x.shape[1:] != test_x.shape[1:]:
     raise ValueError(
@@ -123,6 +126,20 @@ def _array_spec(
       f'{_hwc(test_x.shape[1:])}; both splits need images of one shape'
     )
   num_classes = len(class_names) if class_names else int(train_y.max()) + 1
+  if num_classes > train_y.shape[0]:  # A model of that many outputs, most of them never seen.
+    i = int(np.argmax(train_y))
+    raise ValueError(
+      f'dataset {name!r}: y_train holds the label {train_y[i]} (index {i}), which makes '
+      f'{num_classes} classes for {train_y.shape[0]} training examples; labels must be class '
+      'ids 0..K-1 (renumber them, e.g. np.unique(y, return_inverse=True)[1])'
+    )
+  if len(np.unique(train_y)) < 2:
+    logging.warning(
+      'dataset %s: every training label is %d, so any network scores 100 %% on it; a '
+      'classifier needs at least two classes',
+      name,
+      int(train_y[0]),
+    )
   for split, (_, labels) in checked.items():
     if labels.max() >= num_classes:
       i = int(np.argmax(labels))

@@ -30,7 +30,9 @@ IMAGE_EXTENSIONS = (
   '.webp',
 )
 # PIL modes read as one grey channel; every other mode is converted to RGB.
-_GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')
+_GRAY_MODES = ('1', 'L', 'LA', 'I;16', 'I;16B', 'I;16L', 'I;16N')
+# 32-bit integer and float pixels: no fixed range, so no one way to make them 8-bit.
+_UNSCALED_MODES = ('I', 'F')
 
 
 def _list_images(directory: str) -> list[str]:
@@ -135,8 +137,9 @@ def load_image_folder(
     fifth image (the 5th, 10th, ...) of each class in file name order;
   * images are the files with the extensions of `IMAGE_EXTENSIONS` (others
     are ignored), decoded with PIL; if every image is grey (PIL modes 1, L,
-    LA, I, I;16, F) they have one channel, else all are converted to RGB
-    (alpha is dropped);
+    LA, I;16) they have one channel, else all are converted to RGB (alpha is
+    dropped); 16-bit grey pixels are scaled to 8 bits (`v·255/65535`), and
+    32-bit integer or float images (modes I, F) are refused (no known range);
   * all images must have one size, unless `image_size` is given: then every
     image is resized (bilinear, aspect ratio not kept) to
     `image_size x image_size`;
@@ -197,6 +200,12 @@ def _read_folder(name, classes, split_files, image_size, version):
           headers[path] = (image.mode, image.size)
       except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a bad file.
         raise _image_error(name, path, e) from None
+      if headers[path][0] in _UNSCALED_MODES:
+        raise ValueError(
+          f'dataset {name!r}: {path!r} has 32-bit {"float" if headers[path][0] == "F" else "int"}'
+          f' pixels (PIL mode {headers[path][0]}), whose range is unknown; the pipeline reads '
+          '8-bit pixels (0..255): save the image with 8 (or 16) bits per channel'
+        )
   mode = 'L' if all(m in _GRAY_MODES for m, _ in headers.values()) else 'RGB'
   sizes = {}
   for path, (_, size) in headers.items():
@@ -216,7 +225,7 @@ def _read_folder(name, classes, split_files, image_size, version):
     for _, path in files:
       try:
         with PIL.Image.open(path) as image:
-          image = image.convert(mode)
+          image = _eight_bit(image).convert(mode)
           if image_size is not None and image.size != (image_size, image_size):
             image = image.resize((image_size, image_size), PIL.Image.Resampling.BILINEAR)
           images.append(np.asarray(image, np.uint8))
@@ -231,6 +240,20 @@ def _read_folder(name, classes, split_files, image_size, version):
       images, labels = images[order], labels[order]
     out[split] = (images, labels)
   return out
+
+
+def _eight_bit(image):
+  """`image` with 8-bit pixels: 16-bit grey (PIL `I;16*`) scaled by 255/65535, not clipped.
+
+  PIL's own `convert('L')` clips 16-bit values at 255, which turns most of a
+  16-bit image white.
+  """
+  if not image.mode.startswith('I;16'):
+    return image
+  import PIL.Image  # noqa: PLC0415
+
+  wide = np.asarray(image).astype(np.uint32)
+  return PIL.Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), 'L')
 
 
 def _folder_spec(argument: str, *, data_dir: str, image_size: int | None) -> DatasetSpec:

@@ -53,6 +53,7 @@ class DatasetSpec:
     class_names: the label names, when known.
     arrays: `{split: (images uint8 (N, H, W, C), labels int64 (N,))}` for data
       held in memory; `None` for tfds datasets.
+    version: the prepared tfds dataset's version (`tfds:` data), else ''.
   """
 
   name: str
@@ -70,6 +71,7 @@ class DatasetSpec:
   arrays: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = dataclasses.field(
     default=None, compare=False, repr=False
   )
+  version: str = ''
 
 
 # A factory makes the spec of `prefix:ARGUMENT`: `factory(argument, data_dir=...,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import os
 
+import numpy as np
+
 from ec2t_jax.training.datasets.registry import (
   _RESIZE_HINT,
   DatasetSpec,
@@ -87,6 +89,13 @@ def _tfds_spec(argument: str, *, data_dir: str, image_size: int | None) -> Datas
       f'dataset {name!r} is not an image classification dataset: it needs an image feature '
       f"'image' (H, W, C) and a ClassLabel 'label', and has features {keys}"
     )
+  image_dtype = np.dtype(getattr(features['image'], 'np_dtype', np.uint8))
+  if image_dtype != np.uint8:  # The pipeline divides pixels by 255: only 8-bit ones are right.
+    raise ValueError(
+      f'dataset {name!r} stores {image_dtype} images; the input pipeline reads uint8 pixels '
+      '(0..255), so prepare a uint8 version of the dataset (e.g. its 8-bit config) or convert '
+      'it to npz:/folder: data with uint8 images'
+    )
   sizes = {split: int(split_info.num_examples) for split, split_info in info.splits.items()}
   provisional = DatasetSpec(name, argument, 0, None, {}, 'test', 0)
   if not sizes:  # Not prepared, or under tfds.testing.mock_data: try to open the splits.
@@ -124,4 +133,5 @@ def _tfds_spec(argument: str, *, data_dir: str, image_size: int | None) -> Datas
     recipe='none' if fixed else 'resize',
     channels=int(shape[-1] or 3),
     class_names=class_names or None,
+    version=str(getattr(info, 'version', '') or ''),
   )

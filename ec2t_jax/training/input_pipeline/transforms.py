@@ -47,6 +47,12 @@ class SelectFeatures(grain.transforms.Map):
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
     image = np.asarray(element['image'])
+    if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):
+      # NormalizeBatch divides only uint8 by 255: a wider integer would be read as [0, 1].
+      raise ValueError(
+        f'a record holds a {image.dtype} image; the pipeline reads uint8 pixels (0..255) or '
+        'float pixels on [0, 1]: make the data source return uint8 images'
+      )
     if image.ndim == 2:
       image = image[..., None]
     out = {'image': image, 'label': element['label']}

@@ -25,6 +25,7 @@ from ec2t_jax import masks as masks_lib
 from ec2t_jax import tree_util
 from ec2t_jax.training import schedule as schedule_lib
 from ec2t_jax.training import spec as spec_lib
+from ec2t_jax.training import stages as stages_lib
 from ec2t_jax.training.variables import create_model, initial_variables, load_init_from
 
 __all__ = [
@@ -68,7 +69,8 @@ class Pass(NamedTuple):
   """One pass of a run: the stages that train with one optimizer state.
 
   Attributes:
-    kind: the kind of its first stage (`'fp'`, `'ec2t'` or `'ecp'`).
+    kind: the kind of its first stage (`'fp'`, `'ec2t'` or `'ecp'`; a kind that
+      opens a pass, `ec2t_jax.training.stages`).
     name: the name of its first stage.
     settings: the `config.fp` / `config.ec2t` fields it trains with (the
       stage's own settings over the config's).
@@ -88,6 +90,11 @@ class Pass(NamedTuple):
   prune_mask: Any = None
   fixed_mask: Any = None
 
+  @property
+  def compresses(self) -> bool:
+    """True if the pass trains a compressed network (its kind's `StageKind.compresses`)."""
+    return stages_lib.get(self.kind).compresses
+
 
 class Setup(NamedTuple):
   """What a run computes with, built once by `create_setup`.
@@ -97,7 +104,7 @@ class Setup(NamedTuple):
     variables: `{'params', 'batch_stats'}` to start from (initial or pretrained).
     image_shape: one input image, `(height, width, channels)`.
     schedule: the run's `Schedule`.
-    passes: one `Pass` per optimizer state (`Stage.group`), in order.
+    passes: one `Pass` per optimizer state (`Stage.pass_index`), in order.
     ternary_mask: bools shaped like the params: the leaves the finished run
       holds ternary (over all passes).
     prune_mask: bools of the leaves it holds pruned (ECP), or None.
@@ -142,15 +149,16 @@ def compression_masks(
   params: Any,
   image_shape: tuple[int, ...],
   *,
-  kind: str = schedule_lib.EC2T,
+  kind: str = stages_lib.EC2T,
 ) -> tuple[Any, Any]:
   """The ternary and prune masks of `config.ec2t` (or a stage's settings) for `params`.
 
   Without `cfg.ternary_pattern` the default selection finds the first and last
   layers in the order the model calls them (traced, so it does not depend on
-  the params dict's key order). An `'ecp'` stage ternarizes nothing.
+  the params dict's key order). A kind that does not ternarize (`'ecp'`) selects
+  no ternary leaf.
   """
-  if kind == schedule_lib.ECP:
+  if not stages_lib.get(kind).ternarizes:
     ternary_mask = jax.tree.map(lambda _: False, params)
   elif cfg.ternary_pattern:
     ternary_mask = masks_lib.from_regex(params, cfg.ternary_pattern, cfg.ternary_exclude or None)
@@ -300,19 +308,20 @@ def _create_pass(
 ):
   """The `Pass` of one optimizer state; `compressed` marks leaves earlier passes compressed."""
   fixed = _fixed_by_pattern(settings, params)
-  if kind != schedule_lib.FP:
+  info = stages_lib.get(kind)
+  if info.compresses:
     ec2t_jax.methods.check_pruning(
-      method, prune_pattern=settings.prune_pattern, ecp_stage=kind == schedule_lib.ECP
+      method, prune_pattern=settings.prune_pattern, ecp_stage=not info.ternarizes
     )
-  if kind == schedule_lib.FP:
+  if not info.compresses:
     fixed = jax.tree.map(lambda f, c: f or c, fixed, compressed)
     tx = create_fp_optimizer(settings, num_steps)
     if any(jax.tree.leaves(fixed)):
       return Pass(kind, name, settings, _hold_fixed(tx, fixed), num_steps, fixed_mask=fixed)
     return Pass(kind, name, settings, tx, num_steps)
-  if kind == schedule_lib.ECP and not settings.prune_pattern:
+  if info.needs_prune_pattern and not settings.prune_pattern:
     raise ValueError(
-      'an ecp stage needs prune_pattern, a regex of the leaves it prunes, e.g. '
+      f'an {kind} stage needs prune_pattern, a regex of the leaves it prunes, e.g. '
       "'(se_reduce|se_expand|fc)/kernel$'"
     )
   ternary, prune = compression_masks(settings, model, params, image_shape, kind=kind)
@@ -340,8 +349,8 @@ def _create_passes(run, schedule, model, params, image_shape) -> tuple[Pass, ...
   specs, method = run.stages, run.method
   compressed = jax.tree.map(lambda _: False, params)
   passes = []
-  for group in range(schedule.num_groups):
-    stages = schedule.group_stages(group)
+  for pass_index in range(schedule.num_passes):
+    stages = schedule.pass_stages(pass_index)
     spec = specs[schedule.stages.index(stages[0])]
     settings = spec.settings
     try:
@@ -350,7 +359,7 @@ def _create_passes(run, schedule, model, params, image_shape) -> tuple[Pass, ...
         spec.kind,
         spec.name,
         sum(s.num_steps for s in stages),
-        schedule.freeze_step(group),
+        schedule.freeze_step(pass_index),
         compressed,
         model,
         params,
@@ -368,33 +377,33 @@ def _create_passes(run, schedule, model, params, image_shape) -> tuple[Pass, ...
   return tuple(passes)
 
 
-def create_train_state(setup: Setup, group: int, variables: dict[str, Any]) -> TrainState:
-  """A fresh `TrainState` of pass `group` (its optimizer) from `variables`.
+def create_train_state(setup: Setup, pass_index: int, variables: dict[str, Any]) -> TrainState:
+  """A fresh `TrainState` of pass `pass_index` (its optimizer) from `variables`.
 
   A compression pass's state starts compressed: its params are the network of
   its initial assignment (`ec2t_jax.ternarize`; with `config.method='absmean'`
   the absmean ternarization of the incoming weights).
   """
-  p = setup.passes[group]
+  p = setup.passes[pass_index]
   state = TrainState.create(
     apply_fn=setup.model.apply,
     params=variables['params'],
     tx=p.tx,
     batch_stats=variables['batch_stats'],
   )
-  if p.kind != schedule_lib.FP:
+  if p.compresses:
     state = state.replace(params=ec2t_jax.ternarize(state.params, state.opt_state))
   return state
 
 
 def abstract_train_state(setup: Setup, step: int) -> TrainState:
   """Shapes and dtypes of the train state a checkpoint of `step` holds (nothing computed)."""
-  return abstract_train_state_of(setup, setup.schedule.optimizer_at(step))
+  return abstract_train_state_of(setup, setup.schedule.pass_at(step))
 
 
-def abstract_train_state_of(setup: Setup, group: int) -> TrainState:
-  """Shapes and dtypes of the train state of pass `group` (nothing computed)."""
-  return jax.eval_shape(functools.partial(create_train_state, setup, group), setup.variables)
+def abstract_train_state_of(setup: Setup, pass_index: int) -> TrainState:
+  """Shapes and dtypes of the train state of pass `pass_index` (nothing computed)."""
+  return jax.eval_shape(functools.partial(create_train_state, setup, pass_index), setup.variables)
 
 
 def state_tree(state: TrainState) -> dict[str, Any]:
