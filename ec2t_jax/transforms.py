@@ -196,24 +196,23 @@ def check_leaf_values(leaf: Any, where: str) -> None:
     )
 
 
-def _warn_if_moved(what, layout, params, groups, count, kernel, warned: list) -> None:
+def _warn_if_moved(what, names, flat_params, groups, segments, count, prune, warned) -> None:
   """Warns (once) when the params are not the kernels this transformation's last update made.
 
   After an update, `params + updates` is exactly the ternary kernel of the
   state; a transformation chained after this one (a scale, a learning rate,
   weight decay) changes the updates and the params drift off the ternary grid.
-  The check runs on device; the host hears of it only when params moved.
+  The check runs on device, one reduction per buffer; the host hears of it only
+  when params moved. `names` holds the leaves' paths per buffer (None: not known).
   """
-  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=tree_util.is_masked)[0]
-  if len(flat) != layout.treedef.num_leaves or not groups:
+  if names is None or not groups:
     return
-  names = [[jax.tree_util.keystr(flat[i][0]) for i in members] for members in layout.groups]
-  moved = tuple(
-    jax.vmap(lambda p, a, c, w: jnp.sum(p != kernel(a, c, w, p.dtype)))(
-      p, g.assignment, g.centroids, g.latent
-    )
-    for p, g in zip(layout.stack(params), groups, strict=True)
-  )
+
+  def moved_per_layer(seg, p, g):
+    q = fused.kernel(seg, g.assignment, g.centroids, g.latent, p.dtype, prune=prune)
+    return seg.reduce(('sum', (p != q).astype(jnp.int32)))[0]
+
+  moved = tuple(map(moved_per_layer, segments, flat_params, groups))
 
   def report(counts):
     if warned:
@@ -412,8 +411,11 @@ def _compression_factory(prune: bool):
         layout=layout,
       )
 
-    def step(operands):
-      """One update of every buffer: `(flat updates, new state)` (docs/algorithm.md §3)."""
+    def step(operands, names=None):
+      """One update of every buffer: `(flat updates, new state)` (docs/algorithm.md §3).
+
+      `names`: the paths of each buffer's leaves, for `_warn_if_moved`.
+      """
       grads, flat_params, state = operands
       count, layout, groups = state.count, state.layout, state.groups
       segments = [fused.Segments(layout, g) for g in range(len(groups))]
@@ -423,7 +425,7 @@ def _compression_factory(prune: bool):
         frozen = count >= jnp.asarray(freeze_assignment_at, jnp.int32)
       latent = tuple(g.latent for g in groups)
       centroid_latent = tuple(g.centroid_latent for g in groups)
-      _warn_if_moved(what, layout, params, groups, count, kernel, warned)
+      _warn_if_moved(what, names, flat_params, groups, segments, count, prune, warned)
 
       # 1. Map ∂L/∂q to the latent weights and the centroids, with the
       #    assignment and centroids that produced this step's kernel.
@@ -514,7 +516,13 @@ def _compression_factory(prune: bool):
       operands = (grads, state.layout.flatten(params), state)
       # A NaN/inf gradient would make the latent weights and centroids NaN for good
       # (and the layer all zeros): skip the update instead, keeping the state.
-      flat_updates, starts, new_state = _guarded(_all_finite(grads), step, operands, state.layout)
+      flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=tree_util.is_masked)[0]
+      names = None
+      if len(flat) == state.layout.treedef.num_leaves:
+        names = [[jax.tree_util.keystr(flat[i][0]) for i in g] for g in state.layout.groups]
+      flat_updates, starts, new_state = _guarded(
+        _all_finite(grads), functools.partial(step, names=names), operands, state.layout
+      )
       return state.layout.unflatten(flat_updates, starts), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
