@@ -163,8 +163,13 @@ class Segments:
 
   Which layer a row belongs to, and how much of it is padding, is computed in the
   graph from the layers' first rows (a binary search over a `(num_layers,)`
-  constant) rather than stored as a constant of the buffer's size, which XLA
-  would compile into the executable.
+  constant) rather than given as a `(rows, chunk)` mask constant, which XLA would
+  compile into the executable (the `(rows,)` row-to-layer map may be folded into a
+  small constant).
+
+  Args:
+    layout: the state's layout.
+    g: which of its buffers.
   """
 
   def __init__(self, layout: LayerLayout, g: int):
