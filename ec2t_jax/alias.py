@@ -285,16 +285,15 @@ def _check_gradient_dtypes(updates: optax.Updates, params: optax.Params | None) 
 def _all_finite(tree: optax.Updates) -> jax.Array:
   """A bool scalar: every floating element of `tree` is finite.
 
-  One reduction per dtype over its leaves flattened together (XLA fuses the
-  concatenation into it), rather than one per leaf.
+  `transforms.all_finite` of each dtype's leaves flattened together (XLA fuses the
+  concatenation into the sum), rather than one reduction per leaf.
   """
   by_dtype: dict[str, list[jax.Array]] = {}
   for x in jax.tree.leaves(tree):
     dtype = jnp.result_type(x)
     if jnp.issubdtype(dtype, jnp.inexact):
       by_dtype.setdefault(str(dtype), []).append(jnp.ravel(x))
-  checks = [jnp.all(jnp.isfinite(jnp.concatenate(xs))) for xs in by_dtype.values()]
-  return jnp.all(jnp.stack(checks)) if checks else jnp.ones((), bool)
+  return transforms.all_finite([jnp.concatenate(xs) for xs in by_dtype.values()])
 
 
 def _check_default_fp_dtypes(params: optax.Params, labels: optax.Params) -> None:
