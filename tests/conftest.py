@@ -105,10 +105,14 @@ def trained_workdir(tmp_path_factory) -> str:
 
 @pytest.fixture
 def sigterm_at(monkeypatch):
-  """`arm(n)`: the trainer receives SIGTERM when it shards its n-th training batch."""
+  """`arm(n)`: the trainer receives SIGTERM when it shards its n-th training input.
+
+  `arm` returns `{'n': ...}`, the count of training inputs sharded so far (one per
+  compiled call); `arm(0)` only counts.
+  """
   from ec2t_jax.training import train
 
-  def arm(at_call: int) -> None:
+  def arm(at_call: int) -> dict[str, int]:
     original = train.to_global
     calls = {'n': 0}
 
@@ -120,6 +124,7 @@ def sigterm_at(monkeypatch):
       return original(batch, sharding)
 
     monkeypatch.setattr(train, 'to_global', to_global)
+    return calls
 
   return arm
 

@@ -21,28 +21,14 @@ def _lenet_variables(tmp_path, name, *, num_classes=10, image_shape=(28, 28, 1),
 
 @pytest.mark.slow  # Trains tiny runs end to end.
 def test_a_run_distilled_from_its_fp_network_resumes_bit_identically(
-  tmp_path, tiny_mnist, monkeypatch
+  tmp_path, tiny_mnist, sigterm_at, monkeypatch
 ):
-  from ec2t_jax.training import runtime
-
   whole = train.train_and_evaluate(tiny_mnist(**FP), str(tmp_path / 'whole'))
   assert whole['distill_teacher'] == 'fp' and len(whole['teacher_sha256']) == 64
-  original, calls = train.to_global, {'n': 0}
-
-  def to_global(batch, sharding):
-    if 'mask' not in batch:
-      calls['n'] += 1
-      if calls['n'] == 5:
-        import os
-        import signal
-
-        os.kill(os.getpid(), signal.SIGTERM)
-    return original(batch, sharding)
-
-  monkeypatch.setattr(train, 'to_global', to_global)
+  sigterm_at(5)  # In the EC2T stage (3 fp steps): after the teacher was saved.
   assert train.train_and_evaluate(tiny_mnist(**FP), str(tmp_path / 'run'))['step'] == 5
   assert (tmp_path / 'run' / 'teacher_variables').is_dir()  # Saved as the fp stage ended.
-  monkeypatch.setattr(train, 'to_global', runtime.to_global)
+  monkeypatch.undo()
   resumed = train.train_and_evaluate(tiny_mnist(**FP), str(tmp_path / 'run'))
   assert resumed['params_sha256'] == whole['params_sha256']
   assert resumed['teacher_sha256'] == whole['teacher_sha256']
@@ -121,15 +107,8 @@ def test_the_baselines_distill_too(tmp_path, tiny_mnist, method):
 def test_bad_distillation_settings_are_refused(tiny_mnist, overrides, message):
   import ml_collections
 
-  config = tiny_mnist()
-  config.stages = ml_collections.ConfigDict({'s': {'kind': 'ec2t', 'num_epochs': 1}})
-  config.stage_order = 's'
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    target = config
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
+  stages = ml_collections.ConfigDict({'s': {'kind': 'ec2t', 'num_epochs': 1}})
+  config = tiny_mnist(stages=stages, stage_order='s', **overrides)
   with pytest.raises(ValueError, match=message):
     parse_lib.parse(config, check_data=False)
 

@@ -1,8 +1,6 @@
 """Several training steps per compiled call (`config.steps_per_call`): equal results, resume."""
 
 import json
-import os
-import signal
 
 import numpy as np
 import pytest
@@ -24,26 +22,10 @@ def _params(workdir):
   return tree_util.flat_dict(workdir_lib.load_workdir(str(workdir)).variables['params'])
 
 
-def _sharded_batches(monkeypatch, at_call, action):
-  """Calls `action()` when the trainer shards its `at_call`-th training input (one per call)."""
-  original = train.to_global
-  calls = {'n': 0}
-
-  def to_global(batch, sharding):
-    if 'mask' not in batch:  # Training inputs only; evaluation batches carry a mask.
-      calls['n'] += 1
-      if calls['n'] == at_call:
-        action()
-    return original(batch, sharding)
-
-  monkeypatch.setattr(train, 'to_global', to_global)
-  return calls
-
-
 @pytest.mark.slow  # Trains tiny runs end to end.
-def test_k_steps_per_call_give_the_results_of_one(tmp_path, tiny_mnist, monkeypatch):
+def test_k_steps_per_call_give_the_results_of_one(tmp_path, tiny_mnist, sigterm_at):
   one = _run(tiny_mnist(**EPOCH), tmp_path / 'k1')
-  calls = _sharded_batches(monkeypatch, 0, lambda: None)
+  calls = sigterm_at(0)  # Counts the training inputs (one per call).
   four = _run(tiny_mnist(steps_per_call=4, **EPOCH), tmp_path / 'k4')
   assert calls['n'] == 3 * 3  # 3 epochs, each one call of 4 steps and 2 single steps.
   assert four['steps'] == one['steps'] == 18
@@ -64,11 +46,11 @@ def test_k_steps_per_call_give_the_results_of_one(tmp_path, tiny_mnist, monkeypa
 
 
 @pytest.mark.slow  # Trains tiny runs end to end.
-def test_a_run_stopped_between_calls_resumes_exactly(tmp_path, tiny_mnist, monkeypatch):
+def test_a_run_stopped_between_calls_resumes_exactly(tmp_path, tiny_mnist, sigterm_at, monkeypatch):
   config = tiny_mnist(steps_per_call=4, **EPOCH)
   whole = _run(config, tmp_path / 'whole')
   # SIGTERM while the 4th call's input is sharded: the run stops after that call (step 10).
-  _sharded_batches(monkeypatch, 4, lambda: os.kill(os.getpid(), signal.SIGTERM))
+  sigterm_at(4)
   stopped = _run(tiny_mnist(steps_per_call=4, **EPOCH), tmp_path / 'run')
   assert stopped == {'preempted': True, 'step': 10}
   monkeypatch.undo()

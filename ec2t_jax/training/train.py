@@ -53,7 +53,14 @@ from ec2t_jax.training.runtime import (
   to_global,
 )
 from ec2t_jax.training.stages import BEST
-from ec2t_jax.training.steps import eval_step, evaluate, scan_steps, step_rng, train_step
+from ec2t_jax.training.steps import (
+  default_unroll,
+  eval_step,
+  evaluate,
+  scan_steps,
+  step_rng,
+  train_step,
+)
 from ec2t_jax.training.summary import print_summary, saved_summary, summarize_run
 
 
@@ -210,7 +217,11 @@ class _StepPrograms:
       out = self._replicated
       self._programs[key] = (
         jax.jit(one, donate_argnums=(0,), out_shardings=(out, out)),
-        jax.jit(functools.partial(scan_steps, one), donate_argnums=(0,), out_shardings=out),
+        jax.jit(
+          functools.partial(scan_steps, one, unroll=default_unroll()),
+          donate_argnums=(0,),
+          out_shardings=out,
+        ),
       )
     return self._programs[key]
 

@@ -1,0 +1,249 @@
+"""Every compression method with and without distillation, from one full-precision network.
+
+    python bench/distillation.py --model lenet5 --workdir kd/mnist
+    python bench/distillation.py --model lenet5 --override=--config.dataset=npz:fashion.npz \
+        --workdir kd/fashion
+    python bench/distillation.py --model vit --gammas 0.3 --init_scales 0.8 --workdir kd/vit
+
+For one model of `configs/mnist.py` (`lenet5`: the default recipe; `vit`: `:vit`), this
+
+1. trains the full-precision network once (`WORKDIR/fp`, the recipe's fp epochs);
+2. trains from it, at every seed of `--seeds`, each method of `--methods` (EC2T over the
+   grid `--gammas` x `--init_scales`; absmean and TWN once) with the recipe's EC2T and
+   frozen epochs, once without and once with distillation from the full-precision
+   network (`config.distill.teacher='fp'`, `--weight`, `--temperature`);
+3. exports every run with entropy coding and reads its accuracy, sparsity and coded bits
+   per ternary weight (as `bench/ternary_methods.py` does);
+4. writes `WORKDIR/distillation.md` (mean and spread over the seeds of each point),
+   `WORKDIR/distillation.json` (every run) and `WORKDIR/distillation_front.png` (test
+   accuracy against coded bits per ternary weight, every method with and without).
+
+Every run is a subprocess of `main.py`, so a rerun skips finished runs and resumes a
+stopped one. `--smoke` uses the tiny `:smoke` / `:vit_smoke` recipes (tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import ternary_methods  # noqa: E402  (its runner, configs and the export measurement)
+
+METHODS = ('ec2t', 'absmean', 'twn')
+
+
+def _numbers(text: str, flag: str, cast=float) -> list:
+  try:
+    values = [cast(x) for x in text.split(',') if x.strip()]
+  except ValueError:
+    raise SystemExit(f'error: {flag} must be comma-separated numbers, got {text!r}') from None
+  if not values:
+    raise SystemExit(f'error: {flag} is empty')
+  return values
+
+
+def _points(methods, gammas, scales) -> list[tuple[str, Any, Any]]:
+  points = []
+  for method in methods:
+    if method == 'ec2t':
+      points += [('ec2t', g, s) for s in scales for g in gammas]
+    else:
+      points.append((method, '-', '-'))
+  return points
+
+
+def _name(method, gamma, scale, seed, distilled) -> str:
+  grid = f'_g{gamma:g}_s{scale:g}' if method == 'ec2t' else ''
+  return f'{method}{grid}_seed{seed}' + ('_kd' if distilled else '')
+
+
+def _summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Mean and spread (sample standard deviation) over the seeds of each point."""
+  groups: dict[tuple, list[dict[str, Any]]] = {}
+  for r in rows:
+    groups.setdefault((r['method'], r['gamma'], r['init_scale'], r['distilled']), []).append(r)
+  out = []
+  for (method, gamma, scale, distilled), runs in groups.items():
+
+    def stat(key, runs=runs):
+      values = [float(r[key]) for r in runs]
+      spread = statistics.stdev(values) if len(values) > 1 else 0.0
+      return statistics.fmean(values), spread
+
+    out.append(
+      {
+        'method': method,
+        'gamma': gamma,
+        'init_scale': scale,
+        'distilled': distilled,
+        'seeds': len(runs),
+        'test_accuracy': stat('test_accuracy'),
+        'sparsity': stat('sparsity'),
+        'bits_per_ternary_weight': stat('bits_per_ternary_weight'),
+      }
+    )
+  return out
+
+
+def _table(points: list[dict[str, Any]]) -> str:
+  lines = [
+    '| method | γ | s | distilled | seeds | test acc (mean ± sd) | sparsity | '
+    'bits / ternary weight | gain from distillation (pp) |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ]
+  plain = {(p['method'], p['gamma'], p['init_scale']): p for p in points if not p['distilled']}
+  for p in points:
+    acc, acc_sd = p['test_accuracy']
+    gain = ''
+    base = plain.get((p['method'], p['gamma'], p['init_scale']))
+    if p['distilled'] and base is not None:
+      gain = f'{100 * (acc - base["test_accuracy"][0]):+.2f}'
+    lines.append(
+      f'| {p["method"]} | {p["gamma"]} | {p["init_scale"]} | {"yes" if p["distilled"] else "no"} '
+      f'| {p["seeds"]} | {100 * acc:.2f} ± {100 * acc_sd:.2f} | '
+      f'{100 * p["sparsity"][0]:.2f}% | {p["bits_per_ternary_weight"][0]:.3f} | {gain} |'
+    )
+  return '\n'.join(lines)
+
+
+def _plot(points: list[dict[str, Any]], title: str, path: str) -> None:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(6.0, 4.0))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  colors = {'ec2t': 'C0', 'absmean': 'C3', 'twn': 'C2'}
+  for method in dict.fromkeys(p['method'] for p in points):
+    for distilled in (False, True):
+      mine = [p for p in points if p['method'] == method and p['distilled'] == distilled]
+      if not mine:
+        continue
+      mine.sort(key=lambda p: p['bits_per_ternary_weight'][0])
+      ax.errorbar(
+        [p['bits_per_ternary_weight'][0] for p in mine],
+        [100 * p['test_accuracy'][0] for p in mine],
+        yerr=[100 * p['test_accuracy'][1] for p in mine],
+        fmt='o-' if distilled else 's--',
+        color=colors.get(method, 'C7'),
+        mfc=colors.get(method, 'C7') if distilled else 'none',
+        capsize=2,
+        label=f'{method}' + (' + distillation' if distilled else ''),
+      )
+  ax.set_xlabel('entropy-coded bits per ternary weight')
+  ax.set_ylabel('test accuracy (%, mean ± sd over seeds)')
+  ax.set_title(title)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+  """Trains and measures every point; writes the table, the numbers and the front."""
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument('--model', choices=sorted(ternary_methods.CONFIGS), required=True)
+  parser.add_argument('--methods', default=','.join(METHODS))
+  parser.add_argument('--gammas', default='0,0.15,0.3')
+  parser.add_argument('--init_scales', default='0.3,0.5')
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--weight', type=float, default=0.5, help='config.distill.weight')
+  parser.add_argument('--temperature', type=float, default=4.0, help='config.distill.temperature')
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--smoke', action='store_true', help='the tiny :smoke recipes (tests)')
+  parser.add_argument(
+    '--override', action='append', default=[], help='--config.x=y for every run (repeatable)'
+  )
+  args = parser.parse_args(argv)
+  methods = [m.strip() for m in args.methods.split(',') if m.strip()]
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown:
+    raise SystemExit(f'error: --methods names {unknown}; valid: {",".join(METHODS)}')
+  gammas = _numbers(args.gammas, '--gammas')
+  scales = _numbers(args.init_scales, '--init_scales')
+  seeds = _numbers(args.seeds, '--seeds', int)
+  config = ternary_methods.CONFIGS[args.model][1 if args.smoke else 0]
+  workdir = os.path.abspath(args.workdir)
+  os.makedirs(os.path.join(workdir, 'runs'), exist_ok=True)
+  log = os.path.join(workdir, 'log.txt')
+  python = sys.executable
+  fp_dir = os.path.join(workdir, 'fp')
+  if not os.path.exists(os.path.join(fp_dir, 'summary.json')):
+    ternary_methods._run(
+      [
+        python,
+        'main.py',
+        f'--config={config}',
+        f'--workdir={fp_dir}',
+        '--config.ec2t.num_epochs=0',
+        '--config.ec2t.frozen_epochs=0',
+        *args.override,
+      ],
+      log,
+    )
+  init_from = os.path.join(fp_dir, 'fp_variables')
+  rows = []
+  for seed in seeds:
+    for method, gamma, scale in _points(methods, gammas, scales):
+      for distilled in (False, True):
+        name = _name(method, gamma, scale, seed, distilled)
+        run_dir = os.path.join(workdir, 'runs', name)
+        argv = [
+          python,
+          'main.py',
+          f'--config={config}',
+          f'--workdir={run_dir}',
+          f'--config.init_from={init_from}',
+          '--config.fp.num_epochs=0',
+          f'--config.seed={seed}',
+          f'--config.method={method}',
+          *args.override,
+        ]
+        if method == 'ec2t':
+          argv += [f'--config.ec2t.gamma={gamma:g}', f'--config.ec2t.init_scale={scale:g}']
+        if distilled:
+          argv += [
+            '--config.distill.teacher=fp',
+            f'--config.distill.weight={args.weight:g}',
+            f'--config.distill.temperature={args.temperature:g}',
+          ]
+        if not os.path.exists(os.path.join(run_dir, 'summary.json')):
+          ternary_methods._run(argv, log)
+        row = ternary_methods._measure(run_dir, os.path.join(workdir, 'runs', f'{name}.ec2t'))
+        rows.append(
+          {
+            'method': method,
+            'gamma': gamma,
+            'init_scale': scale,
+            'seed': seed,
+            'distilled': distilled,
+            **row,
+          }
+        )
+  points = _summarize(rows)
+  dataset = next(
+    (o.partition('=')[2] for o in args.override if o.startswith('--config.dataset=')), 'mnist'
+  )
+  title = f'{args.model} on {os.path.basename(dataset)}: with and without distillation'
+  _plot(points, title, os.path.join(workdir, 'distillation_front.png'))
+  table = _table(points)
+  with open(os.path.join(workdir, 'distillation.md'), 'w') as f:
+    f.write(
+      f'# {title}\n\nConfig `{config}` {" ".join(args.override)}; distillation weight '
+      f'{args.weight:g}, temperature {args.temperature:g}; seeds {seeds}.\n\n{table}\n'
+    )
+  with open(os.path.join(workdir, 'distillation.json'), 'w') as f:
+    json.dump({'model': args.model, 'config': config, 'rows': rows}, f, indent=1)
+  print(table, flush=True)
+  return points
+
+
+if __name__ == '__main__':
+  main()
