@@ -1,4 +1,4 @@
-"""The performance benchmarks of issue #7, one subcommand each.
+"""The performance benchmarks, one subcommand each.
 
     python bench/performance.py step     [--models lenet5,resnet20,micronet_c100] [--dtypes ...]
     python bench/performance.py update   [--models resnet20,micronet_c100,resnet50]
@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -119,6 +120,109 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
   return '\n'.join(lines)
 
 
+# Instructions of a compiled module's ENTRY computation that are not work: its inputs, the
+# tuples that bundle its outputs, constants and layout-only bitcasts.
+_NOT_WORK = ('parameter', 'tuple', 'get-tuple-element', 'constant', 'bitcast')
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+  """`{name: instruction lines}` of every computation in an HLO module's text ('ENTRY' too)."""
+  out: dict[str, list[str]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    header = re.match(r'(ENTRY )?%?([\w.-]+) .*\{$', line)
+    if header and not line.startswith(' '):
+      current = 'ENTRY' if header.group(1) else header.group(2)
+      out[current] = []
+    elif line.startswith('}'):
+      current = None
+    elif current is not None and ' = ' in line:
+      out[current].append(line)
+  return out
+
+
+def _work(lines: list[str]) -> list[str]:
+  """The lines of `lines` that are work: instructions whose opcode is not in `_NOT_WORK`."""
+  work = []
+  for line in lines:
+    match = re.match(r'\s*(?:ROOT )?%?[\w.-]+ = .*? ([\w-]+)\(', line)
+    if match and match.group(1) not in _NOT_WORK:
+      work.append(line)
+  return work
+
+
+def entry_ops(hlo_text: str) -> int:
+  """Number of instructions in the ENTRY computation of `compiled.as_text()`, less `_NOT_WORK`.
+
+  Each one is a kernel (a fusion, a copy, a convolution, ...) the executable runs per
+  call, and roughly what XLA compiles: the count grows with the layers an optimizer
+  handles one by one.
+  """
+  return len(_work(_computations(hlo_text)['ENTRY']))
+
+
+def kernel_ops(hlo_text: str) -> int:
+  """`entry_ops`, plus the instructions of the computations ENTRY runs through control flow.
+
+  `ec2t(skip_nonfinite=True)` runs its whole update inside a `lax.cond`, whose branches
+  are computations of their own: ENTRY then shows one `conditional`. This count
+  follows `conditional` branches, `while` bodies and conditions and `call`s
+  (recursively), not fusions' insides nor reducers.
+  """
+  computations = _computations(hlo_text)
+  called = (
+    r'(?:branch_computations=\{|true_computation=|false_computation=|body=|condition=|to_apply=)'
+  )
+  pending, seen, count = ['ENTRY'], set(), 0
+  while pending:
+    name = pending.pop()
+    if name in seen or name not in computations:
+      continue
+    seen.add(name)
+    for line in _work(computations[name]):
+      count += 1
+      if re.search(r' (conditional|while|call)\(', line):
+        for names in re.findall(called + r'([^},]*(?:, *%[^},]*)*)', line):
+          pending += [n.strip().lstrip('%') for n in names.split(',')]
+  return count
+
+
+def _compile(fn, *args) -> tuple[Any, float, int]:
+  """`jax.jit(fn)` lowered and compiled for `args`: (executable, seconds, entry ops)."""
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  return compiled, time.perf_counter() - t0, entry_ops(compiled.as_text())
+
+
+def _update_fn(tx):
+  """`(params, state, grads) -> (new params, new state)`: `tx.update` and `apply_updates`."""
+
+  def update(p, state, g):
+    u, state = tx.update(g, state, p)
+    return optax.apply_updates(p, u), state
+
+  return update
+
+
+def _ternary_part(params, mask) -> dict[str, Any]:
+  """`ternary_training` alone over the ternary leaves: its update's compile time and entry ops.
+
+  The leaves are passed as a flat `{path: leaf}` dict, as `optax.partition` would hand
+  them to the transformation, and `apply_updates` writes them back.
+  """
+  leaves = {
+    name: leaf
+    for (name, leaf), m in zip(
+      ec2t_jax.tree_util.named_leaves(params), jax.tree.leaves(mask), strict=True
+    )
+    if m
+  }
+  tx = ec2t_jax.ternary_training()
+  state = jax.eval_shape(tx.init, leaves)
+  _, seconds, ops = _compile(_update_fn(tx), leaves, state, leaves)
+  return {'ternary_part_compile_s': seconds, 'ternary_part_entry_ops': ops}
+
+
 def _ternary_leaves(params, mask) -> list[Any]:
   return [x for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask), strict=True) if m]
 
@@ -203,19 +307,29 @@ def bench_update(args) -> list[dict[str, Any]]:
     for opt_name, tx in _optimizers(mask):
       state = tx.init(params)
       p = ec2t_jax.ternarize(params, state) if opt_name == 'ec2t' else params
-
-      @jax.jit
-      def update(p, state, g, tx=tx):
-        u, state = tx.update(g, state, p)
-        return optax.apply_updates(p, u), state
-
+      update, seconds, ops = _compile(_update_fn(tx), p, state, grads)
+      row[f'{opt_name}_compile_s'] = seconds
+      row[f'{opt_name}_entry_ops'] = ops
+      row[f'{opt_name}_kernel_ops'] = kernel_ops(update.as_text())
       row[f'{opt_name}_ms'] = 1e3 * _median_time(update, p, state, grads, repeats=args.repeats)
     row['ec2t_ms_per_million_ternary'] = row['ec2t_ms'] / (ternary / 1e6)
+    row.update(_ternary_part(params, mask))
     results.append(row)
     print(json.dumps(row), flush=True)
   print(
     _table(
-      ['model', 'ternary params', 'layers', 'Adam update ms', 'EC2T update ms', 'EC2T ms / M'],
+      [
+        'model',
+        'ternary params',
+        'layers',
+        'Adam update ms',
+        'EC2T update ms',
+        'EC2T ms / M',
+        'Adam entry ops',
+        'EC2T entry ops',
+        'EC2T kernel ops',
+        'ternary part entry ops',
+      ],
       [
         [
           r['model'],
@@ -224,6 +338,10 @@ def bench_update(args) -> list[dict[str, Any]]:
           r['adam_ms'],
           r['ec2t_ms'],
           r['ec2t_ms_per_million_ternary'],
+          r['adam_entry_ops'],
+          r['ec2t_entry_ops'],
+          r['ec2t_kernel_ops'],
+          r['ternary_part_entry_ops'],
         ]
         for r in results
       ],
@@ -238,8 +356,11 @@ def bench_update(args) -> list[dict[str, Any]]:
 def bench_compile(args) -> list[dict[str, Any]]:
   """Seconds to lower and compile the train step (or, `--part update`, the update alone).
 
-  With `--cache_dir`, JAX's persistent compilation cache is turned on there and
-  every step is compiled a second time: `*_cached_s` is what a restarted run pays.
+  Each optimizer is compiled `--repeats` times (caches cleared in between) and
+  `<optimizer>_s` is the median; `<optimizer>_entry_ops` counts the compiled module's
+  ENTRY instructions (`entry_ops`). With `--cache_dir`, JAX's persistent compilation
+  cache is turned on there and every step is compiled once more: `*_cached_s` is what
+  a restarted run pays.
   """
   if args.cache_dir:
     jax.config.update('jax_compilation_cache_dir', args.cache_dir)
@@ -251,38 +372,51 @@ def bench_compile(args) -> list[dict[str, Any]]:
     layers, _ = _ternary_count(params, mask)
     shapes = len({x.shape for x in _ternary_leaves(params, mask)})
     row = {'model': name, 'part': args.part, 'ternary_layers': layers, 'distinct_shapes': shapes}
+    row['repeats'] = args.repeats
     optimizers = {
       'adam': optax.adam(1e-4),
       'ec2t_grouped': ec2t_jax.ec2t(mask, group_layers=True),
       'ec2t_per_layer': ec2t_jax.ec2t(mask, group_layers=False),
     }
-    for opt_name, tx in optimizers.items():
-      if opt_name not in args.optimizers.split(','):
-        continue
-      opt_state = jax.eval_shape(tx.init, params)
-      for suffix in ('_s', '_cached_s') if args.cache_dir else ('_s',):
-        jax.clear_caches()
-        t0 = time.perf_counter()
-        if args.part == 'update':  # The optimizer update alone, on gradients shaped like params.
+    chosen = {k: tx for k, tx in optimizers.items() if k in args.optimizers.split(',')}
+    states = {k: jax.eval_shape(tx.init, params) for k, tx in chosen.items()}
 
-          def update(p, state, g, tx=tx):
-            u, state = tx.update(g, state, p)
-            return optax.apply_updates(p, u), state
+    def compile_once(tx, opt_state):
+      jax.clear_caches()
+      t0 = time.perf_counter()
+      if args.part == 'update':  # The optimizer update alone, on gradients shaped like params.
+        compiled = jax.jit(_update_fn(tx)).lower(params, opt_state, params).compile()
+      else:
+        compiled = make_step(model, tx).lower(params, stats, opt_state, images, labels).compile()
+      return time.perf_counter() - t0, compiled
 
-          jax.jit(update).lower(params, opt_state, params).compile()
-        else:
-          make_step(model, tx).lower(params, stats, opt_state, images, labels).compile()
-        row[f'{opt_name}{suffix}'] = time.perf_counter() - t0
+    # Repeats interleave the optimizers, so that a shared machine's load drifts into all alike.
+    times: dict[str, list[float]] = {k: [] for k in chosen}
+    for _ in range(args.repeats):
+      for opt_name, tx in chosen.items():
+        seconds, compiled = compile_once(tx, states[opt_name])
+        times[opt_name].append(seconds)
+        row[f'{opt_name}_entry_ops'] = entry_ops(compiled.as_text())
+        row[f'{opt_name}_kernel_ops'] = kernel_ops(compiled.as_text())
+    for opt_name, tx in chosen.items():
+      row[f'{opt_name}_s'] = statistics.median(times[opt_name])
+      row[f'{opt_name}_all_s'] = times[opt_name]
+      if args.cache_dir:
+        row[f'{opt_name}_cached_s'] = compile_once(tx, states[opt_name])[0]
+    for opt_name in ('ec2t_grouped', 'ec2t_per_layer'):
+      if 'adam' in args.optimizers.split(',') and f'{opt_name}_s' in row:
+        row[f'{opt_name}_over_adam'] = row[f'{opt_name}_s'] / row['adam_s']
     results.append(row)
     print(json.dumps(row), flush=True)
   keys = [k for k in ('adam', 'ec2t_grouped', 'ec2t_per_layer') if k in args.optimizers.split(',')]
+  columns = [f'{k}{suffix}' for k in keys for suffix in ('_s', '_entry_ops', '_kernel_ops')]
   if args.cache_dir:
-    keys = [k + suffix for k in keys for suffix in ('', '_cached')]
+    columns += [f'{k}_cached_s' for k in keys]
   print(
     _table(
-      ['model', 'ternary layers', 'shapes', *[f'{k} compile s' for k in keys]],
+      ['model', 'part', 'ternary layers', 'shapes', *columns],
       [
-        [r['model'], r['ternary_layers'], r['distinct_shapes'], *[r[f'{k}_s'] for k in keys]]
+        [r['model'], r['part'], r['ternary_layers'], r['distinct_shapes'], *[r[c] for c in columns]]
         for r in results
       ],
     )
@@ -768,6 +902,7 @@ def main(argv=None):
     optimizers='adam,ec2t_grouped,ec2t_per_layer',
     part='step',
     cache_dir='',
+    repeats=1,
   )
   add('memory', bench_memory, model='micronet_c100', batch=128, child='')
   add(

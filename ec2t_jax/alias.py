@@ -145,8 +145,8 @@ def ec2t(
       optimizer in `optax.apply_if_finite`. (`ec2t_jax.training` passes False:
       its trainer stops, or skips and counts, such steps itself.)
     reference_parity: reproduce the original's quirks (docs/algorithm.md §3–4).
-    group_layers: batch the per-layer math of same-shaped leaves with
-      `jax.vmap` (see `ternary_training`).
+    group_layers: keep the leaves of one dtype in one flat buffer and update
+      all layers at once (see `ternary_training`).
 
   Returns:
     An `optax.GradientTransformation`. Under `optax.inject_hyperparams`, pass a
@@ -186,21 +186,16 @@ def ec2t(
   def update_fn(updates, state, params=None):
     # One NaN/inf gradient anywhere skips the whole update (every part keeps its
     # state), so the ternary and full-precision parts never step out of line. A
-    # `lax.cond`, not a `jnp.where` per leaf: selecting each of a large model's
-    # hundreds of state leaves made XLA:CPU compile MicroNet's update for minutes.
-    def apply(operands):
-      return inner.update(*operands)
-
-    shapes = jax.eval_shape(apply, (updates, state, params))
-
-    def skip(operands):
-      # Zero updates and the unchanged state, as `apply` types and nests them (a Flax
-      # NNX `Param` around an update stays one).
-      zeros = jax.tree.map(lambda like: jnp.zeros(like.shape, like.dtype), shapes[0])
-      kept = jax.tree.map(lambda x, like: jnp.asarray(x, like.dtype), operands[1], shapes[1])
-      return zeros, kept
-
-    return jax.lax.cond(_all_finite(updates), apply, skip, (updates, state, params))
+    # select per leaf, which XLA fuses into the kernels that compute the new values
+    # (a `lax.cond` around the update made XLA copy every state leaf into it, and
+    # one finiteness reduction per leaf added a kernel per leaf).
+    new_updates, new_state = inner.update(updates, state, params)
+    finite = _all_finite(updates)
+    new_state = jax.tree.map(
+      lambda n, o: jnp.where(finite, n, jnp.asarray(o, n.dtype)), new_state, state
+    )
+    new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+    return new_updates, new_state
 
   return optax.GradientTransformation(inner.init, update_fn)
 
@@ -288,13 +283,17 @@ def _check_gradient_dtypes(updates: optax.Updates, params: optax.Params | None) 
 
 
 def _all_finite(tree: optax.Updates) -> jax.Array:
-  """A bool scalar: every floating element of `tree` is finite."""
-  checks = [
-    jnp.all(jnp.isfinite(x))
-    for x in jax.tree.leaves(tree)
-    if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-  ]
-  return jnp.all(jnp.stack(checks)) if checks else jnp.ones((), bool)
+  """A bool scalar: every floating element of `tree` is finite.
+
+  `transforms.all_finite` of each dtype's leaves flattened together (XLA fuses the
+  concatenation into the sum), rather than one reduction per leaf.
+  """
+  by_dtype: dict[str, list[jax.Array]] = {}
+  for x in jax.tree.leaves(tree):
+    dtype = jnp.result_type(x)
+    if jnp.issubdtype(dtype, jnp.inexact):
+      by_dtype.setdefault(str(dtype), []).append(jnp.ravel(x))
+  return transforms.all_finite([jnp.concatenate(xs) for xs in by_dtype.values()])
 
 
 def _check_default_fp_dtypes(params: optax.Params, labels: optax.Params) -> None:

@@ -121,9 +121,32 @@ def cluster_pmf(
   Returns:
     float32 `(3,)` probabilities `(P_n, P_0, P_p)`.
   """
-  n = jnp.asarray(assignment.size, jnp.float32)
-  cnt = jnp.maximum(counts(assignment), 1.0)
-  p_n, p_0, p_p = cnt[0] / n, cnt[1] / n, cnt[2] / n
+  return pmf_from_counts(
+    counts(assignment), assignment.size, p0_min=p0_min, reference_parity=reference_parity
+  )
+
+
+def pmf_from_counts(
+  cluster_counts: jax.Array,
+  size: jax.typing.ArrayLike,
+  *,
+  p0_min: jax.typing.ArrayLike = 0.5,
+  reference_parity: bool = False,
+) -> jax.Array:
+  """`cluster_pmf` from the cluster counts: the probabilities of many layers at once.
+
+  Args:
+    cluster_counts: `(..., 3)` counts of `(-w_n, 0, +w_p)` per layer.
+    size: `(...)` element count of each layer.
+    p0_min: the floor of the zero cluster's probability.
+    reference_parity: reproduce the original's arithmetic (see `cluster_pmf`).
+
+  Returns:
+    float32 `(..., 3)` probabilities `(P_n, P_0, P_p)`.
+  """
+  n = _f32(size)
+  cnt = jnp.maximum(_f32(cluster_counts), 1.0)
+  p_n, p_0, p_p = cnt[..., 0] / n, cnt[..., 1] / n, cnt[..., 2] / n
   p0_min = _f32(p0_min)
   deficit = p0_min - p_0
   new_n = p_n - p_n / (p_n + p_p) * deficit
@@ -139,7 +162,8 @@ def cluster_pmf(
       jnp.where(floored, new_n, p_n),
       jnp.where(floored, p0_min, p_0),
       jnp.where(floored, new_p, p_p),
-    ]
+    ],
+    axis=-1,
   )
 
 
@@ -166,17 +190,37 @@ def lambda_max(
     float32 scalar, finite and >= 0.
   """
   w = _f32(w)
+  return lambda_max_from_extremes(jnp.min(w), jnp.max(w), centroids, info)
+
+
+def lambda_max_from_extremes(
+  w_min: jax.typing.ArrayLike,
+  w_max: jax.typing.ArrayLike,
+  centroids: jax.typing.ArrayLike,
+  info: jax.Array,
+) -> jax.Array:
+  """`lambda_max` from each layer's extreme weights: many layers at once.
+
+  Args:
+    w_min: `(...)` smallest latent weight of each layer.
+    w_max: `(...)` largest latent weight of each layer.
+    centroids: `(..., 2)` `[w_p, w_n]`.
+    info: `(..., 3)` information contents `I`.
+
+  Returns:
+    float32 `(...)`, finite and >= 0 (see `lambda_max` for the guards).
+  """
   c = _f32(centroids)
-  m_n = jnp.abs(jnp.min(w))
-  m_p = jnp.abs(jnp.max(w))
+  m_n = jnp.abs(_f32(w_min))
+  m_p = jnp.abs(_f32(w_max))
 
   def side(wc, m, i_side):
     num = jnp.maximum(wc * (2.0 * m - wc), 0.0)
-    den = i_side - info[1]
+    den = i_side - info[..., 1]
     safe = jnp.where(den > 0, den, 1.0)
     return jnp.where(den > 0, num / safe, jnp.inf)
 
-  lam = jnp.minimum(side(c[1], m_n, info[0]), side(c[0], m_p, info[2]))
+  lam = jnp.minimum(side(c[..., 1], m_n, info[..., 0]), side(c[..., 0], m_p, info[..., 2]))
   return jnp.where(jnp.isfinite(lam), lam, 0.0)
 
 
@@ -226,11 +270,18 @@ def assign(
   pre = argmin3(d)
   pmf = cluster_pmf(pre, p0_min=p0_min, reference_parity=reference_parity)
   info = information(pmf)
-  lam = _f32(gamma) * _f32(delta) * lambda_max(w, centroids, info)
-  # A huge gamma may overflow λ; keep it finite so that λ·I never becomes NaN.
-  lam = jnp.minimum(jnp.nan_to_num(lam, nan=0.0), jnp.finfo(jnp.float32).max)
+  lam = multiplier(gamma, delta, lambda_max(w, centroids, info))
   costs = d + lam * info.reshape((3,) + (1,) * (d.ndim - 1))
   return Assignment(argmin3(costs), pmf, info, lam)
+
+
+def multiplier(
+  gamma: jax.typing.ArrayLike, delta: jax.typing.ArrayLike, lam_max: jax.Array
+) -> jax.Array:
+  """`λ_l = γ·δ_l·Λ_max` (docs/algorithm.md §4.8), kept finite (any shape)."""
+  lam = _f32(gamma) * _f32(delta) * lam_max
+  # A huge gamma may overflow λ; keep it finite so that λ·I never becomes NaN.
+  return jnp.minimum(jnp.nan_to_num(lam, nan=0.0), jnp.finfo(jnp.float32).max)
 
 
 def ternary_kernel(
@@ -303,19 +354,38 @@ def centroid_floor(w: jax.typing.ArrayLike, factor: jax.typing.ArrayLike = 0.675
   A one-element kernel has no spread and gives 0 rather than NaN.
   """
   w = _f32(w)
-  n = w.size
-  if n < 2:
+  if w.size < 2:
     return jnp.zeros((), jnp.float32)
   mean = jnp.mean(w)
-  var = jnp.sum(jnp.square(w - mean)) / (n - 1)
-  return _f32(factor) * jnp.sqrt(var)
+  return floor_from_deviations(jnp.sum(jnp.square(w - mean)), w.size, factor)
+
+
+def floor_from_deviations(
+  squared_deviations: jax.typing.ArrayLike,
+  size: jax.typing.ArrayLike,
+  factor: jax.typing.ArrayLike = 0.675,
+) -> jax.Array:
+  """`centroid_floor` from `Σ (W − mean W)²` and the element count (any shape).
+
+  A layer of fewer than two elements gives 0.
+  """
+  n = _f32(size)
+  var = _f32(squared_deviations) / jnp.maximum(n - 1.0, 1.0)
+  return jnp.where(n < 2, 0.0, _f32(factor) * jnp.sqrt(var))
 
 
 def initial_centroids(w: jax.typing.ArrayLike, scale: jax.typing.ArrayLike) -> jax.Array:
   """`[w_p, w_n] = s·[|max W|, |min W|]` (docs/algorithm.md §2.2), float32."""
   w = _f32(w)
+  return centroids_from_extremes(jnp.min(w), jnp.max(w), scale)
+
+
+def centroids_from_extremes(
+  w_min: jax.typing.ArrayLike, w_max: jax.typing.ArrayLike, scale: jax.typing.ArrayLike
+) -> jax.Array:
+  """`initial_centroids` from each layer's extreme weights: float32 `(..., 2)`."""
   s = _f32(scale)
-  return jnp.stack([s * jnp.abs(jnp.max(w)), s * jnp.abs(jnp.min(w))])
+  return jnp.stack([s * jnp.abs(_f32(w_max)), s * jnp.abs(_f32(w_min))], axis=-1)
 
 
 def snap_centroids(centroids: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike) -> jax.Array:
@@ -332,15 +402,15 @@ def snap_centroids(centroids: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike)
   defines the levels placed in the network.
 
   Args:
-    centroids: `[w_p, w_n]` >= 0, float32.
+    centroids: `[w_p, w_n]` >= 0, float32; or `(..., 2)`, one pair per layer.
     dtype: the dtype of the params leaf.
 
   Returns:
-    float32 `(2,)`, exactly representable in `dtype`.
+    float32, `centroids`' shape, exactly representable in `dtype`.
   """
   c = _f32(centroids)
   info = jnp.finfo(dtype)
-  m = jnp.maximum(jnp.max(c), info.tiny)
+  m = jnp.maximum(jnp.max(c, axis=-1, keepdims=True), info.tiny)
   _, e = jnp.frexp(m)  # m = f·2^e, f in [0.5, 1): ulp(m) = 2^(e - 1 - nmant)
   exponent = jnp.maximum(e - 1 - info.nmant + 2, info.minexp)
   grid = jnp.ldexp(jnp.float32(1.0), exponent)

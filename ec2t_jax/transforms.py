@@ -11,10 +11,11 @@ Both expect to see only their own leaves (use them under `optax.partition`, as
 `ec2t_jax.ec2t` does) and receive `∂L/∂q`, the gradient w.r.t. the kernel of
 the forward pass, which *is* the params leaf. Their state holds the latent
 full-precision weights, the centroids, the assignment and the inner optimizer
-states, so the params pytree itself is the compressed network. Layers of one
-shape and dtype are stored and updated stacked (`LayerGroup`, placed by
-`LayerLayout`), which keeps kernel launches and compile time nearly flat in the
-number of layers; the states' properties give each field params-shaped.
+states, so the params pytree itself is the compressed network. The leaves of
+one dtype are stored in one flat buffer, per-layer values as small vectors
+(`LayerGroup`, placed by `LayerLayout`, computed by `ec2t_jax.fused`), so a
+step compiles to the same few computations whatever the number of layers; the
+states' properties give each field params-shaped.
 
 `reset_at_step` restarts any transformation's state at a given step (the
 original builds fresh Adam states at the switch to the frozen phase).
@@ -22,7 +23,6 @@ original builds fresh Adam states at the switch to the frozen phase).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import math
@@ -35,84 +35,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ec2t_jax import ternary, tree_util
+from ec2t_jax import fused, ternary, tree_util
 
-
-@dataclasses.dataclass(frozen=True)
-class LayerLayout:
-  """Where each compressed leaf lives in a state that stores layers stacked by shape.
-
-  A compression state keeps all leaves of one shape and dtype as one stacked
-  array per field (`LayerGroup`), so one step runs a few batched computations
-  and writes a few buffers instead of about ten small ones per layer: that is
-  what keeps compile time and kernel launches nearly flat in the number of layers
-  (`bench/performance.py compile`). The layout is static pytree metadata (it
-  holds no arrays); `stack` and `unstack` convert between params-shaped trees
-  and the stacked arrays.
-
-  Attributes:
-    treedef: structure of the params the state was built for, with
-      `optax.MaskedNode` placeholders (leaves of other transformations) as leaves.
-    groups: for each `LayerGroup`, the flat indices of its leaves, in order.
-    max_size: number of elements of the largest compressed leaf.
-  """
-
-  treedef: Any
-  groups: tuple[tuple[int, ...], ...]
-  max_size: int
-
-  @classmethod
-  def of(cls, params: optax.Params, *, group_layers: bool) -> LayerLayout:
-    """The layout for `params`: same shape and dtype share a group if `group_layers`."""
-    leaves, treedef = jax.tree.flatten(params, is_leaf=tree_util.is_masked)
-    groups: dict[Any, list[int]] = {}
-    sizes = [1]
-    for i, leaf in enumerate(leaves):
-      if tree_util.is_masked(leaf):
-        continue
-      sizes.append(int(np.prod(jnp.shape(leaf), dtype=np.int64)))
-      key = (jnp.shape(leaf), jnp.result_type(leaf)) if group_layers else i
-      groups.setdefault(key, []).append(i)
-    return cls(treedef, tuple(tuple(g) for g in groups.values()), max(sizes))
-
-  def stack(self, tree: Any) -> tuple[jax.Array, ...]:
-    """One array per group, the group's leaves of `tree` stacked on a new leading axis.
-
-    `tree` is matched to the layout leaf by leaf, not node by node: a container
-    node around a placeholder (e.g. a Flax NNX `Param(MaskedNode())` where the
-    layout has a bare `MaskedNode()`) does not matter.
-    """
-    leaves = jax.tree.leaves(tree, is_leaf=tree_util.is_masked)
-    if len(leaves) != self.treedef.num_leaves:
-      raise ValueError(
-        f'the tree has {len(leaves)} leaves but the EC2T state was built for params with '
-        f'{self.treedef.num_leaves}: pass the same params structure to init and update'
-      )
-    return tuple(jnp.stack([leaves[i] for i in members]) for members in self.groups)
-
-  def unstack(self, stacks: Sequence[Any]) -> Any:
-    """The params-shaped tree of `stacks` (placeholders where other transformations own leaves)."""
-    leaves: list[Any] = [optax.MaskedNode()] * self.treedef.num_leaves
-    for members, stacked in zip(self.groups, stacks, strict=True):
-      for k, i in enumerate(members):
-        if isinstance(stacked, jax.ShapeDtypeStruct):  # An abstract state (`jax.eval_shape`).
-          leaves[i] = jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype)
-        else:
-          leaves[i] = stacked[k]
-    return jax.tree.unflatten(self.treedef, leaves)
-
-
-jax.tree_util.register_static(LayerLayout)
+LayerLayout = fused.LayerLayout
 
 
 class LayerGroup(NamedTuple):
-  """The state of `n` same-shaped compressed leaves, stacked on a leading axis of size `n`.
+  """The state of the `n` compressed leaves of one buffer (one dtype; see `LayerLayout`).
+
+  Element-wise fields are `(rows, chunk)` buffers in which each leaf, flattened,
+  starts on a fresh row (padding after it holds zeros and assignment 1);
+  per-layer fields have a leading axis of size `n`.
 
   Attributes:
-    latent: full-precision latent weights `W`, `(n, *shape)` in the params dtype.
+    latent: full-precision latent weights `W`, `(rows, chunk)` in the params dtype.
     centroids: float32 `(n, 2)`, `[w_p, w_n]` exactly as placed in the network.
     centroid_latent: float32 `(n, 2)`, the trained (unrounded) centroids.
-    assignment: int8 `(n, *shape)`, 0 → `-w_n`, 1 → `0`, 2 → `+w_p`.
+    assignment: int8 `(rows, chunk)`, 0 → `-w_n`, 1 → `0`, 2 → `+w_p`.
     pmf: float32 `(n, 3)`, cluster probabilities of the last assignment.
     lam: float32 `(n,)`, the λ of the last assignment.
   """
@@ -129,7 +68,10 @@ def _per_leaf(field: str, doc: str) -> property:
   """A read-only property: `LayerGroup` field `field` of every group, as a params-shaped tree."""
 
   def get(state):
-    return state.layout.unstack([getattr(g, field) for g in state.groups])
+    values = [getattr(g, field) for g in state.groups]
+    if field in ('latent', 'assignment'):
+      return state.layout.unflatten(values)
+    return state.layout.split(values)
 
   return property(get, doc=doc)
 
@@ -154,7 +96,7 @@ class _CompressionFields(NamedTuple):
 class TernaryTrainingState(_CompressionFields):
   """State of `ternary_training`.
 
-  Layers of one shape and dtype are stored stacked, one `LayerGroup` each,
+  The leaves of one dtype are stored in flat buffers, one `LayerGroup` each,
   placed by `layout`. The read-only properties `latent`, `centroids`,
   `centroid_latent`, `assignment`, `pmf` and `lam` give each field as a
   params-shaped tree (`optax.MaskedNode` where another transformation owns the
@@ -162,11 +104,11 @@ class TernaryTrainingState(_CompressionFields):
 
   Attributes:
     count: int32 number of updates applied so far.
-    groups: one `LayerGroup` per group of `layout`.
+    groups: one `LayerGroup` per buffer of `layout`.
     latent_opt_state: state of the latent-weight optimizer; it sees the tuple of
-      stacked latent weights, one array per group.
+      latent buffers, one `(rows, chunk)` array per group.
     centroid_opt_state: state of the centroid optimizer; it sees the tuple of
-      stacked `(n, 2)` centroids.
+      `(n, 2)` centroids.
     layout: static; which leaf lives where.
   """
 
@@ -186,8 +128,9 @@ class ResetAtStepState(NamedTuple):
   inner_state: optax.OptState
 
 
-# Whether `update` puts an optimization barrier between the grouped math and
-# the per-layer updates (see `_compression`); `bench/performance.py` flips it.
+# Whether `update` puts an optimization barrier between the buffers' math and the
+# per-leaf updates on platforms other than CPU (see `_guarded`); `bench/performance.py`
+# flips it.
 _FENCE_UPDATES = True
 
 CompressionState = TernaryTrainingState | EntropyConstrainedPruningState
@@ -253,24 +196,23 @@ def check_leaf_values(leaf: Any, where: str) -> None:
     )
 
 
-def _warn_if_moved(what, layout, params, groups, count, kernel, warned: list) -> None:
+def _warn_if_moved(what, names, flat_params, groups, segments, count, prune, warned) -> None:
   """Warns (once) when the params are not the kernels this transformation's last update made.
 
   After an update, `params + updates` is exactly the ternary kernel of the
   state; a transformation chained after this one (a scale, a learning rate,
   weight decay) changes the updates and the params drift off the ternary grid.
-  The check runs on device; the host hears of it only when params moved.
+  The check runs on device, one reduction per buffer; the host hears of it only
+  when params moved. `names` holds the leaves' paths per buffer (None: not known).
   """
-  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=tree_util.is_masked)[0]
-  if len(flat) != layout.treedef.num_leaves or not groups:
+  if names is None or not groups:
     return
-  names = [[jax.tree_util.keystr(flat[i][0]) for i in members] for members in layout.groups]
-  moved = tuple(
-    jax.vmap(lambda p, a, c, w: jnp.sum(p != kernel(a, c, w, p.dtype)))(
-      p, g.assignment, g.centroids, g.latent
-    )
-    for p, g in zip(layout.stack(params), groups, strict=True)
-  )
+
+  def moved_per_layer(seg, p, g):
+    q = fused.kernel(seg, g.assignment, g.centroids, g.latent, p.dtype, prune=prune)
+    return seg.reduce(('sum', (p != q).astype(jnp.int32)))[0]
+
+  moved = tuple(map(moved_per_layer, segments, flat_params, groups))
 
   def report(counts):
     if warned:
@@ -341,21 +283,25 @@ def check_hyperparameter(
     raise ValueError(f'{name} must be {">" if strict else ">="} {minimum:g}, got {v}')
 
 
-def _all_finite(arrays: Sequence[jax.Array]) -> jax.Array:
-  """A bool scalar: every element of every array is finite."""
+def all_finite(arrays: Sequence[jax.Array]) -> jax.Array:
+  """A bool scalar: every element of every (floating) array is finite.
+
+  Computed as `isfinite(Σ 0·x)`: `0·x` is 0 for a finite `x` and NaN for NaN or
+  ±inf, and a sum holding one NaN is NaN. One plain sum per array is fewer
+  kernels than XLA:CPU's cascade of boolean reductions for `all(isfinite(x))`.
+  """
   if not arrays:  # No leaf of this kind (e.g. no ternary leaf in a pruning-only pass).
     return jnp.ones((), bool)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
+  return jnp.all(jnp.stack([jnp.isfinite(jnp.sum(a * jnp.zeros((), a.dtype))) for a in arrays]))
 
 
-def _check_shapes(layout: LayerLayout, groups: Sequence[LayerGroup], tree: Any, what: str) -> None:
+def _check_shapes(layout: LayerLayout, tree: Any, what: str) -> None:
   """Refuses a tree whose leaves do not have the shapes the state was built for (at trace time)."""
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=tree_util.is_masked)[0]
   if len(flat) != layout.treedef.num_leaves:
-    return  # `LayerLayout.stack` names the leaf counts.
-  for members, group in zip(layout.groups, groups, strict=True):
-    want = tuple(group.latent.shape[1:])
-    for i in members:
+    return  # `LayerLayout.flatten` names the leaf counts.
+  for members, shapes in zip(layout.groups, layout.shapes, strict=True):
+    for i, want in zip(members, shapes, strict=True):
       path, leaf = flat[i]
       if tuple(jnp.shape(leaf)) != want:
         raise ValueError(
@@ -363,6 +309,46 @@ def _check_shapes(layout: LayerLayout, groups: Sequence[LayerGroup], tree: Any, 
           f'optimizer state was built (by init) for shape {want}: the params changed shape or '
           'order between init and update; call init again with the new params'
         )
+
+
+def _guarded(finite: jax.Array, step, operands, layout: LayerLayout):
+  """`step(operands)` if `finite`, else zero updates and the state as it was.
+
+  `step` returns `(flat updates, new state)` and `operands` is
+  `(grads, params, state)`. The updates and the first row of each leaf in them
+  come out of a fence: XLA can then neither fuse the buffers' whole math into
+  each leaf's slice of the updates (one copy of it per layer) nor bake each
+  leaf's offset into its slice (one distinct kernel to compile per layer, where
+  same-shaped leaves now share one; `LayerLayout.unflatten`). On CPU the fence is
+  a `lax.cond` (XLA:CPU drops optimization barriers before fusion, but a
+  conditional's results are materialized); elsewhere an optimization barrier
+  (`_FENCE_UPDATES`; a conditional would cost a device-to-host read per step).
+
+  Returns:
+    `(flat updates, starts, state)`, `starts` for `LayerLayout.unflatten`.
+  """
+  updates, new_state = step(operands)
+  state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, operands[2])
+  starts = tuple(
+    tuple(jnp.asarray(r, jnp.int32) for r in layout.row_starts(g))
+    for g in range(len(layout.groups))
+  )
+
+  def kept(u):
+    return u, starts
+
+  def skipped(u):  # Zero updates; any offset reads zeros (unlike `kept`'s, so not hoisted).
+    return tuple(jnp.zeros_like(x) for x in u), jax.tree.map(jnp.zeros_like, starts)
+
+  def by_cond(u):
+    return jax.lax.cond(finite, kept, skipped, u)
+
+  def by_select(u):
+    u = tuple(jnp.where(finite, x, jnp.zeros_like(x)) for x in u)
+    return jax.lax.optimization_barrier((u, starts)) if _FENCE_UPDATES else (u, starts)
+
+  fenced, first_rows = jax.lax.platform_dependent(updates, cpu=by_cond, default=by_select)
+  return fenced, first_rows, state
 
 
 def check_step(name: str, value: Any) -> None:
@@ -404,28 +390,24 @@ def _compression_factory(prune: bool):
     what = 'entropy_constrained_pruning' if prune else 'ternary_training'
     warned: list[bool] = []  # `_warn_if_moved` warns once per transformation.
 
-    def kernel(assignment, centroids, latent, dtype):
-      if prune:
-        return ternary.pruned_kernel(assignment, latent, dtype)
-      return ternary.ternary_kernel(assignment, centroids, dtype)
-
-    def init_group(p):  # One leaf; `jax.vmap`-ed over a group.
-      centroid_latent = ternary.initial_centroids(p, init_scale)
+    def init_group(segments, p):  # One buffer: every leaf of one dtype.
+      centroid_latent = fused.initial_centroids(segments, p, init_scale)
       centroids = ternary.snap_centroids(centroid_latent, p.dtype)
-      assignment = ternary.nearest(p, centroids)
+      assignment = fused.nearest(segments, p, centroids)
       return LayerGroup(
-        latent=jnp.array(p, copy=True),
+        latent=p,
         centroids=centroids,
         centroid_latent=centroid_latent,
         assignment=assignment,
-        pmf=ternary.counts(assignment) / assignment.size,
-        lam=jnp.zeros((), jnp.float32),
+        pmf=segments.counts(assignment) / segments.sizes.astype(np.float32)[:, None],
+        lam=jnp.zeros((segments.num_layers,), jnp.float32),
       )
 
     def init_fn(params):
       _check_floating(params, what)
       layout = LayerLayout.of(params, group_layers=group_layers)
-      groups = tuple(jax.vmap(init_group)(p) for p in layout.stack(params))
+      buffers = layout.flatten(params)
+      groups = tuple(init_group(fused.Segments(layout, g), p) for g, p in enumerate(buffers))
       return state_cls(
         count=jnp.zeros((), jnp.int32),
         groups=groups,
@@ -434,32 +416,31 @@ def _compression_factory(prune: bool):
         layout=layout,
       )
 
-    def update_fn(updates, state, params=None):
-      if params is None:
-        raise ValueError(f'{what} needs the current params: call update(grads, state, params).')
+    def step(operands, names=None):
+      """One update of every buffer: `(flat updates, new state)` (docs/algorithm.md §3).
+
+      `names`: the paths of each buffer's leaves, for `_warn_if_moved`.
+      """
+      grads, flat_params, state = operands
       count, layout, groups = state.count, state.layout, state.groups
-      _check_shapes(layout, groups, updates, f'{what}: the gradient')
-      _check_shapes(layout, groups, params, f'{what}: the params')
+      segments = [fused.Segments(layout, g) for g in range(len(groups))]
       if freeze_assignment_at is None:
         frozen = jnp.zeros((), bool)
       else:
         frozen = count >= jnp.asarray(freeze_assignment_at, jnp.int32)
       latent = tuple(g.latent for g in groups)
       centroid_latent = tuple(g.centroid_latent for g in groups)
-      _warn_if_moved(what, layout, params, groups, count, kernel, warned)
+      _warn_if_moved(what, names, flat_params, groups, segments, count, prune, warned)
 
       # 1. Map ∂L/∂q to the latent weights and the centroids, with the
       #    assignment and centroids that produced this step's kernel.
-      def map_gradient(g, a, c, w):
-        g_w, g_c = ternary.map_gradient(g, a, c, reference_parity=reference_parity, prune=prune)
-        return g_w.astype(w.dtype), g_c
-
-      stacked_grads = layout.stack(updates)
       mapped = [
-        jax.vmap(map_gradient)(g, s.assignment, s.centroids, s.latent)
-        for g, s in zip(stacked_grads, groups, strict=True)
+        fused.map_gradient(
+          seg, g, s.assignment, s.centroids, reference_parity=reference_parity, prune=prune
+        )
+        for seg, g, s in zip(segments, grads, groups, strict=True)
       ]
-      latent_grads = tuple(m[0] for m in mapped)
+      latent_grads = tuple(m[0].astype(w.dtype) for m, w in zip(mapped, latent, strict=True))
       centroid_grads = tuple(m[1] for m in mapped)
 
       # 2. Latent weights: their own optimizer; frozen in phase 2.
@@ -481,22 +462,25 @@ def _compression_factory(prune: bool):
       )
       stepped_centroids = optax.apply_updates(centroid_latent, c_updates)
 
-      def finish(p, w, c_latent, a_old):
+      def finish(seg, p, w, c_latent, a_old):
         # 4. Centroid floor from the latent weights (the phase-1 ones when frozen).
-        c_latent = jnp.maximum(c_latent, ternary.centroid_floor(w, centroid_floor_std))
+        stats = fused.latent_statistics(seg, w, centroid_floor_std)
+        c_latent = jnp.maximum(c_latent, stats.floor[:, None])
         c = ternary.snap_centroids(c_latent, p.dtype)
         # 5. Entropy-constrained re-assignment; kept as it is when frozen.
-        result = ternary.assign(
+        result = fused.assign(
+          seg,
           w,
           c,
+          stats,
           gamma=gamma,
-          delta=ternary.layer_weight(w.size, layout.max_size, sustain),
+          delta=ternary.layer_weight(seg.sizes, layout.max_size, sustain),
           p0_min=p0_min,
           reference_parity=reference_parity,
         )
         a = jnp.where(frozen, a_old, result.assignment)
         # 6. The new kernel, reached exactly by `optax.apply_updates`.
-        q = kernel(a, c, w, p.dtype)
+        q = fused.kernel(seg, a, c, w, p.dtype, prune=prune)
         u = ternary.exact_update(p, q)
         # A move that no float `u` can make exact (possible only when a centroid
         # changes several-fold in one step) goes to zero instead: `p + (-p)` is
@@ -509,8 +493,15 @@ def _compression_factory(prune: bool):
         return u, LayerGroup(w, c, c_latent, a, result.pmf, result.lam)
 
       finished = [
-        jax.vmap(finish)(p, w, c, s.assignment)
-        for p, w, c, s in zip(layout.stack(params), latent, stepped_centroids, groups, strict=True)
+        finish(*args)
+        for args in zip(
+          segments,
+          flat_params,
+          latent,
+          stepped_centroids,
+          [g.assignment for g in groups],
+          strict=True,
+        )
       ]
       new_state = state_cls(
         count=optax.safe_increment(count),
@@ -519,18 +510,25 @@ def _compression_factory(prune: bool):
         centroid_opt_state=c_opt_state,
         layout=layout,
       )
-      stacked_updates = [f[0] for f in finished]
+      return tuple(f[0] for f in finished), new_state
+
+    def update_fn(updates, state, params=None):
+      if params is None:
+        raise ValueError(f'{what} needs the current params: call update(grads, state, params).')
+      _check_shapes(state.layout, updates, f'{what}: the gradient')
+      _check_shapes(state.layout, params, f'{what}: the params')
+      grads = state.layout.flatten(updates)
+      operands = (grads, state.layout.flatten(params), state)
       # A NaN/inf gradient would make the latent weights and centroids NaN for good
       # (and the layer all zeros): skip the update instead, keeping the state.
-      finite = _all_finite(stacked_grads)
-      new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
-      stacked_updates = [jnp.where(finite, u, jnp.zeros_like(u)) for u in stacked_updates]
-      if _FENCE_UPDATES:
-        # Keeps XLA:GPU from fusing a group's whole update math into each layer's
-        # slice of it (as many large kernels as layers, instead of one per group).
-        # XLA:CPU removes the barrier before fusion.
-        stacked_updates = jax.lax.optimization_barrier(stacked_updates)
-      return layout.unstack(stacked_updates), new_state
+      flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=tree_util.is_masked)[0]
+      names = None
+      if len(flat) == state.layout.treedef.num_leaves:
+        names = [[jax.tree_util.keystr(flat[i][0]) for i in g] for g in state.layout.groups]
+      flat_updates, starts, new_state = _guarded(
+        all_finite(grads), functools.partial(step, names=names), operands, state.layout
+      )
+      return state.layout.unflatten(flat_updates, starts), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -570,15 +568,14 @@ Args:
     at the switch, as the original does.
   reference_parity: reproduce the original's quirks (the `w_n` gradient sign
     and the probability-floor arithmetic) instead of the correct math.
-  group_layers: store and update all leaves with the same shape and dtype
-    as one stacked array per state field (default): a few large kernels and
-    buffers instead of about ten per layer, which keeps compile time and GPU
-    kernel launches flat in the number of layers (MicroNet's 138 ternary
-    layers have 5 shapes). False keeps one group per leaf. Results agree to
-    float rounding either way. The inner optimizers see one array per group,
-    so an element-wise optimizer (Adam, SGD, weight decay, global-norm
-    clipping) behaves identically; one that normalizes per leaf (LARS/LAMB
-    trust ratios) should run with `group_layers=False`.
+  group_layers: store all leaves of one dtype in one flat buffer per state
+    field (default; `ec2t_jax.fused`): the update compiles to the same few
+    dozen kernels whatever the number of layers, plus one read and one write
+    per leaf. False keeps one buffer per leaf. Results agree to float rounding
+    either way. The inner optimizers see one array per buffer, so an
+    element-wise optimizer (Adam, SGD, weight decay, global-norm clipping)
+    behaves identically; one that normalizes per leaf (LARS/LAMB trust
+    ratios) should run with `group_layers=False`.
 Returns:
   An `optax.GradientTransformation` whose state is a `TernaryTrainingState`.
 

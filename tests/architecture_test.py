@@ -21,6 +21,7 @@ CORE = (
   'ec2t_jax',
   'ec2t_jax.alias',
   'ec2t_jax.baselines',
+  'ec2t_jax.fused',
   'ec2t_jax.masks',
   'ec2t_jax.methods',
   'ec2t_jax.state_utils',

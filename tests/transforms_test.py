@@ -12,7 +12,7 @@ from conftest import counting_jit
 from flax import linen as nn
 
 import ec2t_jax
-from ec2t_jax import ternary, transforms, tree_util
+from ec2t_jax import fused, jaxprs, ternary, transforms, tree_util
 
 SHAPES = {'conv': (3, 3, 4, 8), 'dense': (32, 10), 'small': (5, 3)}
 
@@ -448,8 +448,14 @@ def test_layer_weight_uses_the_largest_layer():
   assert ternary.layer_weight(288, 320) < ternary.layer_weight(320, 320) == pytest.approx(1.0)
 
 
+def _all_eqns(jaxpr) -> int:
+  """Equations of `jaxpr`, counting those of the jaxprs nested in them (cond branches, ...)."""
+  nested = (j for e in jaxpr.eqns for v in e.params.values() for j in jaxprs.sub_jaxprs(v))
+  return len(jaxpr.eqns) + sum(_all_eqns(j) for j in nested)
+
+
 def test_grouped_layers_match_layer_by_layer():
-  """`group_layers=True` (vmap over same-shaped leaves) trains like the per-layer map."""
+  """`group_layers=True` (one buffer for all leaves) trains like one buffer per leaf."""
   shapes = {'a': (3, 3, 4, 8), 'b': (3, 3, 4, 8), 'c': (3, 3, 4, 8), 'd': (32, 10), 'e': (32, 10)}
   shapes['f'] = (5, 3)
   w0 = {k: jnp.asarray(v) for k, v in _weights(3, shapes).items()}
@@ -467,11 +473,11 @@ def test_grouped_layers_match_layer_by_layer():
       params = optax.apply_updates(params, updates)
       _assert_exactly_ternary(params, opt_state)
       history.append(jax.tree.map(np.asarray, _state(opt_state).assignment))
-    # The update's own operations (without the whole-update NaN guard's `lax.cond`).
+    # The update's own operations, nested ones (conditionals' branches) included.
     bare = ec2t_jax.ec2t(
       _all_true, group_layers=group, freeze_assignment_at=40, gamma=0.3, skip_nonfinite=False
     )
-    eqns = len(jax.make_jaxpr(bare.update)(grads, opt_state, params).eqns)
+    eqns = _all_eqns(jax.make_jaxpr(bare.update)(grads, opt_state, params).jaxpr)
     runs[group] = (history, _state(opt_state), eqns)
   for step, (a, b) in enumerate(zip(runs[True][0], runs[False][0], strict=True)):
     for k in shapes:
@@ -482,39 +488,48 @@ def test_grouped_layers_match_layer_by_layer():
       np.testing.assert_allclose(
         getattr(grouped, field)[k], getattr(single, field)[k], rtol=1e-5, atol=1e-6
       )
-  # Three shapes: the grouped update traces far fewer operations than six leaves one by one.
+  # One buffer: the grouped update traces far fewer operations than six leaves one by one.
   assert runs[True][2] < 0.75 * runs[False][2], (runs[True][2], runs[False][2])
 
 
-def test_state_stores_same_shaped_layers_stacked():
-  """One `LayerGroup` per shape and dtype; the properties give params-shaped trees."""
+def test_state_stores_the_leaves_of_one_dtype_in_one_buffer():
+  """One `LayerGroup` per dtype, in rows of `CHUNK`; the properties give params-shaped trees."""
   shapes = {'a': (3, 3, 4, 8), 'b': (3, 3, 4, 8), 'c': (32, 10), 'd': (5, 3), 'e': (3, 3, 4, 8)}
   w0 = {k: jnp.asarray(v) for k, v in _weights(5, shapes).items()}
   w0['d'] = w0['d'].astype(jnp.bfloat16)
   state = ec2t_jax.ternary_training().init(w0)
-  assert state.layout.groups == ((0, 1, 4), (2,), (3,))  # Flat order a, b, c, d, e.
-  assert [g.latent.shape for g in state.groups] == [(3, 3, 3, 4, 8), (1, 32, 10), (1, 5, 3)]
-  assert state.groups[2].latent.dtype == jnp.bfloat16
-  assert [g.assignment.dtype for g in state.groups] == [jnp.int8] * 3
-  assert [g.centroids.shape for g in state.groups] == [(3, 2), (1, 2), (1, 2)]
+  assert state.layout.groups == ((0, 1, 2, 4), (3,))  # Flat order a, b, c, d, e.
+  chunk = fused.CHUNK
+  assert chunk == 256  # 288 and 320 elements take two rows each, 15 one.
+  assert [g.latent.shape for g in state.groups] == [(8, chunk), (1, chunk)]
+  assert state.groups[1].latent.dtype == jnp.bfloat16
+  assert [g.assignment.dtype for g in state.groups] == [jnp.int8] * 2
+  assert [g.centroids.shape for g in state.groups] == [(4, 2), (1, 2)]
+  assert [g.lam.shape for g in state.groups] == [(4,), (1,)]
+  # Each leaf starts on a fresh row; its last row's tail is padding: 0, assigned to zero.
+  first = state.groups[0]
+  np.testing.assert_array_equal(first.latent[:2].reshape(-1)[:288], w0['a'].reshape(-1))
+  np.testing.assert_array_equal(first.latent[1, 288 - chunk :], 0.0)
+  np.testing.assert_array_equal(first.assignment[1, 288 - chunk :], ternary.ZERO)
   np.testing.assert_array_equal(state.latent['e'], w0['e'])
   assert jax.tree.structure(state.assignment) == jax.tree.structure(w0)
   for k, leaf in state.pmf.items():
     assert leaf.shape == (3,), k
-  # The inner optimizers see one array per group.
+  # The inner optimizers see one array per buffer.
   (adam, _) = state.latent_opt_state
   assert [m.shape for m in adam.mu] == [g.latent.shape for g in state.groups]
-  # Layer by layer: one group per leaf, still stacked on a leading axis of 1.
+  # Layer by layer: one buffer per leaf.
   single = ec2t_jax.ternary_training(group_layers=False).init(w0)
   assert single.layout.groups == tuple((i,) for i in range(5))
-  assert all(g.latent.shape[0] == 1 for g in single.groups)
+  assert [g.latent.shape[0] for g in single.groups] == [2, 2, 2, 1, 2]
   # An abstract state (as for checkpoint targets) has abstract views.
   abstract = jax.eval_shape(ec2t_jax.ternary_training().init, w0)
   assert abstract.assignment['b'] == jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.int8)
   assert abstract.latent['d'] == jax.ShapeDtypeStruct((5, 3), jnp.bfloat16)
+  assert abstract.centroids['d'] == jax.ShapeDtypeStruct((2,), jnp.float32)
 
 
-def test_stacked_state_keeps_other_leaves_as_placeholders_and_checkpoints():
+def test_flat_state_keeps_other_leaves_as_placeholders_and_checkpoints():
   """Under `optax.partition` the views hold MaskedNode placeholders; the layout is static."""
   w0 = {k: jnp.asarray(v) for k, v in _weights(6).items()}
   mask = lambda p: {k: k != 'dense' for k in p}
@@ -530,3 +545,19 @@ def test_stacked_state_keeps_other_leaves_as_placeholders_and_checkpoints():
   (again,) = ec2t_jax.compression_states(rebuilt)
   assert again.layout == state.layout
   np.testing.assert_array_equal(again.assignment['conv'], state.assignment['conv'])
+
+
+def test_multi_steps_accumulates_and_stays_exactly_ternary():
+  """Under `optax.MultiSteps` the fused state steps every k-th update; params stay ternary."""
+  w0 = {k: jnp.asarray(v) for k, v in _weights(7).items()}
+  tx = optax.MultiSteps(ec2t_jax.ec2t(_all_true, gamma=0.3), every_k_schedule=3)
+  opt_state = tx.init(w0)
+  params = ec2t_jax.ternarize(w0, opt_state)
+  update = jax.jit(tx.update)
+  rng = np.random.default_rng(8)
+  for _ in range(7):
+    grads = {k: (rng.standard_normal(s) * 0.02).astype(np.float32) for k, s in SHAPES.items()}
+    updates, opt_state = update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    _assert_exactly_ternary(params, opt_state)
+  assert int(_state(opt_state).count) == 2  # Updates 3 and 6 of 7.
