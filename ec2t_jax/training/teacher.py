@@ -3,7 +3,8 @@
 `config.distill.teacher` names it:
 
 * `'fp'`: the run's own full-precision network, as its first full-precision
-  stage ends (saved as `WORKDIR/fp_variables`); without a full-precision
+  stage ends (saved as `WORKDIR/teacher_variables`, which later full-precision
+  stages do not overwrite as they do `fp_variables`); without a full-precision
   stage, the network the run starts from (`config.init_from`, or a grown
   base);
 * a path: a workdir of a finished run (its own model and variables), an
@@ -13,9 +14,8 @@
 A teacher must map the run's inputs to the run's classes: a workdir teacher
 is checked against the image shape and classes its checkpoint records (and,
 once the data is open, its input normalization), a variables file by loading
-it into `config.model`. The teacher's
-`sha256` is kept in the run's checkpoints, and a resume with another teacher
-is refused.
+it into `config.model`. The teacher's `sha256` is kept in the run's
+checkpoints, and a resume with another teacher is refused.
 """
 
 from __future__ import annotations
@@ -104,24 +104,28 @@ def check_source(run: spec_lib.RunSpec) -> None:
         'a teacher must map the same inputs to the same classes'
       )
     return
-  load_path_teacher(run, check_only=True)
+  _load_file(run)  # Loads and checks the shapes; the variables are loaded again for training.
 
 
-def load_path_teacher(run: spec_lib.RunSpec, *, check_only: bool = False) -> Teacher | None:
-  """The teacher at `config.distill.teacher` (a path), loaded; None with `check_only`.
+def load_path_teacher(run: spec_lib.RunSpec) -> Teacher:
+  """The teacher at `config.distill.teacher` (a path), loaded.
 
   Raises:
     ValueError: naming the path when it cannot be read or does not fit the run.
   """
   source = run.distill.teacher
-  data = run.data
   if _is_workdir(source):
-    if check_only:
-      return None
     from ec2t_jax.training import workdir as workdir_lib  # Local, as in check_source.
 
     loaded = workdir_lib.load_workdir(source)
     return teacher_of_variables(loaded.model, loaded.variables)
+  return teacher_of_variables(*_load_file(run))
+
+
+def _load_file(run: spec_lib.RunSpec) -> tuple[Any, dict[str, Any]]:
+  """`(model, variables)` of a teacher file of `config.model` (orbax directory or .pt/.pth)."""
+  source = run.distill.teacher
+  data = run.data
   model = variables_lib.create_model(run.model, data.num_classes)
   expected = variables_lib.initial_shapes(model, data.image_shape)
   try:
@@ -133,7 +137,7 @@ def load_path_teacher(run: spec_lib.RunSpec, *, check_only: bool = False) -> Tea
       f'{e} (a teacher file must hold {run.model.name} variables for {data.num_classes} classes '
       f'and {tuple(data.image_shape)} images)'
     ) from e
-  return None if check_only else teacher_of_variables(model, variables)
+  return model, variables
 
 
 TEACHER_DIR = 'teacher_variables'
