@@ -20,6 +20,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ec2t_jax import tree_util
@@ -144,7 +145,9 @@ class Checkpointer:
     A deletion that fails is a warning naming the checkpoint: checkpoint `written`
     is on disk, so the run goes on.
     """
-    for step in self.steps()[: -self._max_to_keep]:
+    # orbax's delete synchronizes the processes: every process deletes the same steps, those
+    # the first process lists (another may list before or after a deletion becomes visible).
+    for step in _agreed(self.steps()[: -self._max_to_keep]):
       try:
         self._manager.delete(step)
       except Exception as e:  # noqa: BLE001 - orbax and the filesystem raise many types.
@@ -309,3 +312,15 @@ def load_variables(path: str) -> Any:
       f'{path!r} cannot be read as variables written by save_variables '
       f'({type(e).__name__}: {" ".join(str(e).split())[:200]})'
     ) from e
+
+
+def _agreed(steps: list[int]) -> list[int]:
+  """`steps` as the first process has them, in every process (itself with one process)."""
+  if jax.process_count() == 1:
+    return steps
+  from jax.experimental import multihost_utils
+
+  count = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+  mine = np.full(count, -1, np.int32)
+  mine[: min(count, len(steps))] = steps[:count]
+  return [int(s) for s in multihost_utils.broadcast_one_to_all(mine)]
