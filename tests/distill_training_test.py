@@ -132,3 +132,59 @@ def test_the_fp_teacher_cannot_teach_its_own_stage(tiny_mnist):
   del config.stages['fp']
   with pytest.raises(ValueError, match='no full-precision stage and no config.init_from'):
     parse_lib.parse(config, check_data=False, check_init_from=False)
+
+
+def test_distill_stages_chooses_the_stages_that_distill(tiny_mnist):
+  import ml_collections
+
+  def weights(config):
+    return {s.name: s.distillation for s in parse_lib.parse(config, check_data=False).stages}
+
+  assert weights(tiny_mnist(**FP)) == {'fp': (0.0, 2.0), 'ec2t': (0.5, 2.0), 'frozen': (0.5, 2.0)}
+  only_frozen = tiny_mnist(**{**FP, 'distill.stages': 'frozen', 'distill.weight': 0.9})
+  assert weights(only_frozen) == {'fp': (0.0, 2.0), 'ec2t': (0.0, 2.0), 'frozen': (0.9, 2.0)}
+  # Named stages: a frozen stage continues its EC2T stage's, or sets its own.
+  config = tiny_mnist(**FP)
+  config.stages = ml_collections.ConfigDict(
+    {
+      'fp': {'kind': 'fp', 'num_epochs': 1},
+      'tern': {'kind': 'ec2t', 'num_epochs': 1, 'distill_weight': 0.2},
+      'hold': {'kind': 'frozen', 'num_epochs': 1},
+    }
+  )
+  config.stage_order = 'fp,tern,hold'
+  assert weights(config)['hold'] == (0.2, 2.0)
+  config.stages.hold.distill_weight = 0.7
+  config.stages.hold.distill_temperature = 1.0
+  assert weights(config)['hold'] == (0.7, 1.0)
+  config.distill.stages = 'tern,hld'
+  with pytest.raises(ValueError, match=r"config.distill.stages names \['hld'\].*valid: fp, tern"):
+    parse_lib.parse(config, check_data=False)
+
+
+@pytest.mark.slow  # Trains tiny runs end to end.
+def test_distilling_only_the_frozen_stage_leaves_the_ec2t_stage_alone(
+  tmp_path, tiny_mnist, trained_workdir, sigterm_at, monkeypatch
+):
+  import json
+
+  config = {**FP, 'distill.stages': 'frozen'}
+  whole = train.train_and_evaluate(tiny_mnist(**config), str(tmp_path / 'whole'))
+  plain = json.load(open(f'{trained_workdir}/summary.json'))
+  assert whole['params_sha256'] != plain['params_sha256']  # The frozen stage distilled.
+  sigterm_at(6)  # Where the EC2T stage ends (3 fp + 3 EC2T steps).
+  stopped = train.train_and_evaluate(tiny_mnist(**config), str(tmp_path / 'run'))
+  sigterm_at(6)
+  plain_stopped = train.train_and_evaluate(tiny_mnist(), str(tmp_path / 'plain'))
+  assert stopped['step'] == plain_stopped['step'] == 6
+
+  def params_at_stop(name):
+    from ec2t_jax.training import setup as setup_lib
+    from ec2t_jax.training import workdir as workdir_lib
+
+    return setup_lib.params_sha256(workdir_lib.load_workdir(str(tmp_path / name)).variables)
+
+  assert params_at_stop('run') == params_at_stop('plain')  # The EC2T stage did not distill.
+  monkeypatch.undo()
+  resumed = train.train_and_evaluate(tiny_mnist(**config), str(tmp_path / 'run'))
+  assert resumed['params_sha256'] == whole['params_sha256']

@@ -136,9 +136,13 @@ def get_config():
   # init_from network); or a path: a finished run's workdir, an orbax variables dir, a .pt.
   config.distill.teacher = ''
   config.distill.temperature = 4.0
-  # w of compressing stages; a stage may set its own distill_weight / distill_temperature
+  # w of the stages that distill; a stage may set its own distill_weight / distill_temperature
   # (full-precision stages distill only where they set distill_weight).
   config.distill.weight = 0.5
+  # Which stages distill: '' = every compressing stage (a frozen stage as the stage it
+  # continues); else their names, comma-separated, e.g. 'frozen' (the default sequence's
+  # stages are fp, ec2t, frozen) to distill only while the assignment is frozen.
+  config.distill.stages = ''
 
   config.log_every_steps = 100
   # Training steps per compiled call: k > 1 runs k steps as one scan over k batches, so the

@@ -88,8 +88,8 @@ _FINITE_EC2T = ('gamma', 'init_scale', 'sustain', 'p0_min', 'centroid_floor_std'
 _PATTERNS = ('ternary_pattern', 'ternary_exclude', 'keep_pattern', 'prune_pattern')
 
 
-def _settings(kind: str, config: Mapping[str, Any], overrides: Mapping[str, Any]):
-  """The typed settings of a stage of `kind`: defaults < its config section < the stage."""
+def _settings(kind: str, config: Mapping[str, Any], overrides: Mapping[str, Any], name: str = ''):
+  """The typed settings of stage `name` of `kind`: defaults < its config section < the stage."""
   kind_info = stages_lib.get(kind)
   section = kind_info.settings  # 'fp' or 'ec2t'
   cls = STAGE_SETTINGS[section]
@@ -97,10 +97,7 @@ def _settings(kind: str, config: Mapping[str, Any], overrides: Mapping[str, Any]
   defaults = default_config.get_config()[section]  # The one home of every default value.
   merged = {k: v for k, v in defaults.items() if k in names}
   merged.update({k: v for k, v in (config.get(section) or {}).items() if k in names})
-  # Distillation: config.distill's temperature; its weight on compressing kinds with a teacher.
-  distill = _distill_spec(config)
-  merged['distill_temperature'] = distill.temperature
-  merged['distill_weight'] = distill.weight if distill.teacher and kind_info.compresses else 0.0
+  merged['distill_weight'], merged['distill_temperature'] = _distill_default(config, kind, name)
   merged.update({k: v for k, v in overrides.items() if k in names})
   merged = {k: ('' if v is None and k.endswith('pattern') else v) for k, v in merged.items()}
   return cls(**merged)
@@ -251,56 +248,6 @@ def _check_devices(config, problems: _Problems) -> None:
     problems.add(f'config.batch_size={batch_size} must be divisible by the {n} devices')
 
 
-def _check_model_output(config, num_classes: int, image_shape, problems: _Problems) -> None:
-  """The model's logits must have `num_classes` entries (traced with `jax.eval_shape`)."""
-  import jax
-  import jax.numpy as jnp
-
-  model = problems.check(lambda: variables_lib.create_model(model_spec(config), num_classes))
-  if model is None:
-    return
-  if not hasattr(model, 'init'):
-    problems.add(
-      f'config.model={config.model!r} built a {type(model).__name__}, not a flax.linen '
-      'Module: its factory must return a Module (models.register(name, factory))'
-    )
-    return
-
-  def output():
-    x = jnp.zeros((1, *image_shape), jnp.float32)
-    rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(0)}
-    return model.init_with_output(rngs, x, train=False)
-
-  try:
-    logits, variables = jax.eval_shape(output)
-  except Exception as e:  # noqa: BLE001  (any failure to trace the model on this input)
-    detail = ' '.join(str(e).split())[:300]
-    problems.add(
-      f'config.model={config.model!r} cannot run on images of shape {tuple(image_shape)} '
-      f'({type(e).__name__}: {detail}); check config.model_kwargs, config.image_size or the '
-      'dataset'
-    )
-    return
-  shape = getattr(logits, 'shape', None)
-  if shape is None or len(shape) != 2 or shape[-1] != num_classes:
-    problems.add(
-      f'config.model={config.model!r} returns outputs of shape {shape} for a batch of 1, '
-      f'but the run has {num_classes} classes: the model must return (batch, {num_classes}) '
-      'logits'
-    )
-  bad = [
-    '/'.join(str(getattr(k, 'key', k)) for k in path)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(variables.get('params', {}))
-    if not jnp.issubdtype(leaf.dtype, jnp.floating)
-  ]
-  if bad:
-    problems.add(
-      f'config.model={config.model!r} has params that are not floating point ({", ".join(bad[:3])}'
-      f'); gradients need float params: keep integer state in another collection than '
-      "'params'"
-    )
-
-
 def parse(
   config: Any,
   *,
@@ -378,7 +325,10 @@ def parse(
           f"has {known} classes; leave it 0 (the dataset's) or set >= {known}"
         )
       elif check_model and model_ok and not problems.messages:
-        _check_model_output(config, num_classes, image_shape, problems)
+        for problem in variables_lib.model_output_problems(
+          model_spec(config), num_classes, image_shape
+        ):
+          problems.add(problem)
   if not_prepared is not None:
     extra = ' '.join(f'Also, {p.rstrip(".")}.' for p in problems.messages)
     raise type(not_prepared)(f'{not_prepared} {extra}'.strip()) from not_prepared
@@ -401,6 +351,31 @@ def _distill_spec(config: Mapping[str, Any]) -> DistillSpec:
     teacher=str(distill.get('teacher') or ''),
     temperature=distill.get('temperature', 4.0),
     weight=distill.get('weight', 0.0),
+    stages=tuple(stages_lib.names(distill.get('stages') or '')),
+  )
+
+
+def _distill_default(config: Mapping[str, Any], kind: str, name: str) -> tuple[float, float]:
+  """`(weight, temperature)` of stage `name` before its own fields: `config.distill`'s.
+
+  With a teacher, the stages `config.distill.stages` names distill (all
+  compressing stages where it names none); without one, none does.
+  """
+  distill = _distill_spec(config)
+  listed = name in distill.stages if distill.stages else stages_lib.get(kind).compresses
+  return (distill.weight if distill.teacher and listed else 0.0), distill.temperature
+
+
+def _joined_distill(config, name: str, fields: Mapping[str, Any], before) -> tuple[float, float]:
+  """`(weight, temperature)` of a joining stage (frozen): its own fields, else, where
+  `config.distill.stages` names stages, `_distill_default`, else the stage it continues."""
+  if _distill_spec(config).stages or before is None:
+    weight, temperature = _distill_default(config, FROZEN, name)
+  else:
+    weight, temperature = before.distillation
+  return (
+    float(fields.get('distill_weight', weight)),
+    float(fields.get('distill_temperature', temperature)),
   )
 
 
@@ -410,11 +385,15 @@ def _check_distill(config: Mapping[str, Any], specs, problems: _Problems) -> Non
 
   distill = _distill_spec(config)
   problems.check(lambda: ec2t_jax.distill.check_distillation(distill.temperature, distill.weight))
+  unknown = sorted(set(distill.stages) - {s.name for s in specs})
+  if unknown:
+    problems.add(
+      f'config.distill.stages names {unknown}, which are not stages of this run; valid: '
+      f'{", ".join(s.name for s in specs)}'
+    )
   distilling = []
   for spec in specs:
-    if spec.settings is None:
-      continue
-    weight, temperature = spec.settings.distill_weight, spec.settings.distill_temperature
+    weight, temperature = spec.distillation
     try:
       ec2t_jax.distill.check_distillation(temperature, weight)
     except ValueError as e:
@@ -543,7 +522,8 @@ def _build(config, method, specs, source, num_classes, image_shape) -> RunSpec:
 _STAGE_FIELDS = ('kind', 'num_epochs', 'start_from')
 
 
-_EXTRA_SETTINGS = ('fixed_pattern', 'distill_weight', 'distill_temperature')
+_DISTILL_SETTINGS = ('distill_weight', 'distill_temperature')
+_EXTRA_SETTINGS = ('fixed_pattern', *_DISTILL_SETTINGS)
 
 
 # Fields of a config section that are not per-stage settings (the default sequence's epochs).
@@ -552,10 +532,7 @@ _NOT_SETTINGS = {'ec2t': ('num_epochs', 'frozen_epochs', 'frozen_start_from')}
 
 def _stage_order(config: Mapping[str, Any], names: Sequence[str]) -> list[str]:
   """The names of `config.stage_order` (a comma-separated string or a sequence), checked."""
-  order = config.get('stage_order') or ''
-  if isinstance(order, str):
-    order = [n.strip() for n in order.split(',') if n.strip()]
-  order = [str(n) for n in order]
+  order = stages_lib.names(config.get('stage_order') or '')
   if not order:
     raise ValueError(
       f'config.stages defines {sorted(names)} but config.stage_order is empty; set it to the '
@@ -581,8 +558,8 @@ def _stage_order(config: Mapping[str, Any], names: Sequence[str]) -> list[str]:
 def _valid_settings(config: Mapping[str, Any], kind: str) -> list[str]:
   """The setting names a stage of `kind` may override (those of its config section)."""
   section = stages_lib.get(kind).settings
-  if not section:
-    return []
+  if not section:  # A joining kind (frozen) trains with its pass's settings but may distill.
+    return sorted(_DISTILL_SETTINGS)
   base = [k for k in (config.get(section) or {}) if k not in _NOT_SETTINGS.get(section, ())]
   return sorted([*base, *_EXTRA_SETTINGS])
 
@@ -607,12 +584,12 @@ def stage_specs(config: Mapping[str, Any]) -> tuple[StageSpec, ...]:
   if not stages:
     fp, ec2t = config['fp'], config['ec2t']
     specs = (
-      StageSpec(FP, FP, fp.get('num_epochs') or 0, LAST, _settings(FP, config, {})),
-      StageSpec(EC2T, EC2T, ec2t.get('num_epochs') or 0, LAST, _settings(EC2T, config, {})),
-      StageSpec(
-        FROZEN, FROZEN, ec2t.get('frozen_epochs') or 0, ec2t.get('frozen_start_from') or LAST
-      ),
+      StageSpec(FP, FP, fp.get('num_epochs') or 0, LAST, _settings(FP, config, {}, FP)),
+      StageSpec(EC2T, EC2T, ec2t.get('num_epochs') or 0, LAST, _settings(EC2T, config, {}, EC2T)),
     )
+    frozen_from = ec2t.get('frozen_start_from') or LAST
+    frozen = _joined_distill(config, FROZEN, {}, specs[1])
+    specs += (StageSpec(FROZEN, FROZEN, ec2t.get('frozen_epochs') or 0, frozen_from, None, frozen),)
     for spec in specs:
       if spec.num_epochs < 0:
         raise ValueError(f'the {spec.kind} stage must last >= 0 epochs, got {spec.num_epochs}')
@@ -650,8 +627,14 @@ def stage_specs(config: Mapping[str, Any]) -> tuple[StageSpec, ...]:
         f'{where} sets {unknown}, which a {kind!r} stage does not have; valid: '
         f'{", ".join([*_STAGE_FIELDS, *valid])}'
       )
-    typed = _settings(kind, config, settings) if stages_lib.get(kind).settings else None
-    specs.append(StageSpec(str(name), kind, epochs, start_from, typed))
+    if stages_lib.get(kind).settings:
+      specs.append(
+        StageSpec(str(name), kind, epochs, start_from, _settings(kind, config, settings, str(name)))
+      )
+    else:
+      before = specs[-1] if specs else None
+      joined = _joined_distill(config, str(name), settings, before)
+      specs.append(StageSpec(str(name), kind, epochs, start_from, None, joined))
   _check_sequence(specs)
   return tuple(specs)
 

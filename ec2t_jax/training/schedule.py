@@ -206,6 +206,8 @@ class StageSpec(NamedTuple):
       (`config.fp` or `config.ec2t`) updated by the stage's own fields
       (`spec.FpSettings` / `spec.CompressionSettings`); None for a kind that
       continues the pass before it (frozen).
+    distill: for a kind without settings (frozen), the `(weight, temperature)`
+      of distillation in this stage; None where `settings` holds them.
   """
 
   name: str
@@ -213,6 +215,16 @@ class StageSpec(NamedTuple):
   num_epochs: int
   start_from: str = LAST
   settings: Any = None
+  distill: tuple[float, float] | None = None
+
+  @property
+  def distillation(self) -> tuple[float, float]:
+    """`(weight, temperature)` of distillation in this stage (weight 0: it does not distill)."""
+    if self.distill is not None:
+      return self.distill
+    if self.settings is not None:
+      return (self.settings.distill_weight, self.settings.distill_temperature)
+    return (0.0, 1.0)
 
 
 def _pass_indices(kinds: Sequence[str]) -> list[int]:

@@ -177,19 +177,22 @@ class OutputSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DistillSpec:
-  """Distillation from a teacher (`config.distill`); each stage's weight is in its settings.
+  """Distillation from a teacher (`config.distill`); each stage's is `StageSpec.distillation`.
 
   Attributes:
     teacher: `''` (none), `'fp'` (the run's own full-precision network), or a
       path (a workdir, an orbax variables directory, a `.pt`/`.pth` file).
     temperature: the softmax temperature T of the stages that do not set their own.
-    weight: the weight w of the soft term for compressing stages that do not
-      set their own `distill_weight` (full-precision stages default to 0).
+    weight: the weight w of the soft term for the stages that distill and do
+      not set their own `distill_weight`.
+    stages: the names of the stages that distill (`()`: every compressing
+      stage, a frozen stage as the stage it continues).
   """
 
   teacher: str = ''
   temperature: float = 1.0
   weight: float = 0.0
+  stages: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,4 +231,4 @@ class RunSpec:
   @property
   def distills(self) -> bool:
     """True if any stage trains with a teacher (a `distill_weight` > 0)."""
-    return any(s.settings is not None and s.settings.distill_weight > 0 for s in self.stages)
+    return any(s.distillation[0] > 0 for s in self.stages)

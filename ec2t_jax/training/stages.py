@@ -30,8 +30,21 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-__all__ = ['BEST', 'EC2T', 'ECP', 'FP', 'FROZEN', 'KINDS', 'LAST', 'START_FROM', 'StageKind', 'get']
+__all__ = [
+  'BEST',
+  'EC2T',
+  'ECP',
+  'FP',
+  'FROZEN',
+  'KINDS',
+  'LAST',
+  'START_FROM',
+  'StageKind',
+  'get',
+  'names',
+]
 
 FP, EC2T, FROZEN, ECP = 'fp', 'ec2t', 'frozen', 'ecp'
 # Where a stage starts from: the previous stage's last step, or the best-by-validation
@@ -97,3 +110,10 @@ def get(name: object) -> StageKind:
   if kind is None:
     raise ValueError(f'stage kind {name!r} is unknown; valid: {", ".join(repr(k) for k in KINDS)}')
   return kind
+
+
+def names(value: Any) -> list[str]:
+  """Stage names given as a comma-separated string (`'fp,tern'`) or a sequence, as a list."""
+  if isinstance(value, str):
+    return [n.strip() for n in value.split(',') if n.strip()]
+  return [str(n) for n in value]

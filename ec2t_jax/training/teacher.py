@@ -224,15 +224,16 @@ class Distillation:
     self._device_variables = jax.device_put(teacher.variables, self._sharding)
 
   def step_args(self, stage: Any) -> tuple[Any, Any, Any] | None:
-    """`(variables, temperature, weight)` for a step of `stage`; None where it does not distill."""
-    settings = self._setup.passes[stage.pass_index].settings
-    if self.teacher is None or settings.distill_weight <= 0:
+    """`(variables, temperature, weight)` for a step of `stage`; None where it does not distill.
+
+    Args:
+      stage: a `schedule.Stage` of the run (its name finds its `StageSpec`).
+    """
+    spec = next(s for s in self._run.stages if s.name == stage.name)
+    weight, temperature = spec.distillation
+    if self.teacher is None or weight <= 0:
       return None
-    return (
-      self._device_variables,
-      np.float32(settings.distill_temperature),
-      np.float32(settings.distill_weight),
-    )
+    return (self._device_variables, np.float32(temperature), np.float32(weight))
 
 
 def _recorded_normalization(source: str):

@@ -26,6 +26,7 @@ __all__ = [
   'initial_variables',
   'load_init_from',
   'load_variables',
+  'model_output_problems',
 ]
 
 
@@ -127,3 +128,56 @@ def load_variables(
   loaded = {'params': loaded['params'], 'batch_stats': loaded.get('batch_stats') or {}}
   _check_variables(loaded, expected, source, what)
   return jax.tree.map(lambda x, e: jnp.asarray(x, e.dtype), loaded, expected)
+
+
+def model_output_problems(spec: ModelSpec, num_classes: int, image_shape) -> list[str]:
+  """What keeps `spec`'s model from training on these images: one message per problem.
+
+  The model must build, run on a batch of one image of `image_shape`
+  (traced with `jax.eval_shape`, nothing computed), return `(batch,
+  num_classes)` logits and have floating-point params.
+  """
+  try:
+    model = create_model(spec, num_classes)
+  except (ValueError, TypeError, FileNotFoundError) as e:
+    return [str(e)]
+  if not hasattr(model, 'init'):
+    return [
+      f'config.model={spec.name!r} built a {type(model).__name__}, not a flax.linen '
+      'Module: its factory must return a Module (models.register(name, factory))'
+    ]
+
+  def output():
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(0)}
+    return model.init_with_output(rngs, x, train=False)
+
+  try:
+    logits, variables = jax.eval_shape(output)
+  except Exception as e:  # noqa: BLE001  (any failure to trace the model on this input)
+    detail = ' '.join(str(e).split())[:300]
+    return [
+      f'config.model={spec.name!r} cannot run on images of shape {tuple(image_shape)} '
+      f'({type(e).__name__}: {detail}); check config.model_kwargs, config.image_size or the '
+      'dataset'
+    ]
+  problems = []
+  shape = getattr(logits, 'shape', None)
+  if shape is None or len(shape) != 2 or shape[-1] != num_classes:
+    problems.append(
+      f'config.model={spec.name!r} returns outputs of shape {shape} for a batch of 1, '
+      f'but the run has {num_classes} classes: the model must return (batch, {num_classes}) '
+      'logits'
+    )
+  bad = [
+    '/'.join(str(getattr(k, 'key', k)) for k in path)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables.get('params', {}))
+    if not jnp.issubdtype(leaf.dtype, jnp.floating)
+  ]
+  if bad:
+    problems.append(
+      f'config.model={spec.name!r} has params that are not floating point ({", ".join(bad[:3])}'
+      f'); gradients need float params: keep integer state in another collection than '
+      "'params'"
+    )
+  return problems

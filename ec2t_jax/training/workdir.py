@@ -26,6 +26,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ec2t_jax import files, tree_util
+from ec2t_jax.configs import default as default_config
 from ec2t_jax.training import checkpoint as checkpoint_lib
 from ec2t_jax.training import datasets
 from ec2t_jax.training import parse as parse_lib
@@ -230,7 +231,13 @@ def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   theirs = {
     k: v for k, v in read_json_object(path, 'the run config').items() if k not in RESUMABLE_FIELDS
   }
-  diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+  # A field added to the defaults after the run was written is the same when left at its default.
+  defaults = flat_config(default_config.get_config())
+  diff = sorted(
+    k
+    for k in set(mine) | set(theirs)
+    if mine.get(k) != theirs.get(k) and not (k not in theirs and mine[k] == defaults.get(k, ...))
+  )
   if diff:
     shown = ', '.join(f'{k}: {theirs.get(k)!r} -> {mine.get(k)!r}' for k in diff[:5])
     raise ValueError(
