@@ -237,3 +237,18 @@ def test_sigkill_while_a_checkpoint_is_written_then_resume_is_bitwise_identical(
   resumed = train.train_and_evaluate(tiny_mnist(), workdir)
   assert resumed['params_sha256'] == uninterrupted['params_sha256']
   assert not [name for name in os.listdir(checkpoints) if 'tmp' in name]
+
+
+def test_a_field_added_to_the_defaults_later_does_not_block_a_resume(tmp_path, tiny_mnist):
+  from ec2t_jax.training import parse as parse_lib
+
+  workdir = str(tmp_path / 'run')
+  workdir_lib.claim_workdir(parse_lib.parse(tiny_mnist()), workdir).release()
+  path = os.path.join(workdir, 'config.json')
+  recorded = json.load(open(path))
+  del recorded['distill.stages']  # As a run written before the field existed.
+  json.dump(recorded, open(path, 'w'))
+  workdir_lib.claim_workdir(parse_lib.parse(tiny_mnist()), workdir).release()  # Resumes.
+  # (The resume recorded the whole config again.) Set to another value, it is a different config.
+  with pytest.raises(ValueError, match=r"different config \(distill.stages: '' -> 'ec2t'\)"):
+    workdir_lib.claim_workdir(parse_lib.parse(tiny_mnist(**{'distill.stages': 'ec2t'})), workdir)
