@@ -10,8 +10,10 @@ For one model of `configs/mnist.py` (`lenet5`: the default recipe; `vit`: `:vit`
 1. trains the full-precision network once (`WORKDIR/fp`, the recipe's fp epochs);
 2. trains from it, at every seed of `--seeds`, each method of `--methods` (EC2T over the
    grid `--gammas` x `--init_scales`; absmean and TWN once) with the recipe's EC2T and
-   frozen epochs, once without and once with distillation from the full-precision
-   network (`config.distill.teacher='fp'`, `--weight`, `--temperature`);
+   frozen epochs, once without and once with each distillation setting of `--distill`
+   from the full-precision network (`config.distill.teacher='fp'`; a setting is
+   `w=<weight>,T=<temperature>` and optionally `,stages=<names joined by +>`, e.g.
+   `--distill w=0.9,T=1 --distill w=0.9,T=1,stages=frozen`);
 3. exports every run with entropy coding and reads its accuracy, sparsity and coded bits
    per ternary weight (as `bench/ternary_methods.py` does);
 4. writes `WORKDIR/distillation.md` (mean and spread over the seeds of each point),
@@ -58,13 +60,37 @@ def _points(methods, gammas, scales) -> list[tuple[str, Any, Any]]:
   return points
 
 
-def _name(method, gamma, scale, seed, distilled) -> str:
+def _setting(text: str) -> dict[str, Any]:
+  """`'w=0.9,T=1[,stages=frozen]'` as `{'weight', 'temperature', 'stages', 'label'}`."""
+  fields = dict(part.partition('=')[::2] for part in text.split(',') if part.strip())
+  unknown = sorted(set(fields) - {'w', 'T', 'stages'})
+  if unknown or 'w' not in fields or 'T' not in fields:
+    raise SystemExit(
+      f'error: --distill {text!r}: expected w=<weight>,T=<temperature>[,stages=a+b], e.g. '
+      "'w=0.5,T=4' or 'w=0.9,T=1,stages=frozen'"
+    )
+  try:
+    weight, temperature = float(fields['w']), float(fields['T'])
+  except ValueError:
+    raise SystemExit(f'error: --distill {text!r}: w and T must be numbers') from None
+  stages = fields.get('stages', '')
+  label = f'w={weight:g}, T={temperature:g}' + (f', {stages}' if stages else '')
+  return {'weight': weight, 'temperature': temperature, 'stages': stages, 'label': label}
+
+
+def _name(method, gamma, scale, seed, setting) -> str:
   grid = f'_g{gamma:g}_s{scale:g}' if method == 'ec2t' else ''
-  return f'{method}{grid}_seed{seed}' + ('_kd' if distilled else '')
+  if setting is None:
+    return f'{method}{grid}_seed{seed}'
+  kd = f'_kd_w{setting["weight"]:g}_T{setting["temperature"]:g}'
+  return f'{method}{grid}_seed{seed}{kd}' + (f'_{setting["stages"]}' if setting['stages'] else '')
 
 
 def _summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Mean and spread (sample standard deviation) over the seeds of each point."""
+  """Mean and spread (sample standard deviation) over the seeds of each point.
+
+  A point is a method, its (γ, s) and its distillation (`''` or a setting's label).
+  """
   groups: dict[tuple, list[dict[str, Any]]] = {}
   for r in rows:
     groups.setdefault((r['method'], r['gamma'], r['init_scale'], r['distilled']), []).append(r)
@@ -93,7 +119,7 @@ def _summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _table(points: list[dict[str, Any]]) -> str:
   lines = [
-    '| method | γ | s | distilled | seeds | test acc (mean ± sd) | sparsity | '
+    '| method | γ | s | distillation | seeds | test acc (mean ± sd) | sparsity | '
     'bits / ternary weight | gain from distillation (pp) |',
     '|---|---|---|---|---|---|---|---|---|',
   ]
@@ -105,7 +131,7 @@ def _table(points: list[dict[str, Any]]) -> str:
     if p['distilled'] and base is not None:
       gain = f'{100 * (acc - base["test_accuracy"][0]):+.2f}'
     lines.append(
-      f'| {p["method"]} | {p["gamma"]} | {p["init_scale"]} | {"yes" if p["distilled"] else "no"} '
+      f'| {p["method"]} | {p["gamma"]} | {p["init_scale"]} | {p["distilled"] or "none"} '
       f'| {p["seeds"]} | {100 * acc:.2f} ± {100 * acc_sd:.2f} | '
       f'{100 * p["sparsity"][0]:.2f}% | {p["bits_per_ternary_weight"][0]:.3f} | {gain} |'
     )
@@ -121,7 +147,7 @@ def _plot(points: list[dict[str, Any]], title: str, path: str) -> None:
   ax = fig.add_subplot()
   colors = {'ec2t': 'C0', 'absmean': 'C3', 'twn': 'C2'}
   for method in dict.fromkeys(p['method'] for p in points):
-    for distilled in (False, True):
+    for k, distilled in enumerate(dict.fromkeys(p['distilled'] for p in points)):
       mine = [p for p in points if p['method'] == method and p['distilled'] == distilled]
       if not mine:
         continue
@@ -130,11 +156,11 @@ def _plot(points: list[dict[str, Any]], title: str, path: str) -> None:
         [p['bits_per_ternary_weight'][0] for p in mine],
         [100 * p['test_accuracy'][0] for p in mine],
         yerr=[100 * p['test_accuracy'][1] for p in mine],
-        fmt='o-' if distilled else 's--',
+        fmt=('s--', 'o-', '^-', 'v-', 'D-')[min(k, 4)],
         color=colors.get(method, 'C7'),
         mfc=colors.get(method, 'C7') if distilled else 'none',
         capsize=2,
-        label=f'{method}' + (' + distillation' if distilled else ''),
+        label=f'{method}' + (f' + distillation ({distilled})' if distilled else ''),
       )
   ax.set_xlabel('entropy-coded bits per ternary weight')
   ax.set_ylabel('test accuracy (%, mean ± sd over seeds)')
@@ -154,8 +180,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   parser.add_argument('--gammas', default='0,0.15,0.3')
   parser.add_argument('--init_scales', default='0.3,0.5')
   parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--weight', type=float, default=0.5, help='config.distill.weight')
-  parser.add_argument('--temperature', type=float, default=4.0, help='config.distill.temperature')
+  parser.add_argument(
+    '--distill',
+    action='append',
+    default=[],
+    help="a distillation setting 'w=<weight>,T=<temperature>[,stages=a+b]' (repeatable; "
+    "default 'w=0.5,T=4')",
+  )
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--smoke', action='store_true', help='the tiny :smoke recipes (tests)')
   parser.add_argument(
@@ -169,6 +200,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   gammas = _numbers(args.gammas, '--gammas')
   scales = _numbers(args.init_scales, '--init_scales')
   seeds = _numbers(args.seeds, '--seeds', int)
+  settings = [_setting(text) for text in args.distill or ['w=0.5,T=4']]
   config = ternary_methods.CONFIGS[args.model][1 if args.smoke else 0]
   workdir = os.path.abspath(args.workdir)
   os.makedirs(os.path.join(workdir, 'runs'), exist_ok=True)
@@ -192,8 +224,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   rows = []
   for seed in seeds:
     for method, gamma, scale in _points(methods, gammas, scales):
-      for distilled in (False, True):
-        name = _name(method, gamma, scale, seed, distilled)
+      for setting in (None, *settings):
+        name = _name(method, gamma, scale, seed, setting)
         run_dir = os.path.join(workdir, 'runs', name)
         argv = [
           python,
@@ -208,11 +240,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ]
         if method == 'ec2t':
           argv += [f'--config.ec2t.gamma={gamma:g}', f'--config.ec2t.init_scale={scale:g}']
-        if distilled:
+        if setting is not None:
           argv += [
             '--config.distill.teacher=fp',
-            f'--config.distill.weight={args.weight:g}',
-            f'--config.distill.temperature={args.temperature:g}',
+            f'--config.distill.weight={setting["weight"]:g}',
+            f'--config.distill.temperature={setting["temperature"]:g}',
+            f'--config.distill.stages={setting["stages"].replace("+", ",")}',
           ]
         if not os.path.exists(os.path.join(run_dir, 'summary.json')):
           ternary_methods._run(argv, log)
@@ -223,7 +256,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             'gamma': gamma,
             'init_scale': scale,
             'seed': seed,
-            'distilled': distilled,
+            'distilled': '' if setting is None else setting['label'],
             **row,
           }
         )
@@ -236,8 +269,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   table = _table(points)
   with open(os.path.join(workdir, 'distillation.md'), 'w') as f:
     f.write(
-      f'# {title}\n\nConfig `{config}` {" ".join(args.override)}; distillation weight '
-      f'{args.weight:g}, temperature {args.temperature:g}; seeds {seeds}.\n\n{table}\n'
+      f'# {title}\n\nConfig `{config}` {" ".join(args.override)}; distillation settings '
+      f'{"; ".join(s["label"] for s in settings)}; seeds {seeds}.\n\n{table}\n'
     )
   with open(os.path.join(workdir, 'distillation.json'), 'w') as f:
     json.dump({'model': args.model, 'config': config, 'rows': rows}, f, indent=1)
