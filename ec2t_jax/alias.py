@@ -142,8 +142,13 @@ def ec2t(
       of making the latent weights, centroids and Adam moments NaN for good.
       Without it the ternary and pruned leaves still skip such an update, but
       `fp_optimizer` does not. To count the skipped updates, wrap the
-      optimizer in `optax.apply_if_finite`. (`ec2t_jax.training` passes False:
-      its trainer stops, or skips and counts, such steps itself.)
+      optimizer in `optax.apply_if_finite`. (`ec2t_jax.training` passes False
+      here and to `guard_nonfinite`: its trainer stops, or skips and counts,
+      such steps itself.)
+    guard_nonfinite: with `skip_nonfinite=False`, whether the ternary and
+      pruned leaves still skip a non-finite update (default); False leaves
+      non-finite updates unguarded everywhere (the caller guards the state).
+      Under `skip_nonfinite` it changes nothing.
     reference_parity: reproduce the original's quirks (docs/algorithm.md §3–4).
     group_layers: keep the leaves of one dtype in one flat buffer and update
       all layers at once (see `ternary_training`).
@@ -163,6 +168,9 @@ def ec2t(
     True
   """
   hyperparams['reset_centroid_optimizer_at_freeze'] = reset_optimizers_at_freeze
+  # Under skip_nonfinite the guard below keeps every state; a second one inside the
+  # ternary and pruned parts would only add a select per buffer.
+  hyperparams['guard_nonfinite'] = hyperparams['guard_nonfinite'] and not skip_nonfinite
   ternary_tx = transforms.ternary_training(**hyperparams)  # Validates them all.
   fp = fp_optimizer or default_fp_optimizer()
   freeze = hyperparams['freeze_assignment_at']
@@ -383,8 +391,9 @@ def ec2t_from_settings(
   with `centroid_learning_rate` on the centroids; `default_fp_optimizer(
   learning_rate, weight_decay)` on the other leaves; ECP on the `prune_mask`
   leaves; the assignment freezes at update `freeze_at`. Non-finite gradients
-  are not skipped here (`skip_nonfinite=False`): the trainer stops on, or
-  skips and counts, such steps itself.
+  are not skipped here, not even in the ternary part (`skip_nonfinite=False`,
+  `guard_nonfinite=False`): the trainer stops on, or skips and counts, such
+  steps itself.
 
   Raises:
     ValueError: for settings that lack a key of `EC2T_SETTINGS`, or bad values.
@@ -405,6 +414,7 @@ def ec2t_from_settings(
     freeze_assignment_at=freeze_at,
     reference_parity=s['reference_parity'],
     skip_nonfinite=False,
+    guard_nonfinite=False,
   )
 
 

@@ -311,8 +311,11 @@ def _check_shapes(layout: LayerLayout, tree: Any, what: str) -> None:
         )
 
 
-def _guarded(finite: jax.Array, step, operands, layout: LayerLayout):
+def _guarded(finite: jax.Array, step, operands, layout: LayerLayout, guard: bool = True):
   """`step(operands)` if `finite`, else zero updates and the state as it was.
+
+  With `guard` False the new state is kept whatever `finite` says (the caller
+  guards the state, or asked for no guard) and `finite` only feeds the fence.
 
   `step` returns `(flat updates, new state)` and `operands` is
   `(grads, params, state)`. The updates and the first row of each leaf in them
@@ -328,7 +331,9 @@ def _guarded(finite: jax.Array, step, operands, layout: LayerLayout):
     `(flat updates, starts, state)`, `starts` for `LayerLayout.unflatten`.
   """
   updates, new_state = step(operands)
-  state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, operands[2])
+  state = new_state
+  if guard:
+    state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, operands[2])
   starts = tuple(
     tuple(jnp.asarray(r, jnp.int32) for r in layout.row_starts(g))
     for g in range(len(layout.groups))
@@ -377,6 +382,7 @@ def _compression_factory(prune: bool):
     reset_centroid_optimizer_at_freeze: bool = True,
     reference_parity: bool = False,
     group_layers: bool = True,
+    guard_nonfinite: bool = True,
   ) -> optax.GradientTransformation:
     check_hyperparameter('gamma', gamma, minimum=0.0, strict=False)
     check_hyperparameter('init_scale', init_scale, minimum=0.0, strict=True)
@@ -525,8 +531,11 @@ def _compression_factory(prune: bool):
       names = None
       if len(flat) == state.layout.treedef.num_leaves:
         names = [[jax.tree_util.keystr(flat[i][0]) for i in g] for g in state.layout.groups]
+      # Without the guard the fence still needs a predicate known only at run time;
+      # the step count is never negative (`optax.safe_increment` saturates).
+      finite = all_finite(grads) if guard_nonfinite else state.count >= 0
       flat_updates, starts, new_state = _guarded(
-        all_finite(grads), functools.partial(step, names=names), operands, state.layout
+        finite, functools.partial(step, names=names), operands, state.layout, guard_nonfinite
       )
       return state.layout.unflatten(flat_updates, starts), new_state
 
@@ -576,6 +585,11 @@ Args:
     element-wise optimizer (Adam, SGD, weight decay, global-norm clipping)
     behaves identically; one that normalizes per leaf (LARS/LAMB trust
     ratios) should run with `group_layers=False`.
+  guard_nonfinite: skip an update whose gradients hold a NaN or inf (zero
+    updates, the state kept), instead of making the latent weights and
+    centroids NaN for good. Pass False only where the caller guards the
+    state itself (`ec2t(skip_nonfinite=True)` and the trainer do): it saves a
+    select per state buffer and their kernels.
 Returns:
   An `optax.GradientTransformation` whose state is a `TernaryTrainingState`.
 

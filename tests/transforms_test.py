@@ -561,3 +561,31 @@ def test_multi_steps_accumulates_and_stays_exactly_ternary():
     params = optax.apply_updates(params, updates)
     _assert_exactly_ternary(params, opt_state)
   assert int(_state(opt_state).count) == 2  # Updates 3 and 6 of 7.
+
+
+def test_a_nan_anywhere_skips_the_ternary_part_once_ec2t_guards_and_only_then():
+  """`guard_nonfinite`: ec2t's own guard covers the ternary state; without any guard NaN flows."""
+  params = {'w': jnp.linspace(-1.0, 1.0, 24).reshape(4, 6), 'b': jnp.ones((6,))}
+  mask = {'w': True, 'b': False}
+  grads = {'w': jnp.full((4, 6), 0.1), 'b': jnp.array([jnp.nan, 0, 0, 0, 0, 0])}
+
+  def after(tx, g):
+    state = tx.init(params)
+    p = ec2t_jax.ternarize(params, state)
+    updates, new_state = jax.jit(tx.update)(g, state, p)
+    return state, new_state, updates
+
+  # The NaN is in the full-precision leaf only: ec2t's skip keeps the ternary state too.
+  old, new, updates = after(ec2t_jax.ec2t(mask), grads)
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.any(np.asarray(updates['w']))
+  # Without skip_nonfinite the ternary part steps on its finite gradients ...
+  _, new, _ = after(ec2t_jax.ec2t(mask, skip_nonfinite=False), grads)
+  assert int(_state(new).count) == 1
+  # ... and skips a NaN of its own unless guard_nonfinite=False, which lets it through.
+  nan_w = {**grads, 'w': grads['w'].at[0, 0].set(jnp.nan)}
+  old, new, _ = after(ec2t_jax.ec2t(mask, skip_nonfinite=False), nan_w)
+  np.testing.assert_array_equal(_state(new).latent['w'], _state(old).latent['w'])
+  _, new, _ = after(ec2t_jax.ec2t(mask, skip_nonfinite=False, guard_nonfinite=False), nan_w)
+  assert np.isnan(np.asarray(_state(new).latent['w'])).any()
