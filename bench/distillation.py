@@ -112,15 +112,30 @@ def _summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         'test_accuracy': stat('test_accuracy'),
         'sparsity': stat('sparsity'),
         'bits_per_ternary_weight': stat('bits_per_ternary_weight'),
+        'accuracy_by_seed': {r['seed']: float(r['test_accuracy']) for r in runs},
       }
     )
   return out
 
 
+def _gain(point: dict[str, Any], base: dict[str, Any]) -> tuple[float, float, int] | None:
+  """Test accuracy gained over `base` (pp): mean and sd of the per-seed differences.
+
+  Each seed's distilled run is compared with the run of the same seed without
+  distillation (same initialization and data order); None without a common seed.
+  """
+  mine, theirs = point['accuracy_by_seed'], base['accuracy_by_seed']
+  diffs = [100 * (mine[s] - theirs[s]) for s in mine if s in theirs]
+  if not diffs:
+    return None
+  spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+  return statistics.fmean(diffs), spread, len(diffs)
+
+
 def _table(points: list[dict[str, Any]]) -> str:
   lines = [
     '| method | γ | s | distillation | seeds | test acc (mean ± sd) | sparsity | '
-    'bits / ternary weight | gain from distillation (pp) |',
+    'bits / ternary weight | gain from distillation (pp, same seeds) |',
     '|---|---|---|---|---|---|---|---|---|',
   ]
   plain = {(p['method'], p['gamma'], p['init_scale']): p for p in points if not p['distilled']}
@@ -128,8 +143,9 @@ def _table(points: list[dict[str, Any]]) -> str:
     acc, acc_sd = p['test_accuracy']
     gain = ''
     base = plain.get((p['method'], p['gamma'], p['init_scale']))
-    if p['distilled'] and base is not None:
-      gain = f'{100 * (acc - base["test_accuracy"][0]):+.2f}'
+    paired = _gain(p, base) if p['distilled'] and base is not None else None
+    if paired is not None:
+      gain = f'{paired[0]:+.2f} ± {paired[1]:.2f}'
     lines.append(
       f'| {p["method"]} | {p["gamma"]} | {p["init_scale"]} | {p["distilled"] or "none"} '
       f'| {p["seeds"]} | {100 * acc:.2f} ± {100 * acc_sd:.2f} | '

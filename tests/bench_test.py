@@ -41,10 +41,11 @@ def test_update_and_compile_measure_both_optimizers(tmp_path):
   (update,) = performance.main(['update', '--models', 'lenet5', '--repeats', '1'])
   assert update['ternary_layers'] == 3 and update['adam_ms'] > 0 and update['ec2t_ms'] > 0
   out = tmp_path / 'compile.json'
-  args = ['compile', '--models', 'lenet5', '--batch', '4', '--part', 'update']
+  args = ['compile', '--models', 'lenet5', '--batch', '4', '--part', 'update', '--optimizers']
+  args.append('adam,ec2t_grouped,ec2t_per_layer,ec2t_trainer')
   performance.main([*args, '--cache_dir', str(tmp_path / 'cache'), '--json', str(out)])
   (row,) = json.loads(out.read_text())['result']
-  for key in ('adam', 'ec2t_grouped', 'ec2t_per_layer'):
+  for key in ('adam', 'ec2t_grouped', 'ec2t_per_layer', 'ec2t_trainer'):
     assert row[f'{key}_s'] > 0 and row[f'{key}_cached_s'] > 0, key
   assert row['distinct_shapes'] <= row['ternary_layers'] == 3
 
@@ -110,3 +111,28 @@ def test_profile_sums_op_time_by_kind(tmp_path):
   rows = json.loads(out.read_text())['result']
   assert rows and all(r['ms_per_step'] >= 0 and r['ops_per_step'] >= 0 for r in rows)
   assert any('conv' in r['kind'] or 'fusion' in r['kind'] for r in rows)
+
+
+def test_distillation_bench_pairs_each_run_with_its_undistilled_twin(tmp_path):
+  """`bench/distillation.py --smoke`: one fp network, a run without and one with, a table."""
+  import distillation  # bench/distillation.py
+
+  workdir = tmp_path / 'kd'
+  args = ['--model', 'lenet5', '--smoke', '--methods', 'ec2t', '--gammas', '0.3']
+  args += ['--init_scales', '0.5', '--seeds', '0', '--distill', 'w=0.9,T=1,stages=frozen']
+  points = distillation.main([*args, '--workdir', str(workdir)])
+  assert [p['distilled'] for p in points] == ['', 'w=0.9, T=1, frozen']
+  plain, distilled = points
+  rows = json.loads((workdir / 'distillation.json').read_text())['rows']
+  assert {r['seed'] for r in rows} == {0} and len(rows) == 2
+  for p in points:
+    assert 0 < p['bits_per_ternary_weight'][0] < 1.6 and p['seeds'] == 1
+  gain = 100 * (distilled['test_accuracy'][0] - plain['test_accuracy'][0])
+  table = (workdir / 'distillation.md').read_text()
+  assert f'| {gain:+.2f} ± 0.00 |' in table
+  assert (workdir / 'distillation_front.png').stat().st_size > 0
+  # A rerun trains nothing: every run has its summary.
+  runs = sorted(os.listdir(workdir / 'runs'))
+  log = (workdir / 'log.txt').read_text()
+  assert distillation.main([*args, '--workdir', str(workdir)]) == points
+  assert (workdir / 'log.txt').read_text() == log and sorted(os.listdir(workdir / 'runs')) == runs
