@@ -393,7 +393,8 @@ def ec2t_from_settings(
   leaves; the assignment freezes at update `freeze_at`. Non-finite gradients
   are not skipped here, not even in the ternary part (`skip_nonfinite=False`,
   `guard_nonfinite=False`): the trainer stops on, or skips and counts, such
-  steps itself.
+  steps itself. It applies the updates unchanged, so the check that the params
+  are the last update's kernels is off (`warn_if_moved=False`).
 
   Raises:
     ValueError: for settings that lack a key of `EC2T_SETTINGS`, or bad values.
@@ -415,6 +416,7 @@ def ec2t_from_settings(
     reference_parity=s['reference_parity'],
     skip_nonfinite=False,
     guard_nonfinite=False,
+    warn_if_moved=False,
   )
 
 

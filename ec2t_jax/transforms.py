@@ -383,6 +383,7 @@ def _compression_factory(prune: bool):
     reference_parity: bool = False,
     group_layers: bool = True,
     guard_nonfinite: bool = True,
+    warn_if_moved: bool = True,
   ) -> optax.GradientTransformation:
     check_hyperparameter('gamma', gamma, minimum=0.0, strict=False)
     check_hyperparameter('init_scale', init_scale, minimum=0.0, strict=True)
@@ -436,7 +437,8 @@ def _compression_factory(prune: bool):
         frozen = count >= jnp.asarray(freeze_assignment_at, jnp.int32)
       latent = tuple(g.latent for g in groups)
       centroid_latent = tuple(g.centroid_latent for g in groups)
-      _warn_if_moved(what, names, flat_params, groups, segments, count, prune, warned)
+      if warn_if_moved:
+        _warn_if_moved(what, names, flat_params, groups, segments, count, prune, warned)
 
       # 1. Map ∂L/∂q to the latent weights and the centroids, with the
       #    assignment and centroids that produced this step's kernel.
@@ -590,6 +592,11 @@ Args:
     centroids NaN for good. Pass False only where the caller guards the
     state itself (`ec2t(skip_nonfinite=True)` and the trainer do): it saves a
     select per state buffer and their kernels.
+  warn_if_moved: check, on device at every update, that the params are the
+    kernels of the last update, and warn once when they are not (a
+    transformation chained after this one changed its updates). A loop that
+    applies the updates unchanged, as the trainer does, may pass False: it
+    saves a pass over the weights and a few kernels.
 Returns:
   An `optax.GradientTransformation` whose state is a `TernaryTrainingState`.
 
