@@ -181,7 +181,7 @@ def _plot(points: list[dict[str, Any]], title: str, path: str) -> None:
   ax.set_xlabel('entropy-coded bits per ternary weight')
   ax.set_ylabel('test accuracy (%, mean ± sd over seeds)')
   ax.set_title(title)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7, loc='best', framealpha=0.6)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 

@@ -274,6 +274,11 @@ def check_s06():
   p, caught = run(optax.chain(ec2t_jax.ec2t(mask), optax.scale(0.5)))
   assert len(np.unique(p['w'])) > 3
   assert len(caught) == 1 and "the params ['w']" in caught[0] and 'after it' in caught[0]
+  # warn_if_moved=False (the trainer's, which applies updates unchanged) drops the check only.
+  unchecked, caught = run(ec2t_jax.ec2t(mask, warn_if_moved=False))
+  assert not caught
+  np.testing.assert_array_equal(unchecked['w'], run(ec2t_jax.ec2t(mask))[0]['w'])
+  assert not run(optax.chain(ec2t_jax.ec2t(mask, warn_if_moved=False), optax.scale(0.5)))[1]
 
 
 @case(

@@ -589,30 +589,3 @@ def test_a_nan_anywhere_skips_the_ternary_part_once_ec2t_guards_and_only_then():
   np.testing.assert_array_equal(_state(new).latent['w'], _state(old).latent['w'])
   _, new, _ = after(ec2t_jax.ec2t(mask, skip_nonfinite=False, guard_nonfinite=False), nan_w)
   assert np.isnan(np.asarray(_state(new).latent['w'])).any()
-
-
-def test_warn_if_moved_false_leaves_out_the_check_and_nothing_else():
-  """The check of the params costs a pass; without it a chained scale goes unreported."""
-  import warnings
-
-  params = {'w': jnp.linspace(-1.0, 1.0, 24).reshape(4, 6), 'b': jnp.zeros(6)}
-  mask = {'w': True, 'b': False}
-
-  def run(tx):
-    state, p = tx.init(params), params
-    update = jax.jit(tx.update)
-    with warnings.catch_warnings(record=True) as caught:
-      warnings.simplefilter('always')
-      for _ in range(3):
-        updates, state = update(jax.tree.map(lambda x: 0.1 + 0 * x, p), state, p)
-        p = optax.apply_updates(p, updates)
-      jax.effects_barrier()
-    return p, [str(w.message) for w in caught]
-
-  checked, _ = run(ec2t_jax.ec2t(mask))
-  unchecked, caught = run(ec2t_jax.ec2t(mask, warn_if_moved=False))
-  assert not caught
-  for a, b in zip(jax.tree.leaves(checked), jax.tree.leaves(unchecked), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  _, caught = run(optax.chain(ec2t_jax.ec2t(mask, warn_if_moved=False), optax.scale(0.5)))
-  assert not caught
