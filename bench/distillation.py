@@ -158,7 +158,7 @@ def _plot(points: list[dict[str, Any]], title: str, path: str) -> None:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
-  fig = Figure(figsize=(6.0, 4.0))
+  fig = Figure(figsize=(6.0, 4.8))
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
   colors = {'ec2t': 'C0', 'absmean': 'C3', 'twn': 'C2'}
@@ -181,7 +181,7 @@ def _plot(points: list[dict[str, Any]], title: str, path: str) -> None:
   ax.set_xlabel('entropy-coded bits per ternary weight')
   ax.set_ylabel('test accuracy (%, mean ± sd over seeds)')
   ax.set_title(title)
-  ax.legend(fontsize=7, loc='best', framealpha=0.6)
+  ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
