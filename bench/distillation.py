@@ -118,7 +118,7 @@ def _summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return out
 
 
-def _gain(point: dict[str, Any], base: dict[str, Any]) -> tuple[float, float, int] | None:
+def _gain(point: dict[str, Any], base: dict[str, Any]) -> tuple[float, float] | None:
   """Test accuracy gained over `base` (pp): mean and sd of the per-seed differences.
 
   Each seed's distilled run is compared with the run of the same seed without
@@ -129,7 +129,7 @@ def _gain(point: dict[str, Any], base: dict[str, Any]) -> tuple[float, float, in
   if not diffs:
     return None
   spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-  return statistics.fmean(diffs), spread, len(diffs)
+  return statistics.fmean(diffs), spread
 
 
 def _table(points: list[dict[str, Any]]) -> str:

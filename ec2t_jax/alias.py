@@ -149,6 +149,8 @@ def ec2t(
       pruned leaves still skip a non-finite update (default); False leaves
       non-finite updates unguarded everywhere (the caller guards the state).
       Under `skip_nonfinite` it changes nothing.
+    warn_if_moved: warn once when the params are not the kernels of the last
+      update (see `ternary_training`); the trainer passes False.
     reference_parity: reproduce the original's quirks (docs/algorithm.md §3–4).
     group_layers: keep the leaves of one dtype in one flat buffer and update
       all layers at once (see `ternary_training`).
