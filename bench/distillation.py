@@ -11,9 +11,11 @@ For one model of `configs/mnist.py` (`lenet5`: the default recipe; `vit`: `:vit`
 2. trains from it, at every seed of `--seeds`, each method of `--methods` (EC2T over the
    grid `--gammas` x `--init_scales`; absmean and TWN once) with the recipe's EC2T and
    frozen epochs, once without and once with each distillation setting of `--distill`
-   from the full-precision network (`config.distill.teacher='fp'`; a setting is
-   `w=<weight>,T=<temperature>` and optionally `,stages=<names joined by +>`, e.g.
-   `--distill w=0.9,T=1 --distill w=0.9,T=1,stages=frozen`);
+   (a setting is `w=<weight>,T=<temperature>` and optionally `,stages=<names joined by
+   +>` and `,teacher=<workdir>`, e.g. `--distill w=0.9,T=1 --distill
+   w=0.9,T=1,stages=frozen`; the teacher is the full-precision network of step 1,
+   `config.distill.teacher='fp'`, unless `teacher=` names the workdir of another finished
+   run, e.g. a wider network trained on the same data);
 3. exports every run with entropy coding and reads its accuracy, sparsity and coded bits
    per ternary weight (as `bench/ternary_methods.py` does);
 4. writes `WORKDIR/distillation.md` (mean and spread over the seeds of each point),
@@ -61,21 +63,42 @@ def _points(methods, gammas, scales) -> list[tuple[str, Any, Any]]:
 
 
 def _setting(text: str) -> dict[str, Any]:
-  """`'w=0.9,T=1[,stages=frozen]'` as `{'weight', 'temperature', 'stages', 'label'}`."""
+  """`'w=0.9,T=1[,stages=frozen][,teacher=DIR]'` as a dict of the setting and its label.
+
+  Keys: `weight`, `temperature`, `stages` (`''`: every compressing stage), `teacher`
+  (`'fp'`, the run's own full-precision network, or a path given with `teacher=`)
+  and `label`.
+  """
   fields = dict(part.partition('=')[::2] for part in text.split(',') if part.strip())
-  unknown = sorted(set(fields) - {'w', 'T', 'stages'})
+  unknown = sorted(set(fields) - {'w', 'T', 'stages', 'teacher'})
   if unknown or 'w' not in fields or 'T' not in fields:
     raise SystemExit(
-      f'error: --distill {text!r}: expected w=<weight>,T=<temperature>[,stages=a+b], e.g. '
-      "'w=0.5,T=4' or 'w=0.9,T=1,stages=frozen'"
+      f'error: --distill {text!r}: expected w=<weight>,T=<temperature>[,stages=a+b]'
+      "[,teacher=<workdir>], e.g. 'w=0.5,T=4' or 'w=0.9,T=1,stages=frozen'"
     )
   try:
     weight, temperature = float(fields['w']), float(fields['T'])
   except ValueError:
     raise SystemExit(f'error: --distill {text!r}: w and T must be numbers') from None
   stages = fields.get('stages', '')
+  teacher = fields.get('teacher', '') or 'fp'
+  if teacher != 'fp':
+    teacher = os.path.abspath(teacher)
+    if not os.path.exists(teacher):
+      raise SystemExit(
+        f'error: --distill {text!r}: teacher {teacher} does not exist; give the workdir of a '
+        'finished main.py run (or leave teacher= out for the full-precision network)'
+      )
   label = f'w={weight:g}, T={temperature:g}' + (f', {stages}' if stages else '')
-  return {'weight': weight, 'temperature': temperature, 'stages': stages, 'label': label}
+  if teacher != 'fp':
+    label += f', teacher {os.path.basename(teacher.rstrip(os.sep))}'
+  return {
+    'weight': weight,
+    'temperature': temperature,
+    'stages': stages,
+    'teacher': teacher,
+    'label': label,
+  }
 
 
 def _name(method, gamma, scale, seed, setting) -> str:
@@ -83,7 +106,11 @@ def _name(method, gamma, scale, seed, setting) -> str:
   if setting is None:
     return f'{method}{grid}_seed{seed}'
   kd = f'_kd_w{setting["weight"]:g}_T{setting["temperature"]:g}'
-  return f'{method}{grid}_seed{seed}{kd}' + (f'_{setting["stages"]}' if setting['stages'] else '')
+  if setting['stages']:
+    kd += f'_{setting["stages"]}'
+  if setting['teacher'] != 'fp':
+    kd += f'_t{os.path.basename(setting["teacher"].rstrip(os.sep))}'
+  return f'{method}{grid}_seed{seed}{kd}'
 
 
 def _summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -200,8 +227,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     '--distill',
     action='append',
     default=[],
-    help="a distillation setting 'w=<weight>,T=<temperature>[,stages=a+b]' (repeatable; "
-    "default 'w=0.5,T=4')",
+    help="a distillation setting 'w=<weight>,T=<temperature>[,stages=a+b][,teacher=DIR]' "
+    "(repeatable; default 'w=0.5,T=4')",
   )
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--smoke', action='store_true', help='the tiny :smoke recipes (tests)')
@@ -258,7 +285,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           argv += [f'--config.ec2t.gamma={gamma:g}', f'--config.ec2t.init_scale={scale:g}']
         if setting is not None:
           argv += [
-            '--config.distill.teacher=fp',
+            f'--config.distill.teacher={setting["teacher"]}',
             f'--config.distill.weight={setting["weight"]:g}',
             f'--config.distill.temperature={setting["temperature"]:g}',
             f'--config.distill.stages={setting["stages"].replace("+", ",")}',

@@ -136,3 +136,22 @@ def test_distillation_bench_pairs_each_run_with_its_undistilled_twin(tmp_path):
   log = (workdir / 'log.txt').read_text()
   assert distillation.main([*args, '--workdir', str(workdir)]) == points
   assert (workdir / 'log.txt').read_text() == log and sorted(os.listdir(workdir / 'runs')) == runs
+
+
+def test_distillation_setting_names_its_teacher_and_refuses_a_missing_one(tmp_path):
+  """`--distill ...,teacher=DIR`: the run's name and label carry it; a missing DIR is refused."""
+  import distillation  # bench/distillation.py
+
+  plain = distillation._setting('w=0.9,T=1')
+  assert plain['teacher'] == 'fp' and plain['label'] == 'w=0.9, T=1'
+  assert distillation._name('ec2t', 0.3, 0.5, 1, plain) == 'ec2t_g0.3_s0.5_seed1_kd_w0.9_T1'
+  teacher = tmp_path / 'r20'
+  teacher.mkdir()
+  wide = distillation._setting(f'w=0.9,T=2,stages=frozen,teacher={teacher}')
+  assert wide['teacher'] == str(teacher) and wide['label'] == 'w=0.9, T=2, frozen, teacher r20'
+  name = distillation._name('ec2t', 0.3, 0.5, 1, wide)
+  assert name == 'ec2t_g0.3_s0.5_seed1_kd_w0.9_T2_frozen_tr20'
+  with pytest.raises(SystemExit, match='does not exist'):
+    distillation._setting(f'w=0.9,T=1,teacher={tmp_path / "missing"}')
+  with pytest.raises(SystemExit, match='expected w='):
+    distillation._setting('w=0.9,T=1,teacher_dir=x')
