@@ -181,6 +181,10 @@ def _table(points: list[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
+# One marker per distillation setting: without (open square), then each setting in order.
+_MARKERS = ('s--', 'o-', '^-', 'v-', 'D-', 'P-', 'X-', '*-', 'h-', '<-', '>-')
+
+
 def _plot(points: list[dict[str, Any]], title: str, path: str) -> None:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
@@ -199,7 +203,7 @@ def _plot(points: list[dict[str, Any]], title: str, path: str) -> None:
         [p['bits_per_ternary_weight'][0] for p in mine],
         [100 * p['test_accuracy'][0] for p in mine],
         yerr=[100 * p['test_accuracy'][1] for p in mine],
-        fmt=('s--', 'o-', '^-', 'v-', 'D-')[min(k, 4)],
+        fmt=_MARKERS[k % len(_MARKERS)],
         color=colors.get(method, 'C7'),
         mfc=colors.get(method, 'C7') if distilled else 'none',
         capsize=2,
