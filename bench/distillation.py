@@ -91,7 +91,7 @@ def _setting(text: str) -> dict[str, Any]:
       )
   label = f'w={weight:g}, T={temperature:g}' + (f', {stages}' if stages else '')
   if teacher != 'fp':
-    label += f', teacher {os.path.basename(teacher.rstrip(os.sep))}'
+    label += f', teacher {os.path.basename(teacher)}'
   return {
     'weight': weight,
     'temperature': temperature,
@@ -109,7 +109,7 @@ def _name(method, gamma, scale, seed, setting) -> str:
   if setting['stages']:
     kd += f'_{setting["stages"]}'
   if setting['teacher'] != 'fp':
-    kd += f'_t{os.path.basename(setting["teacher"].rstrip(os.sep))}'
+    kd += f'_t{os.path.basename(setting["teacher"])}'  # `_setting` made it absolute.
   return f'{method}{grid}_seed{seed}{kd}'
 
 
@@ -297,6 +297,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if not os.path.exists(os.path.join(run_dir, 'summary.json')):
           ternary_methods._run(argv, log)
         row = ternary_methods._measure(run_dir, os.path.join(workdir, 'runs', f'{name}.ec2t'))
+        # Relative to WORKDIR, where distillation.json lies: no machine's paths in it.
+        row.update({k: os.path.relpath(row[k], workdir) for k in ('workdir', 'file')})
         rows.append(
           {
             'method': method,

@@ -125,6 +125,9 @@ def test_distillation_bench_pairs_each_run_with_its_undistilled_twin(tmp_path):
   plain, distilled = points
   rows = json.loads((workdir / 'distillation.json').read_text())['rows']
   assert {r['seed'] for r in rows} == {0} and len(rows) == 2
+  for r in rows:  # Relative to the workdir, so the raw results name no machine's paths.
+    assert (workdir / r['workdir'] / 'summary.json').exists() and (workdir / r['file']).exists()
+    assert not os.path.isabs(r['workdir']) and not os.path.isabs(r['file'])
   for p in points:
     assert 0 < p['bits_per_ternary_weight'][0] < 1.6 and p['seeds'] == 1
   gain = 100 * (distilled['test_accuracy'][0] - plain['test_accuracy'][0])
