@@ -224,8 +224,13 @@ class Segments:
     for (family, _), members in batches.items():
       flip = [kinds[j] == 'max' for j in members]
       columns = [-per_row[j] if f else per_row[j] for j, f in zip(members, flip, strict=True)]
+      ids = self._row_segment
+      if family == 'min':
+        # A fence keeps XLA:CPU's opt-in multi-output fusion from merging this scatter
+        # with the sums' (same ids), a kernel its code generator aborts on (jaxlib 0.10.2).
+        ids = jax.lax.optimization_barrier(ids)
       reduced = _SEGMENT[family](
-        jnp.stack(columns, -1), self._row_segment, self.num_layers, indices_are_sorted=True
+        jnp.stack(columns, -1), ids, self.num_layers, indices_are_sorted=True
       )
       for col, (j, f) in enumerate(zip(members, flip, strict=True)):
         out[j] = -reduced[:, col] if f else reduced[:, col]

@@ -1,6 +1,9 @@
 """Tests of the EC2T optax transformations and the `ec2t` alias."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -589,3 +592,34 @@ def test_a_nan_anywhere_skips_the_ternary_part_once_ec2t_guards_and_only_then():
   np.testing.assert_array_equal(_state(new).latent['w'], _state(old).latent['w'])
   _, new, _ = after(ec2t_jax.ec2t(mask, skip_nonfinite=False, guard_nonfinite=False), nan_w)
   assert np.isnan(np.asarray(_state(new).latent['w'])).any()
+
+
+_MULTI_OUTPUT_FUSION_PROGRAM = """
+import jax, jax.numpy as jnp, numpy as np, ec2t_jax
+params = {f'w{i}': jnp.linspace(-1.0, 1.0, n).reshape(-1, 4) for i, n in enumerate((24, 24, 40))}
+tx = ec2t_jax.ternary_training()
+state = tx.init(params)
+grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
+updates, _ = jax.jit(tx.update)(grads, state, ec2t_jax.ternarize(params, state))
+print(all(bool(np.isfinite(u).all()) for u in jax.tree.leaves(updates)))
+"""
+
+
+def test_the_fused_update_compiles_under_xla_cpu_multi_output_fusion():
+  """XLA:CPU's opt-in multi-output fusion merged the sum and min segment scatters into one
+  kernel and aborted the process (jaxlib 0.10.2); the min's ids now come through a fence."""
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_DISABLE_MOST_OPTIMIZATIONS'}
+  env.update(
+    JAX_PLATFORMS='cpu',
+    JAX_ENABLE_COMPILATION_CACHE='false',
+    XLA_FLAGS='--xla_backend_extra_options=xla_cpu_use_multi_output_fusion',
+  )
+  proc = subprocess.run(
+    [sys.executable, '-c', _MULTI_OUTPUT_FUSION_PROGRAM],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == 'True'
