@@ -365,13 +365,19 @@ def map_gradient(
   *,
   reference_parity: bool,
   prune: bool,
-) -> tuple[jax.Array, jax.Array]:
-  """`ternary.map_gradient` of every layer: latent gradient `(rows, chunk)`, centroid `(n, 2)`."""
+  also: Sequence[tuple[str, jax.Array]] = (),
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, ...]]:
+  """`ternary.map_gradient` of every layer: latent gradient `(rows, chunk)`, centroid `(n, 2)`.
+
+  `also`: further `(kind, buffer)` reductions for `Segments.reduce`, computed in the
+  same pass over the buffer as the centroid gradients (no kernel of their own);
+  their per-layer results come third.
+  """
   g = grad.astype(jnp.float32)
   is_pos = assignment == ternary.POS
   is_neg = assignment == ternary.NEG
-  g_wp, sum_neg = segments.reduce(
-    ('sum', jnp.where(is_pos, g, 0.0)), ('sum', jnp.where(is_neg, g, 0.0))
+  g_wp, sum_neg, *extra = segments.reduce(
+    ('sum', jnp.where(is_pos, g, 0.0)), ('sum', jnp.where(is_neg, g, 0.0)), *also
   )
   g_wn = sum_neg if reference_parity else -sum_neg
   if prune and not reference_parity:
@@ -379,7 +385,7 @@ def map_gradient(
   else:
     w_p, w_n = _levels(segments, centroids)
     latent = jnp.where(is_pos, w_p * g, jnp.where(is_neg, w_n * g, g))
-  return latent, jnp.stack([g_wp, g_wn], axis=-1)
+  return latent, jnp.stack([g_wp, g_wn], axis=-1), tuple(extra)
 
 
 def kernel(

@@ -196,23 +196,26 @@ def check_leaf_values(leaf: Any, where: str) -> None:
     )
 
 
-def _warn_if_moved(what, names, flat_params, groups, segments, count, prune, warned) -> None:
+def _moved(seg, p, g, prune) -> tuple[str, jax.Array]:
+  """The `Segments.reduce` pair counting, per layer, the params that are not `g`'s kernel.
+
+  Counted in float32 (exact up to 2**24 moved values per layer; the count is only
+  reported), so it rides in the same reduction as the centroid gradients.
+  """
+  q = fused.kernel(seg, g.assignment, g.centroids, g.latent, p.dtype, prune=prune)
+  return 'sum', (p != q).astype(jnp.float32)
+
+
+def _warn_if_moved(what, names, moved, count, warned) -> None:
   """Warns (once) when the params are not the kernels this transformation's last update made.
 
   After an update, `params + updates` is exactly the ternary kernel of the
   state; a transformation chained after this one (a scale, a learning rate,
   weight decay) changes the updates and the params drift off the ternary grid.
-  The check runs on device, one reduction per buffer; the host hears of it only
-  when params moved. `names` holds the leaves' paths per buffer (None: not known).
+  The check runs on device: `moved` holds, per buffer, the `(num_layers,)` counts
+  of `_moved`; the host hears of it only when params moved. `names` holds the
+  leaves' paths per buffer.
   """
-  if names is None or not groups:
-    return
-
-  def moved_per_layer(seg, p, g):
-    q = fused.kernel(seg, g.assignment, g.centroids, g.latent, p.dtype, prune=prune)
-    return seg.reduce(('sum', (p != q).astype(jnp.int32)))[0]
-
-  moved = tuple(map(moved_per_layer, segments, flat_params, groups))
 
   def report(counts):
     if warned:
@@ -437,17 +440,25 @@ def _compression_factory(prune: bool):
         frozen = count >= jnp.asarray(freeze_assignment_at, jnp.int32)
       latent = tuple(g.latent for g in groups)
       centroid_latent = tuple(g.centroid_latent for g in groups)
-      if warn_if_moved:
-        _warn_if_moved(what, names, flat_params, groups, segments, count, prune, warned)
+      check = warn_if_moved and names is not None and bool(groups)
 
       # 1. Map ∂L/∂q to the latent weights and the centroids, with the
-      #    assignment and centroids that produced this step's kernel.
+      #    assignment and centroids that produced this step's kernel (and, in
+      #    the same pass, count the params that are not that kernel).
       mapped = [
         fused.map_gradient(
-          seg, g, s.assignment, s.centroids, reference_parity=reference_parity, prune=prune
+          seg,
+          g,
+          s.assignment,
+          s.centroids,
+          reference_parity=reference_parity,
+          prune=prune,
+          also=[_moved(seg, p, s, prune)] if check else (),
         )
-        for seg, g, s in zip(segments, grads, groups, strict=True)
+        for seg, g, p, s in zip(segments, grads, flat_params, groups, strict=True)
       ]
+      if check:
+        _warn_if_moved(what, names, [m[2][0] for m in mapped], count, warned)
       latent_grads = tuple(m[0].astype(w.dtype) for m, w in zip(mapped, latent, strict=True))
       centroid_grads = tuple(m[1] for m in mapped)
 
