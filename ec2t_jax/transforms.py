@@ -607,7 +607,8 @@ Args:
     kernels of the last update, and warn once when they are not (a
     transformation chained after this one changed its updates). A loop that
     applies the updates unchanged, as the trainer does, may pass False: it
-    saves a pass over the weights and a few kernels.
+    saves a comparison per weight (counted in the pass that maps the
+    gradients) and the conditional host callback.
 Returns:
   An `optax.GradientTransformation` whose state is a `TernaryTrainingState`.
 
