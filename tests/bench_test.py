@@ -42,11 +42,15 @@ def test_update_and_compile_measure_both_optimizers(tmp_path):
   assert update['ternary_layers'] == 3 and update['adam_ms'] > 0 and update['ec2t_ms'] > 0
   out = tmp_path / 'compile.json'
   args = ['compile', '--models', 'lenet5', '--batch', '4', '--part', 'update', '--optimizers']
-  args.append('adam,ec2t_grouped,ec2t_per_layer,ec2t_trainer')
+  args.append('adam,adam_if_finite,ec2t_grouped,ec2t_per_layer,ec2t_trainer')
   performance.main([*args, '--cache_dir', str(tmp_path / 'cache'), '--json', str(out)])
   (row,) = json.loads(out.read_text())['result']
-  for key in ('adam', 'ec2t_grouped', 'ec2t_per_layer', 'ec2t_trainer'):
+  for key in ('adam', 'adam_if_finite', 'ec2t_grouped', 'ec2t_per_layer', 'ec2t_trainer'):
     assert row[f'{key}_s'] > 0 and row[f'{key}_cached_s'] > 0, key
+  # optax's NaN skip wraps Adam in a conditional: its kernels sit in the branches.
+  assert row['adam_if_finite_kernel_ops'] > row['adam_if_finite_entry_ops']
+  ratio = row['ec2t_grouped_s'] / row['adam_if_finite_s']
+  assert row['ec2t_grouped_over_adam_if_finite'] == pytest.approx(ratio)
   assert row['distinct_shapes'] <= row['ternary_layers'] == 3
 
 
