@@ -24,6 +24,10 @@ For one model of `configs/mnist.py` (`lenet5`: the default recipe; `vit`: `:vit`
 
 Every run is a subprocess of `main.py`, so a rerun skips finished runs and resumes a
 stopped one. `--smoke` uses the tiny `:smoke` / `:vit_smoke` recipes (tests).
+`--include OTHER/distillation.json` (repeatable) adds the runs of an earlier invocation
+on the same model and data to the table, the numbers and the front, so that one picture
+shows every method, e.g. the EC2T grid of one invocation beside absmean and TWN of
+another; with `--methods none` nothing is trained and only the included runs are shown.
 """
 
 from __future__ import annotations
@@ -111,6 +115,40 @@ def _name(method, gamma, scale, seed, setting) -> str:
   if setting['teacher'] != 'fp':
     kd += f'_t{os.path.basename(setting["teacher"])}'  # `_setting` made it absolute.
   return f'{method}{grid}_seed{seed}{kd}'
+
+
+def _included(path: str, model: str, config: str) -> list[dict[str, Any]]:
+  """The rows of an earlier invocation's `distillation.json`, checked to be of `model`."""
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, ValueError) as e:
+    raise SystemExit(
+      f'error: --include {path}: {e}; give a distillation.json of this command'
+    ) from None
+  if (data.get('model'), data.get('config')) != (model, config):
+    raise SystemExit(
+      f'error: --include {path} holds runs of --model {data.get("model")!r} '
+      f'({data.get("config")}), not of --model {model!r} ({config}); include only runs '
+      'of the same model and recipe'
+    )
+  return [
+    {**r, 'included_from': os.path.basename(os.path.dirname(os.path.abspath(path)))}
+    for r in data['rows']
+  ]
+
+
+def _refuse_duplicates(rows: list[dict[str, Any]]) -> None:
+  """Exits naming the first run that two sources both hold (it would count twice)."""
+  seen: dict[tuple, str] = {}
+  for r in rows:
+    key = (r['method'], r['gamma'], r['init_scale'], r['seed'], r['distilled'])
+    source = r.get('included_from', 'this invocation')
+    if key in seen:
+      raise SystemExit(
+        f'error: the run {key} is both in {seen[key]} and in {source}; include each run once'
+      )
+    seen[key] = source
 
 
 def _summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -239,8 +277,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   parser.add_argument(
     '--override', action='append', default=[], help='--config.x=y for every run (repeatable)'
   )
+  parser.add_argument(
+    '--include',
+    action='append',
+    default=[],
+    help='the distillation.json of an earlier invocation on the same model and data: its '
+    'runs join the table and the front (repeatable)',
+  )
   args = parser.parse_args(argv)
-  methods = [m.strip() for m in args.methods.split(',') if m.strip()]
+  methods = [m.strip() for m in args.methods.split(',') if m.strip() not in ('', 'none')]
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
     raise SystemExit(f'error: --methods names {unknown}; valid: {",".join(METHODS)}')
@@ -253,8 +298,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   os.makedirs(os.path.join(workdir, 'runs'), exist_ok=True)
   log = os.path.join(workdir, 'log.txt')
   python = sys.executable
+  included = [r for path in args.include for r in _included(path, args.model, config)]
   fp_dir = os.path.join(workdir, 'fp')
-  if not os.path.exists(os.path.join(fp_dir, 'summary.json')):
+  if methods and not os.path.exists(os.path.join(fp_dir, 'summary.json')):
     ternary_methods._run(
       [
         python,
@@ -268,7 +314,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
       log,
     )
   init_from = os.path.join(fp_dir, 'fp_variables')
-  rows = []
+  rows = list(included)
   for seed in seeds:
     for method, gamma, scale in _points(methods, gammas, scales):
       for setting in (None, *settings):
@@ -309,6 +355,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             **row,
           }
         )
+  _refuse_duplicates(rows)
+  if not rows:
+    raise SystemExit('error: nothing to show: --methods none and no --include')
   points = _summarize(rows)
   dataset = next(
     (o.partition('=')[2] for o in args.override if o.startswith('--config.dataset=')), 'mnist'
@@ -319,7 +368,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   with open(os.path.join(workdir, 'distillation.md'), 'w') as f:
     f.write(
       f'# {title}\n\nConfig `{config}` {" ".join(args.override)}; distillation settings '
-      f'{"; ".join(s["label"] for s in settings)}; seeds {seeds}.\n\n{table}\n'
+      f'{"; ".join(s["label"] for s in settings)}; seeds {seeds}'
+      + (f'; with the runs of {", ".join(args.include)}' if args.include else '')
+      + f'.\n\n{table}\n'
     )
   with open(os.path.join(workdir, 'distillation.json'), 'w') as f:
     json.dump({'model': args.model, 'config': config, 'rows': rows}, f, indent=1)

@@ -143,6 +143,16 @@ def test_distillation_bench_pairs_each_run_with_its_undistilled_twin(tmp_path):
   log = (workdir / 'log.txt').read_text()
   assert distillation.main([*args, '--workdir', str(workdir)]) == points
   assert (workdir / 'log.txt').read_text() == log and sorted(os.listdir(workdir / 'runs')) == runs
+  # --include shows an earlier invocation's runs without training anything.
+  included = ['--model', 'lenet5', '--smoke', '--methods', 'none']
+  included += ['--include', str(workdir / 'distillation.json'), '--workdir', str(tmp_path / 'all')]
+  assert distillation.main(included) == points
+  assert not (tmp_path / 'all' / 'fp').exists()
+  assert f'| {gain:+.2f} ± 0.00 |' in (tmp_path / 'all' / 'distillation.md').read_text()
+  with pytest.raises(SystemExit, match='is both in kd and in kd'):
+    distillation.main([*included, '--include', str(workdir / 'distillation.json')])
+  with pytest.raises(SystemExit, match="holds runs of --model 'lenet5'"):
+    distillation.main(['--model', 'vit', *included[2:]])
 
 
 def test_distillation_setting_names_its_teacher_and_refuses_a_missing_one(tmp_path):
