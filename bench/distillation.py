@@ -223,6 +223,16 @@ def _table(points: list[dict[str, Any]]) -> str:
 _MARKERS = ('s--', 'o-', '^-', 'v-', 'D-', 'P-', 'X-', '*-', 'h-', '<-', '>-')
 
 
+def _front(points: list[dict[str, Any]]) -> list[tuple[float, float]]:
+  """(bits, accuracy %) of the points that no point of fewer bits beats in accuracy."""
+  front: list[tuple[float, float]] = []
+  for p in sorted(points, key=lambda p: (p['bits_per_ternary_weight'][0], -p['test_accuracy'][0])):
+    bits, acc = p['bits_per_ternary_weight'][0], 100 * p['test_accuracy'][0]
+    if not front or acc > front[-1][1]:
+      front.append((bits, acc))
+  return front
+
+
 def _plot(points: list[dict[str, Any]], title: str, path: str) -> None:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
@@ -237,16 +247,20 @@ def _plot(points: list[dict[str, Any]], title: str, path: str) -> None:
       if not mine:
         continue
       mine.sort(key=lambda p: p['bits_per_ternary_weight'][0])
+      marker, line = _MARKERS[k % len(_MARKERS)][0], _MARKERS[k % len(_MARKERS)][1:]
+      color = colors.get(method, 'C7')
       ax.errorbar(
         [p['bits_per_ternary_weight'][0] for p in mine],
         [100 * p['test_accuracy'][0] for p in mine],
         yerr=[100 * p['test_accuracy'][1] for p in mine],
-        fmt=_MARKERS[k % len(_MARKERS)],
-        color=colors.get(method, 'C7'),
-        mfc=colors.get(method, 'C7') if distilled else 'none',
+        fmt=marker,
+        color=color,
+        mfc=color if distilled else 'none',
         capsize=2,
         label=f'{method}' + (f' + distillation ({distilled})' if distilled else ''),
       )
+      front = _front(mine)  # The line joins only the points no other point beats.
+      ax.plot([p[0] for p in front], [p[1] for p in front], line, color=color, lw=1)
   ax.set_xlabel('entropy-coded bits per ternary weight')
   ax.set_ylabel('test accuracy (%, mean ± sd over seeds)')
   ax.set_title(title)
@@ -367,8 +381,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   table = _table(points)
   with open(os.path.join(workdir, 'distillation.md'), 'w') as f:
     f.write(
-      f'# {title}\n\nConfig `{config}` {" ".join(args.override)}; distillation settings '
-      f'{"; ".join(s["label"] for s in settings)}; seeds {seeds}'
+      f'# {title}\n\nConfig `{config}` {" ".join(args.override)}; '
+      + (
+        f'distillation settings {"; ".join(s["label"] for s in settings)}; seeds {seeds}'
+        if methods
+        else 'no runs of its own'
+      )
       + (f'; with the runs of {", ".join(args.include)}' if args.include else '')
       + f'.\n\n{table}\n'
     )
