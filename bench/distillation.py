@@ -132,10 +132,9 @@ def _included(path: str, model: str, config: str) -> list[dict[str, Any]]:
       f'({data.get("config")}), not of --model {model!r} ({config}); include only runs '
       'of the same model and recipe'
     )
-  return [
-    {**r, 'included_from': os.path.basename(os.path.dirname(os.path.abspath(path)))}
-    for r in data['rows']
-  ]
+  # Its folder and name (`fashion_grid/distillation.json`): no machine's paths in the rows.
+  source = os.path.join(*os.path.abspath(path).split(os.sep)[-2:])
+  return [{**r, 'included_from': source} for r in data['rows']]
 
 
 def _refuse_duplicates(rows: list[dict[str, Any]]) -> None:
@@ -247,7 +246,8 @@ def _plot(points: list[dict[str, Any]], title: str, path: str) -> None:
       if not mine:
         continue
       mine.sort(key=lambda p: p['bits_per_ternary_weight'][0])
-      marker, line = _MARKERS[k % len(_MARKERS)][0], _MARKERS[k % len(_MARKERS)][1:]
+      style = _MARKERS[k % len(_MARKERS)]
+      marker, line = style[0], style[1:]
       color = colors.get(method, 'C7')
       ax.errorbar(
         [p['bits_per_ternary_weight'][0] for p in mine],
@@ -308,11 +308,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   seeds = _numbers(args.seeds, '--seeds', int)
   settings = [_setting(text) for text in args.distill or ['w=0.5,T=4']]
   config = ternary_methods.CONFIGS[args.model][1 if args.smoke else 0]
+  if not methods and not args.include:
+    raise SystemExit('error: nothing to show: --methods none and no --include')
+  included = [r for path in args.include for r in _included(path, args.model, config)]
   workdir = os.path.abspath(args.workdir)
   os.makedirs(os.path.join(workdir, 'runs'), exist_ok=True)
   log = os.path.join(workdir, 'log.txt')
   python = sys.executable
-  included = [r for path in args.include for r in _included(path, args.model, config)]
   fp_dir = os.path.join(workdir, 'fp')
   if methods and not os.path.exists(os.path.join(fp_dir, 'summary.json')):
     ternary_methods._run(
@@ -370,8 +372,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           }
         )
   _refuse_duplicates(rows)
-  if not rows:
-    raise SystemExit('error: nothing to show: --methods none and no --include')
   points = _summarize(rows)
   dataset = next(
     (o.partition('=')[2] for o in args.override if o.startswith('--config.dataset=')), 'mnist'

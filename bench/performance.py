@@ -413,15 +413,11 @@ def bench_compile(args) -> list[dict[str, Any]]:
         row[f'{opt_name}_cached_s'] = compile_once(tx, states[opt_name])[0]
     for opt_name in ('ec2t_grouped', 'ec2t_per_layer', 'ec2t_trainer'):
       for base in ('adam', 'adam_if_finite'):
-        if base in args.optimizers.split(',') and f'{opt_name}_s' in row:
+        if base in chosen and opt_name in chosen:
           row[f'{opt_name}_over_{base}'] = row[f'{opt_name}_s'] / row[f'{base}_s']
     results.append(row)
     print(json.dumps(row), flush=True)
-  keys = [
-    k
-    for k in ('adam', 'adam_if_finite', 'ec2t_grouped', 'ec2t_per_layer', 'ec2t_trainer')
-    if k in args.optimizers.split(',')
-  ]
+  keys = list(chosen)  # The same optimizers, in the same order, for every model.
   columns = [f'{k}{suffix}' for k in keys for suffix in ('_s', '_entry_ops', '_kernel_ops')]
   if args.cache_dir:
     columns += [f'{k}_cached_s' for k in keys]

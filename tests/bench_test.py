@@ -149,10 +149,15 @@ def test_distillation_bench_pairs_each_run_with_its_undistilled_twin(tmp_path):
   assert distillation.main(included) == points
   assert not (tmp_path / 'all' / 'fp').exists()
   assert f'| {gain:+.2f} ± 0.00 |' in (tmp_path / 'all' / 'distillation.md').read_text()
-  with pytest.raises(SystemExit, match='is both in kd and in kd'):
+  with pytest.raises(
+    SystemExit, match='is both in kd/distillation.json and in kd/distillation.json'
+  ):
     distillation.main([*included, '--include', str(workdir / 'distillation.json')])
   with pytest.raises(SystemExit, match="holds runs of --model 'lenet5'"):
     distillation.main(['--model', 'vit', *included[2:]])
+  with pytest.raises(SystemExit, match='nothing to show'):
+    distillation.main([*included[:5], '--workdir', str(tmp_path / 'none')])
+  assert not (tmp_path / 'none').exists()  # Refused before the workdir is made.
 
 
 def test_distillation_setting_names_its_teacher_and_refuses_a_missing_one(tmp_path):
